@@ -1,0 +1,81 @@
+"""The `videobert` command line: `info` (backends and versions) and `demo` (the encoder end to end)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def _info(args: argparse.Namespace) -> int:
+    from videobert.ops import available_backends
+
+    report = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "backends": available_backends()}
+    try:
+        import triton
+        report["triton"] = triton.__version__
+    except ImportError as exc:
+        report["triton"] = f"not importable ({exc})"
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from videobert import VideoBERTConfig, VideoBERTForPretraining
+    from videobert.data import random_pretraining_batch
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = VideoBERTConfig.preset(args.preset)
+    model = VideoBERTForPretraining(config).to(device)
+    batch = random_pretraining_batch(config, args.samples, args.row_length, seed=args.seed).to(device)
+    real = int((batch.segment_ids >= 0).sum())
+    print(f"VideoBERT-{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
+          f"{args.samples} samples packed into {batch.input_ids.shape[0]} rows of {args.row_length} "
+          f"({real} real tokens). Overfitting one batch of random samples: the loss must fall.")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    first = last = None
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**batch.model_inputs())
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        last = float(out["loss"])
+        first = last if first is None else first
+        print(f"step {step:3d}  loss {last:7.4f}  text_mlm {float(out['text_mlm_loss']):.4f} "
+              f"(acc {float(out['text_mlm_acc']):.2f})  visual_mlm {float(out['visual_mlm_loss']):.4f} "
+              f"(acc {float(out['visual_mlm_acc']):.2f})  vtm {float(out['vtm_loss']):.4f} "
+              f"(acc {float(out['vtm_acc']):.2f})")
+    elapsed = time.perf_counter() - start
+    print(f"{args.steps} steps in {elapsed:.1f} s ({args.steps * real / elapsed:.0f} tokens/s); "
+          f"loss {first:.3f} -> {last:.3f}")
+    if not last < first:
+        print("error: the loss did not decrease")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the `videobert` command."""
+    parser = argparse.ArgumentParser(prog="videobert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and which backend of each op is available").set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="train the encoder on one packed batch of random samples")
+    demo.add_argument("--preset", default="tiny", choices=("tiny", "base", "large"))
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--samples", type=int, default=16)
+    demo.add_argument("--row-length", type=int, default=128)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Model inputs: VideoBERT sample layout, BERT-style masking and packing samples into rows.
+
+A sample is `[CLS] text [>] video [SEP]` (token type 0 up to and including `[>]`, 1 after), as in the
+paper. Packed rows carry several samples; `segment_ids` numbers them per row (-1 = padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from videobert.config import VideoBERTConfig
+from videobert.model import IGNORE_INDEX
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed samples: every tensor is (B, L) except vtm_labels (one per sample, in [CLS] order)."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    mlm_labels: torch.Tensor
+    vtm_labels: torch.Tensor
+
+    def to(self, device) -> "PackedBatch":
+        """The same batch on `device`."""
+        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
+                                                    self.mlm_labels, self.vtm_labels)))
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of `VideoBERTForPretraining.forward`."""
+        return dict(input_ids=self.input_ids, token_type_ids=self.token_type_ids, segment_ids=self.segment_ids,
+                    mlm_labels=self.mlm_labels, vtm_labels=self.vtm_labels)
+
+
+def encode_sample(config: VideoBERTConfig, text_ids: Sequence[int],
+                  visual_tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, token_type_ids) of `[CLS] text [>] video [SEP]`; visual_tokens are in [0, num_visual_tokens)."""
+    text = torch.as_tensor(list(text_ids), dtype=torch.long)
+    video = torch.as_tensor(list(visual_tokens), dtype=torch.long)
+    if text.numel() and not bool(((text >= 0) & (text < config.text_vocab_size)).all()):
+        raise ValueError(f"text_ids must lie in [0, {config.text_vocab_size})")
+    if video.numel() and not bool(((video >= 0) & (video < config.num_visual_tokens)).all()):
+        raise ValueError(f"visual_tokens must lie in [0, {config.num_visual_tokens})")
+    ids = torch.cat([torch.tensor([config.cls_token_id]), text, torch.tensor([config.join_token_id]),
+                     video + config.visual_offset, torch.tensor([config.sep_token_id])])
+    types = torch.zeros_like(ids)
+    types[text.numel() + 2:] = 1
+    return ids, types
+
+
+def mask_tokens(config: VideoBERTConfig, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                mask_prob: float = 0.15, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of word pieces and visual tokens (never specials): of the chosen positions 80% become
+    [MASK], 10% a random token of the same modality, 10% stay. Returns (masked input_ids, mlm_labels)."""
+    specials = torch.tensor([config.pad_token_id, config.cls_token_id, config.sep_token_id, config.join_token_id,
+                             config.feature_token_id, config.mask_token_id])
+    maskable = ~torch.isin(input_ids, specials)
+    chosen = maskable & (torch.rand(input_ids.shape, generator=generator) < mask_prob)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    random_text = torch.randint(0, config.text_vocab_size, input_ids.shape, generator=generator)
+    random_video = config.visual_offset + torch.randint(0, max(config.num_visual_tokens, 1), input_ids.shape,
+                                                        generator=generator)
+    random_ids = torch.where(token_type_ids == 0, random_text, random_video)
+    masked = torch.where(chosen & (roll < 0.8), torch.full_like(input_ids, config.mask_token_id), input_ids)
+    masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
+    return masked, labels
+
+
+def pack_samples(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], row_length: int,
+                 pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First-fit packing of (input_ids, token_type_ids) samples into rows of `row_length`, in sample order
+    within each row. Returns (input_ids, token_type_ids, segment_ids) of shape (rows, row_length)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index, (ids, _) in enumerate(samples):
+        n = ids.numel()
+        if n > row_length:
+            raise ValueError(f"sample {index} has {n} tokens, more than row_length ({row_length})")
+        target = next((r for r, free in enumerate(room) if free >= n), None)
+        if target is None:
+            rows.append([])
+            room.append(row_length)
+            target = len(rows) - 1
+        rows[target].append(index)
+        room[target] -= n
+    input_ids = torch.full((len(rows), row_length), pad_token_id, dtype=torch.long)
+    token_types = torch.zeros_like(input_ids)
+    segment_ids = torch.full_like(input_ids, -1)
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members):
+            ids, types = samples[index]
+            input_ids[r, start:start + ids.numel()] = ids
+            token_types[r, start:start + ids.numel()] = types
+            segment_ids[r, start:start + ids.numel()] = segment
+            start += ids.numel()
+    return input_ids, token_types, segment_ids
+
+
+def random_pretraining_batch(config: VideoBERTConfig, num_samples: int = 16, row_length: int = 128,
+                             mask_prob: float = 0.15, seed: int = 0) -> PackedBatch:
+    """A packed batch of random samples (random lengths, words and visual tokens, random VTM labels), for
+    smoke runs and tests; it has the structure of real data but nothing to learn beyond memorisation."""
+    gen = torch.Generator().manual_seed(seed)
+    budget = row_length - 3  # [CLS], [>], [SEP]
+    samples = []
+    for _ in range(num_samples):
+        n_text = int(torch.randint(1, max(2, budget // 2), (), generator=gen))
+        n_video = int(torch.randint(1, max(2, budget - n_text), (), generator=gen))
+        text = torch.randint(999, config.text_vocab_size, (n_text,), generator=gen)
+        video = torch.randint(0, config.num_visual_tokens, (n_video,), generator=gen)
+        samples.append(encode_sample(config, text.tolist(), video.tolist()))
+    input_ids, token_types, segment_ids = pack_samples(samples, row_length, config.pad_token_id)
+    masked, labels = mask_tokens(config, input_ids, token_types, mask_prob, gen)
+    # Packing preserves sample order within a row and rows fill in order, but [CLS] order is row-major:
+    # draw labels per [CLS] in that order.
+    n_cls = int((input_ids == config.cls_token_id).sum())
+    vtm = torch.randint(0, 2, (n_cls,), generator=gen)
+    return PackedBatch(masked, token_types, segment_ids, labels, vtm)

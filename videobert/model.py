@@ -1,0 +1,335 @@
+"""The VideoBERT encoder and its pretraining heads, built only from `videobert.ops` and plain linears.
+
+Post-norm BERT layers over packed rows: `segment_ids` (B, L) says which sample each token belongs to
+(negative = padding), so one row may hold several samples; positions restart per sample. Loads
+Hugging Face BERT weights with `from_bert`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from videobert.config import VideoBERTConfig
+from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention, softmax_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) position of each token within its own segment (0, 1, ... in row order); 0 on padding."""
+    B, L = segment_ids.shape
+    order = torch.argsort(segment_ids, dim=1, stable=True)
+    sorted_ids = segment_ids.gather(1, order)
+    index = torch.arange(L, device=segment_ids.device).expand(B, L)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    positions = torch.empty_like(index).scatter_(1, order, index - first)
+    return torch.where(segment_ids >= 0, positions, torch.zeros_like(positions))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor], dropout_p: float,
+                config: VideoBERTConfig) -> torch.Tensor:
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=dropout_p, backend=config.backend)
+
+
+class VideoBERTEmbeddings(nn.Module):
+    """Joint word table (text, specials, visual tokens), learned positions, token types; optional clip features."""
+
+    def __init__(self, config: VideoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.feature_proj = (nn.Linear(config.video_feature_dim, config.hidden_size)
+                             if config.video_feature_dim else None)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, token_type_ids, position_ids, video_features=None):
+        """(B, L, hidden): LayerNorm(word + position + type) then dropout, as BERT."""
+        emb = self.word_embeddings(input_ids)
+        if video_features is not None:
+            feature_pos = (input_ids == self.config.feature_token_id)[..., None]
+            emb = torch.where(feature_pos, self.feature_proj(video_features).to(emb.dtype), emb)
+        emb = emb + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        out = _layer_norm(self.norm, emb, None, 0.0, self.config)
+        return F.dropout(out, self.config.hidden_dropout, self.training)
+
+
+class VideoBERTLayer(nn.Module):
+    """Post-norm BERT layer: fused QKV, segment attention, add+dropout+LayerNorm, GELU MLP, add+dropout+LayerNorm."""
+
+    def __init__(self, config: VideoBERTConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def forward(self, hidden, segment_ids, modality_ids=None, modality_rules=None):
+        """(B, L, hidden) -> (B, L, hidden)."""
+        cfg = self.config
+        B, L, _ = hidden.shape
+        q, k, v = self.qkv(hidden).view(B, L, 3, cfg.num_heads, cfg.head_dim).unbind(2)
+        attn = segment_attention(q, k, v, segment_ids, modality_ids, modality_rules,
+                                 dropout_p=cfg.attention_dropout if self.training else 0.0, backend=cfg.backend)
+        attn = self.attn_out(attn.reshape(B, L, cfg.hidden_size))
+        drop = cfg.hidden_dropout if self.training else 0.0
+        hidden = _layer_norm(self.attn_norm, attn, hidden.to(attn.dtype), drop, cfg)
+        mlp = self.ffn_out(F.gelu(self.ffn_in(hidden)))
+        return _layer_norm(self.ffn_norm, mlp, hidden.to(mlp.dtype), drop, cfg)
+
+
+class VideoBERTModel(nn.Module):
+    """The encoder: embeddings and post-norm layers over padded or packed rows; returns (B, L, hidden)."""
+
+    def __init__(self, config: VideoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = VideoBERTEmbeddings(config)
+        self.layers = nn.ModuleList(VideoBERTLayer(config) for _ in range(config.num_layers))
+        self.apply(lambda m: _init_weights(m, config))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
+                video_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encode (B, L) ids. segment_ids default to one sample per row; position_ids default to restarting
+        per segment; modality_ids default to token_type_ids when modality_rules are given."""
+        _check_inputs(self.config, input_ids, token_type_ids, segment_ids, position_ids, video_features)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = segment_positions(segment_ids)
+        _check_ids("position_ids", position_ids, self.config.max_position_embeddings)
+        if modality_rules is not None and modality_ids is None:
+            modality_ids = token_type_ids
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, video_features)
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Keep the residual stream in the autocast dtype so every fused op sees one dtype.
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        for layer in self.layers:
+            hidden = layer(hidden, segment_ids, modality_ids, modality_rules)
+        return hidden
+
+    @classmethod
+    def from_bert(cls, source, config: Optional[VideoBERTConfig] = None) -> "VideoBERTModel":
+        """A VideoBERT encoder initialised from a transformers BertModel/BertForPreTraining (or its state dict,
+        then with `config`); the visual rows of the word table keep their fresh initialisation."""
+        config, state = _bert_source(source, config)
+        model = cls(config)
+        model.load_state_dict(_encoder_state(state, model), strict=True)
+        return model
+
+
+class VideoBERTForPretraining(nn.Module):
+    """Encoder + masked text / masked visual token heads (tied to the word table) + video-text matching."""
+
+    def __init__(self, config: VideoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.bert = VideoBERTModel(config)
+        h = config.hidden_size
+        self.mlm_transform = nn.Linear(h, h)
+        self.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.pooler = nn.Linear(h, h)
+        self.vtm_head = nn.Linear(h, 2)  # class 1 = video and text belong together
+        for module in (self.mlm_transform, self.mlm_norm, self.pooler, self.vtm_head):
+            module.apply(lambda m: _init_weights(m, config))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
+                vtm_labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
+                video_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Losses and accuracies as a dict of tensors (no host sync).
+
+        mlm_labels (B, L): joint-vocabulary target id at masked positions, -100 elsewhere; text positions
+        (token type 0) are scored over the word pieces, video positions over the visual tokens.
+        vtm_labels (S,): 1 matched / 0 mismatched / -100 ignored for each sample, in the order of the
+        samples' [CLS] tokens in the flattened (B * L) rows.
+        """
+        cfg = self.config
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.bert(input_ids, token_type_ids, segment_ids, position_ids, modality_ids, modality_rules,
+                           video_features)
+        flat = hidden.flatten(0, 1)
+        zero = flat.new_zeros((), dtype=torch.float32)
+        out: dict[str, torch.Tensor] = {}
+        total = zero
+        if mlm_labels is not None:
+            if mlm_labels.shape != input_ids.shape:
+                raise ValueError(f"mlm_labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(mlm_labels.shape)}")
+            labels = mlm_labels.flatten()
+            masked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            h = self.mlm_transform(flat[masked])
+            h = _layer_norm(self.mlm_norm, F.gelu(h), None, 0.0, cfg)
+            labels, is_text = labels[masked], token_type_ids.flatten()[masked] == 0
+            weight = self.bert.embeddings.word_embeddings.weight.to(h.dtype)
+            bias = self.mlm_bias.to(h.dtype)
+            text_vocab, vis = slice(0, cfg.text_vocab_size), slice(cfg.visual_offset, cfg.vocab_size)
+            for name, rows, vocab, shift, w in (("text_mlm", is_text, text_vocab, 0, cfg.text_mlm_weight),
+                                                ("visual_mlm", ~is_text, vis, cfg.visual_offset,
+                                                 cfg.visual_mlm_weight)):
+                res = linear_cross_entropy(h[rows], weight[vocab], labels[rows] - shift, bias[vocab],
+                                           return_stats=True, backend=cfg.backend)
+                total = total + w * res.loss
+                _record(out, name, res, rows.sum())
+        if vtm_labels is not None:
+            cls_pos = (input_ids.flatten() == cfg.cls_token_id).nonzero().squeeze(1)
+            if vtm_labels.shape != cls_pos.shape:
+                raise ValueError(f"vtm_labels must have one entry per [CLS] token ({cls_pos.numel()}), "
+                                 f"got shape {tuple(vtm_labels.shape)}")
+            pooled = torch.tanh(self.pooler(flat[cls_pos]))
+            res = softmax_cross_entropy(self.vtm_head(pooled), vtm_labels, return_stats=True, backend=cfg.backend)
+            total = total + cfg.vtm_weight * res.loss
+            _record(out, "vtm", res, (vtm_labels != IGNORE_INDEX).sum())
+        out["loss"] = total
+        return out
+
+    @classmethod
+    def from_bert(cls, source, config: Optional[VideoBERTConfig] = None) -> "VideoBERTForPretraining":
+        """Initialised from a transformers BertForPreTraining (or BertModel: heads stay fresh) or a state dict."""
+        config, state = _bert_source(source, config)
+        model = cls(config)
+        model.bert.load_state_dict(_encoder_state(state, model.bert), strict=True)
+        heads = _head_state(state, model)
+        model.load_state_dict({**model.state_dict(), **heads}, strict=True)
+        return model
+
+
+def _record(out: dict, name: str, res, count: torch.Tensor) -> None:
+    out[f"{name}_loss"] = res.loss
+    out[f"{name}_acc"] = res.num_correct / count.clamp_min(1)
+    out[f"{name}_count"] = count
+
+
+def _init_weights(module: nn.Module, config: VideoBERTConfig) -> None:
+    """BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _check_inputs(config, input_ids, token_type_ids, segment_ids, position_ids, video_features) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer (B, L) tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    for name, t in (("token_type_ids", token_type_ids), ("segment_ids", segment_ids),
+                    ("position_ids", position_ids)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    if video_features is not None:
+        if config.video_feature_dim is None:
+            raise ValueError("video_features given but the config has no video_feature_dim")
+        want = (*input_ids.shape, config.video_feature_dim)
+        if tuple(video_features.shape) != want:
+            raise ValueError(f"video_features must have shape {want}, got {tuple(video_features.shape)}")
+    for name, t, high in (("input_ids", input_ids, config.vocab_size),
+                          ("token_type_ids", token_type_ids, config.type_vocab_size)):
+        _check_ids(name, t, high)
+
+
+def _check_ids(name: str, t: Optional[torch.Tensor], high: int) -> None:
+    """Range check of embedding indices, on CPU only (on the GPU it would cost a host sync)."""
+    if t is None or t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if bool(((t < 0) | (t >= high)).any()):
+        hint = " (a sample is longer than max_position_embeddings?)" if name == "position_ids" else ""
+        raise ValueError(f"{name} values must lie in [0, {high}), found {int(t.min())}..{int(t.max())}{hint}")
+
+
+# ---------------------------------------------------------------- Hugging Face BERT weights
+
+def _bert_source(source, config: Optional[VideoBERTConfig]) -> tuple[VideoBERTConfig, dict]:
+    if isinstance(source, nn.Module):
+        if config is None:
+            config = VideoBERTConfig.from_bert_config(source.config)
+        state = source.state_dict()
+    elif isinstance(source, dict):
+        if config is None:
+            raise ValueError("config is required when loading from a state dict")
+        state = source
+    else:
+        raise TypeError(f"source must be a transformers BERT model or a state dict, got {type(source).__name__}")
+    # BertForPreTraining nests the encoder under "bert."; old TF-converted checkpoints use gamma/beta.
+    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in state.items()}
+    if any(k.startswith("bert.") for k in state):
+        state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+    return config, state
+
+
+def _take(state: dict, key: str) -> torch.Tensor:
+    if key not in state:
+        raise KeyError(f"BERT state dict has no {key!r}")
+    return state[key]
+
+
+def _encoder_state(state: dict, model: VideoBERTModel) -> dict:
+    """Our encoder's state dict filled from BERT's parameter names."""
+    ours = model.state_dict()
+    words = _take(state, "embeddings.word_embeddings.weight")
+    if words.shape[0] != model.config.text_vocab_size or words.shape[1] != model.config.hidden_size:
+        raise ValueError(f"BERT word table is {tuple(words.shape)}, expected ({model.config.text_vocab_size}, "
+                         f"{model.config.hidden_size}) from the config")
+    table = ours["embeddings.word_embeddings.weight"].clone()
+    table[: words.shape[0]] = words
+    new = {"embeddings.word_embeddings.weight": table}
+    for ours_name, bert_name in (("position_embeddings.weight", "position_embeddings.weight"),
+                                 ("token_type_embeddings.weight", "token_type_embeddings.weight"),
+                                 ("norm.weight", "LayerNorm.weight"), ("norm.bias", "LayerNorm.bias")):
+        new[f"embeddings.{ours_name}"] = _take(state, f"embeddings.{bert_name}")
+    if model.embeddings.feature_proj is not None:  # not in BERT: keeps its fresh initialisation
+        for name in ("weight", "bias"):
+            new[f"embeddings.feature_proj.{name}"] = ours[f"embeddings.feature_proj.{name}"]
+    for i in range(model.config.num_layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        for name in ("weight", "bias"):
+            new[dst + f"qkv.{name}"] = torch.cat([_take(state, src + f"attention.self.{p}.{name}")
+                                                  for p in ("query", "key", "value")])
+            for ours_name, bert_name in (("attn_out", "attention.output.dense"),
+                                         ("attn_norm", "attention.output.LayerNorm"),
+                                         ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"),
+                                         ("ffn_norm", "output.LayerNorm")):
+                new[dst + f"{ours_name}.{name}"] = _take(state, src + f"{bert_name}.{name}")
+    return new
+
+
+def _head_state(state: dict, model: VideoBERTForPretraining) -> dict:
+    """Pretraining-head parameters that the BERT checkpoint has (pooler, MLM transform and bias, NSP)."""
+    heads = {}
+    for name in ("weight", "bias"):
+        for ours_name, bert_name in (("pooler", "pooler.dense"), ("mlm_transform", "cls.predictions.transform.dense"),
+                                     ("mlm_norm", "cls.predictions.transform.LayerNorm")):
+            if f"{bert_name}.{name}" in state:
+                heads[f"{ours_name}.{name}"] = state[f"{bert_name}.{name}"]
+        if f"cls.seq_relationship.{name}" in state:
+            # BERT's NSP class 0 means "is next" (belongs together); our VTM class 1 does: swap the rows.
+            heads[f"vtm_head.{name}"] = state[f"cls.seq_relationship.{name}"].flip(0)
+    if "cls.predictions.bias" in state:
+        bias = model.mlm_bias.detach().clone()
+        bert_bias = state["cls.predictions.bias"]
+        bias[: bert_bias.shape[0]] = bert_bias
+        heads["mlm_bias"] = bias
+    return heads

@@ -1,0 +1,79 @@
+"""Input validation shared by the ops: every message names the argument and what was expected.
+
+Shape, dtype and device checks always run (metadata only). Checks that read values (id and label
+ranges) would force a device synchronisation, so they run for CPU tensors, and for CUDA tensors
+only when VIDEOBERT_CHECKS=1; never while torch.compile traces.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+                 shape: Optional[Sequence[Optional[int]]] = None, device: Optional[torch.device] = None) -> None:
+    """Raise TypeError/ValueError unless `t` is a tensor of the given rank, dtype family, shape and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+        expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {t.device}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Raise TypeError unless `t` has the dtype of `ref`."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_probability(name: str, p: float) -> None:
+    """Raise ValueError unless 0 <= p < 1."""
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether range checks that read tensor values may run now (see module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("VIDEOBERT_CHECKS") == "1"
+
+
+def check_range(name: str, t: torch.Tensor, low: int, high: int, *, allow: Optional[int] = None) -> None:
+    """Raise ValueError unless every value is in [low, high) (or equals `allow`), when value checks are on."""
+    if t.numel() == 0 or not value_checks_enabled(t):
+        return
+    bad = (t < low) | (t >= high)
+    if allow is not None:
+        bad &= t != allow
+    if bool(bad.any()):
+        value = t[bad][0].item()
+        extra = f" or equal {allow}" if allow is not None else ""
+        raise ValueError(f"{name} values must lie in [{low}, {high}){extra}; found {value}")
+
+
+def make_rng(dropout_p: float, rng: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (seed, offset) int64 CPU tensor for dropout: validated if given, else drawn from torch's CPU generator."""
+    if dropout_p == 0.0:
+        return None
+    if rng is None:
+        # A fresh 62-bit seed per call from the (seedable) default generator; CPU, so no device sync.
+        return torch.stack([torch.randint(0, 2**62, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
+    check_tensor("rng", rng, dtypes=(torch.int64,), shape=(2,), device=torch.device("cpu"))
+    return rng
+
+
+def rng_pair(rng: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(seed, offset) as Python ints, (0, 0) when there is no dropout."""
+    return (0, 0) if rng is None else (int(rng[0]), int(rng[1]))

@@ -1,0 +1,130 @@
+"""`segment_attention`: attention over packed video-and-text rows with segment and modality masks.
+
+Layers: functional API (validation, backend choice) -> `videobert::segment_attention` custom op
+(+ fake + autograd through `videobert::segment_attention_backward`) -> the backend's launcher.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from videobert._kernels import reference
+from videobert.ops import _backend
+from videobert.ops._checks import (INT_DTYPES, check_probability, check_range, check_same_dtype, check_tensor,
+                                   make_rng, rng_pair)
+
+OP = "segment_attention"
+
+
+def _torch_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+    return reference.segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p,
+                                           softmax_scale, *rng_pair(rng))
+
+
+def _torch_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+    return reference.segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules,
+                                           dropout_p, softmax_scale, *rng_pair(rng))
+
+
+_backend.register(OP, "torch", _backend.Impl(_torch_fwd, _torch_bwd))
+
+
+@torch.library.custom_op("videobert::segment_attention", mutates_args=())
+def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                          modality_ids: Optional[torch.Tensor], modality_rules: Optional[torch.Tensor],
+                          dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out (B, L, H, D), lse (B, H, L) fp32, +inf on rows with no allowed key)."""
+    return _backend.implementation(OP, backend).fwd(q, k, v, segment_ids, modality_ids, modality_rules,
+                                                    dropout_p, softmax_scale, rng)
+
+
+@_segment_attention_op.register_fake
+def _(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+    B, L, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, L), dtype=reference.compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("videobert::segment_attention_backward", mutates_args=())
+def _segment_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, segment_ids: torch.Tensor,
+                                   modality_ids: Optional[torch.Tensor], modality_rules: Optional[torch.Tensor],
+                                   dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
+                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv) from the saved out and lse; the dropout mask is regenerated from rng."""
+    return _backend.implementation(OP, backend).bwd(dout, q, k, v, out, lse, segment_ids, modality_ids,
+                                                    modality_rules, dropout_p, softmax_scale, rng)
+
+
+@_segment_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids, modality_ids, modality_rules, rng)
+    ctx.dropout_p, ctx.softmax_scale, ctx.backend = dropout_p, softmax_scale, backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, segment_ids, modality_ids, modality_rules, rng = ctx.saved_tensors
+    dq, dk, dv = _segment_attention_backward_op(dout.contiguous(), q, k, v, out, lse, segment_ids, modality_ids,
+                                                modality_rules, ctx.dropout_p, ctx.softmax_scale, rng, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p) -> None:
+    check_tensor("q", q, ndim=4)
+    B, L, H, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, shape=(B, L, H, D), device=q.device)
+        check_same_dtype(name, t, "q", q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.numel() > 0:
+            raise ValueError(f"{name} must have unit stride in its last (head) dimension; call .contiguous()")
+    if D == 0:
+        raise ValueError("q must have a head dimension D >= 1, got D = 0")
+    check_tensor("segment_ids", segment_ids, dtypes=INT_DTYPES, shape=(B, L), ndim=2, device=q.device)
+    if modality_rules is not None:
+        if modality_ids is None:
+            raise ValueError("modality_ids is required when modality_rules is given")
+        check_tensor("modality_rules", modality_rules, dtypes=INT_DTYPES, ndim=2, device=q.device)
+        M = modality_rules.shape[0]
+        if modality_rules.shape != (M, M) or M == 0:
+            raise ValueError(f"modality_rules must be a square (M, M) table with M >= 1, "
+                             f"got shape {tuple(modality_rules.shape)}")
+        check_range("modality_rules", modality_rules, 0, 3)
+    if modality_ids is not None:
+        check_tensor("modality_ids", modality_ids, dtypes=INT_DTYPES, shape=(B, L), ndim=2, device=q.device)
+        if modality_rules is not None:
+            check_range("modality_ids", modality_ids, 0, modality_rules.shape[0])
+    check_probability("dropout_p", dropout_p)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                      modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
+                      *, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                      rng: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Masked attention on (B, L, H, D) q/k/v; query i sees key j iff segment_ids match, are >= 0 and the
+    modality rule (0 blocked, 1 full, 2 causal j <= i) allows it. Rows with no allowed key give zeros.
+
+    `rng` is an optional int64 CPU tensor (seed, offset) fixing the dropout mask; drawn from torch's
+    generator when omitted. Returns (B, L, H, D) in q's dtype.
+    """
+    _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p)
+    D = q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    if modality_rules is None:
+        modality_ids = None  # without rules every modality pair is allowed: nothing to evaluate
+    resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D)
+    out, _ = _segment_attention_op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p),
+                                   float(softmax_scale), make_rng(dropout_p, rng), resolved)
+    return out
