@@ -110,7 +110,7 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
         keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     out = probs @ vf
-    return out.transpose(1, 2).to(q.dtype), lse
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules,
@@ -124,7 +124,7 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     probs = torch.exp(scores.masked_fill(~allowed, float("-inf")) - lse.to(ct)[..., None])
     dprobs = dof @ vf.transpose(-1, -2)
     if dropout_p > 0:
-        keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device) / (1.0 - dropout_p)
+        keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device).to(ct) / (1.0 - dropout_p)
         dv = (probs * keep).transpose(-1, -2) @ dof
         dprobs = dprobs * keep
     else:
@@ -133,7 +133,7 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     dscores = probs * (dprobs - delta) * softmax_scale
     dq = dscores @ kf
     dk = dscores.transpose(-1, -2) @ qf
-    return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))
+    return tuple(t.transpose(1, 2).to(q.dtype).contiguous() for t in (dq, dk, dv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +157,9 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps: float, dropout_p: float, 
         keep = layer_norm_dropout_keep(seed, offset, xf.shape[0], N, dropout_p, x.device)
         xf = xf * keep / (1.0 - dropout_p)
     s = xf if residual is None else xf + residual.reshape(-1, N).to(ct)
+    # Normalise the s that is returned and saved (rounded to x's dtype), so the backward, which
+    # recomputes xhat from the saved s, is consistent with the forward.
+    s = s.to(x.dtype).to(ct)
     mean = s.mean(-1)
     rstd = torch.rsqrt(((s - mean[:, None]) ** 2).mean(-1) + eps)
     out = (s - mean[:, None]) * rstd[:, None] * weight.to(ct)

@@ -44,7 +44,7 @@ def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
 @_segment_attention_op.register_fake
 def _(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
     B, L, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, L), dtype=reference.compute_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, L), dtype=reference.compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("videobert::segment_attention_backward", mutates_args=())
@@ -60,7 +60,7 @@ def _segment_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch
 
 @_segment_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -51,15 +51,13 @@ def _add_layer_norm_backward_op(dout: torch.Tensor, ds: Optional[torch.Tensor], 
     """Backward: (dx, dresidual, dweight, dbias); dresidual/dbias are empty when there is no residual/bias."""
     dx, dres, dw, db = _backend.implementation(OP, backend).bwd(dout, ds, s, mean, rstd, weight, has_residual,
                                                                 has_bias, dropout_p, rng)
-    empty = s.new_empty((0,))
-    return dx, empty if dres is None else dres, dw, empty if db is None else db
+    return dx, s.new_empty((0,)) if dres is None else dres, dw, s.new_empty((0,)) if db is None else db
 
 
 @_add_layer_norm_backward_op.register_fake
 def _(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng, backend):
-    empty = s.new_empty((0,))
-    return (torch.empty_like(s), torch.empty_like(s) if has_residual else empty, torch.empty_like(weight),
-            torch.empty_like(weight) if has_bias else empty)
+    return (s.new_empty(s.shape), s.new_empty(s.shape if has_residual else (0,)), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape if has_bias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):

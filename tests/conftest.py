@@ -1,0 +1,30 @@
+"""Shared test settings: tolerances per dtype (stated once, here), devices, and the Triton interpreter."""
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels are tested on CPU tensors through the interpreter; the switch must be
+# set before triton decorates any kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# (rtol, atol) of a result in this dtype against a float64 computation of the same function.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 2e-3),
+    torch.bfloat16: (5e-2, 2e-2),
+}
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# CPU always; CUDA as well when a GPU is present (those cases skip with a reason otherwise).
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """Compare `actual` (computed in `dtype`) with a float64 `expected` at the tolerance of `dtype`."""
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,196 @@
+"""linear_cross_entropy and softmax_cross_entropy against float64 F.cross_entropy with autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, assert_close
+from videobert.ops import linear_cross_entropy, softmax_cross_entropy
+from videobert.ops.cross_entropy import (_linear_ce_backward_op, _linear_ce_op, _softmax_ce_backward_op,
+                                         _softmax_ce_op)
+
+
+def expected_loss(logits64, labels, ignore_index, label_smoothing, reduction):
+    """F.cross_entropy in float64, with `mean` over no valid rows defined as 0 like the op."""
+    loss = F.cross_entropy(logits64, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction)
+    if reduction == "mean" and not bool((labels != ignore_index).any()):
+        loss = (logits64 * 0).sum()
+    return loss
+
+
+def make_labels(N, V, gen, ignored_fraction=0.3, ignore_index=-100):
+    labels = torch.randint(0, V, (N,), generator=gen)
+    return torch.where(torch.rand(N, generator=gen) < ignored_fraction, ignore_index, labels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N, D, V", [(1, 64, 7), (33, 64, 1000), (17, 128, 30522), (5, 96, 20738)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_cross_entropy_matches_float64(device, dtype, N, D, V, reduction, with_bias):
+    gen = torch.Generator().manual_seed(N * V + D)
+    hidden = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
+    bias = (0.1 * torch.randn(V, generator=gen)).to(device, dtype).requires_grad_() if with_bias else None
+    labels = make_labels(N, V, gen).to(device)
+    smoothing = 0.1 if reduction != "sum" else 0.0
+    loss = linear_cross_entropy(hidden, weight, labels, bias, label_smoothing=smoothing, reduction=reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    upstream = torch.randn(loss.shape, generator=gen).to(device, loss.dtype)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(loss, params, upstream)
+
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    logits = F.linear(p64[0], p64[1], p64[2] if with_bias else None)
+    expected = expected_loss(logits, labels, -100, smoothing, reduction)
+    e_grads = torch.autograd.grad(expected, p64, upstream.double())
+    assert_close(loss, expected, torch.float32 if dtype != torch.float64 else dtype, "loss")
+    for name, g, e in zip(("dhidden", "dweight", "dbias"), grads, e_grads):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_softmax_cross_entropy_matches_float64(device, dtype, reduction, label_smoothing):
+    gen = torch.Generator().manual_seed(11)
+    N, V = 29, 30522
+    logits = (3 * torch.randn(N, V, generator=gen)).to(device, dtype).requires_grad_()
+    labels = make_labels(N, V, gen, ignore_index=7).to(device)  # a non-default ignore_index inside [0, V)
+    loss = softmax_cross_entropy(logits, labels, ignore_index=7, label_smoothing=label_smoothing, reduction=reduction)
+    upstream = torch.randn(loss.shape, generator=gen).to(device, loss.dtype)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    l64 = logits.detach().double().requires_grad_()
+    expected = expected_loss(l64, labels, 7, label_smoothing, reduction)
+    assert_close(loss, expected, torch.float32 if dtype != torch.float64 else dtype, "loss")
+    assert_close(grad, torch.autograd.grad(expected, l64, upstream.double())[0], dtype, "dlogits")
+
+
+def test_huge_logits_do_not_overflow():
+    gen = torch.Generator().manual_seed(2)
+    logits = (1e4 * torch.randn(8, 5000, generator=gen)).half().requires_grad_()
+    labels = torch.randint(0, 5000, (8,), generator=gen)
+    loss = softmax_cross_entropy(logits, labels)
+    loss.backward()
+    expected = F.cross_entropy(logits.detach().double(), labels)
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad.float()).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-2)
+    hidden = (100 * torch.randn(8, 64, generator=gen)).requires_grad_()
+    weight = (100 * torch.randn(3000, 64, generator=gen)).requires_grad_()  # logits of magnitude ~1e5
+    loss = linear_cross_entropy(hidden, weight, labels % 3000)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_zero_grads(reduction):
+    hidden = torch.randn(4, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    labels = torch.full((4,), -100)
+    loss = linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    for t in (hidden, weight, bias):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    empty = linear_cross_entropy(hidden[:0], weight, labels[:0], reduction=reduction)
+    assert empty.numel() == (0 if reduction == "none" else 1) and not torch.isnan(empty).any()
+
+
+def test_stats_lse_gradient_and_accuracy():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(12, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    logits64 = hidden.detach() @ weight.detach().T
+    labels = logits64.argmax(-1)
+    labels[:5] = (labels[:5] + 1) % 40  # five wrong
+    labels[-2:] = -100  # two ignored (one of them correct before)
+    res = linear_cross_entropy(hidden, weight, labels, return_stats=True)
+    assert int(res.num_correct) == 12 - 5 - 2
+    z_loss = 1e-2 * res.lse.square().sum()
+    grads = torch.autograd.grad(res.loss + z_loss, (hidden, weight))
+    h64, w64 = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    logits = h64 @ w64.T
+    valid = labels != -100
+    expected = F.cross_entropy(logits, labels) + 1e-2 * torch.logsumexp(logits[valid], -1).square().sum()
+    for g, e in zip(grads, torch.autograd.grad(expected, (h64, w64))):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(res.lse[valid], torch.logsumexp(logits64[valid], -1))
+    assert (res.lse[~valid] == 0).all()
+
+
+def test_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 8, -100, 3, 3, 1])
+    fn = lambda h, w, b: linear_cross_entropy(h, w, labels, b, label_smoothing=0.1, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+    fn = lambda z: softmax_cross_entropy(z, labels, label_smoothing=0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (torch.randn(6, 9, dtype=torch.float64, requires_grad=True),))
+
+
+def test_custom_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(33, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(33, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 4, 4, 1, 9])
+    torch.library.opcheck(_linear_ce_op, (hidden, weight, labels, bias, -100, 0.1, "torch"))
+    torch.library.opcheck(_linear_ce_op, (hidden, weight, labels, None, -100, 0.0, "torch"))
+    logits = torch.randn(7, 33, generator=gen, requires_grad=True)
+    torch.library.opcheck(_softmax_ce_op, (logits, labels, -100, 0.1, "torch"))
+    hidden, weight, bias, logits = (t.detach() for t in (hidden, weight, bias, logits))
+    dloss, dlse = torch.randn(7), torch.randn(7)
+    _, lse, _ = _linear_ce_op(hidden, weight, labels, bias, -100, 0.1, "torch")
+    torch.library.opcheck(_linear_ce_backward_op, (dloss, dlse, hidden, weight, labels, bias, lse, -100, 0.1, "torch"))
+    torch.library.opcheck(_linear_ce_backward_op, (dloss, None, hidden, weight, labels, None, lse, -100, 0.1, "torch"))
+    _, lse, _ = _softmax_ce_op(logits, labels, -100, 0.1, "torch")
+    torch.library.opcheck(_softmax_ce_backward_op, (dloss, dlse, logits, labels, lse, -100, 0.1, "torch"))
+
+
+def test_torch_compile_fullgraph():
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, -100, 4, 5, 29, 7, 8])
+
+    def fn(hidden, weight):
+        res = linear_cross_entropy(hidden, weight, labels, return_stats=True)
+        return res.loss + softmax_cross_entropy(hidden @ weight.T, labels) + 1e-3 * res.lse.sum()
+
+    eager = torch.autograd.grad(fn(hidden, weight), (hidden, weight))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for g, e in zip(torch.autograd.grad(compiled(hidden, weight), (hidden, weight)), eager):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(hidden=torch.randn(4, 8, 1)), ValueError, "hidden must be 2-D"),
+    (dict(weight=torch.randn(10, 7)), ValueError, r"weight must have shape \(\*, 8\)"),
+    (dict(weight=torch.randn(10, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+    (dict(bias=torch.randn(9)), ValueError, r"bias must have shape \(10\)"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \(4\)"),
+    (dict(labels=torch.zeros(4)), TypeError, "labels must have dtype in"),
+    (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"labels values must lie in \[0, 10\) or equal -100; found 10"),
+    (dict(labels=torch.tensor([0, -1, 1, 2])), ValueError, "found -1"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(weight=torch.randn(0, 8), bias=None), ValueError, "vocabulary size"),
+])
+def test_linear_bad_inputs_raise_clear_errors(overrides, error, match):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), labels=torch.tensor([0, 1, 9, -100]),
+                bias=torch.randn(10))
+    args.update(overrides)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(**args)
+
+
+def test_softmax_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        softmax_cross_entropy(torch.randn(4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels values must lie in \[0, 3\)"):
+        softmax_cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
