@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        last = float(out["loss"])
+        last = float(out["loss"].detach())
         first = last if first is None else first
         print(f"step {step:3d}  loss {last:7.4f}  text_mlm {float(out['text_mlm_loss']):.4f} "
               f"(acc {float(out['text_mlm_acc']):.2f})  visual_mlm {float(out['visual_mlm_loss']):.4f} "

@@ -1,0 +1,91 @@
+"""Backend selection, the shared dropout RNG against Triton's own Philox, and packaging rules."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from videobert._kernels import reference
+from videobert.ops import BackendUnavailableError, available_backends, segment_attention
+from videobert.ops._backend import resolve
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch):
+    monkeypatch.delenv("VIDEOBERT_BACKEND", raising=False)
+    for op in ("segment_attention", "add_layer_norm", "linear_cross_entropy", "softmax_cross_entropy"):
+        assert resolve(op, "auto", CPU, torch.float32) == "torch"
+        assert resolve(op, "torch", CPU, torch.float64) == "torch"
+
+
+def test_environment_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv("VIDEOBERT_BACKEND", "torch")
+    assert resolve("add_layer_norm", "auto", CPU, torch.float32) == "torch"
+    monkeypatch.setenv("VIDEOBERT_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="add_layer_norm: backend 'cuda' is not available: "
+                                                      "the CUDA extension needs CUDA tensors"):
+        resolve("add_layer_norm", "auto", CPU, torch.float32)
+    assert resolve("add_layer_norm", "torch", CPU, torch.float32) == "torch"  # an explicit choice wins
+    monkeypatch.setenv("VIDEOBERT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="VIDEOBERT_BACKEND must be one of"):
+        resolve("add_layer_norm", "auto", CPU, torch.float32)
+
+
+def test_unavailable_backends_say_what_is_missing(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="set TRITON_INTERPRET=1"):
+        resolve("segment_attention", "triton", CPU, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailableError, match="float64 is supported by the torch reference only"):
+        resolve("segment_attention", "triton", CPU, torch.float64)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        resolve("segment_attention", "tensorrt", CPU, torch.float32)
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(BackendUnavailableError, match="segment_attention: backend 'cuda' is not available"):
+        segment_attention(q, q, q, torch.zeros(1, 4, dtype=torch.long), backend="cuda")
+
+
+def test_available_backends_reports_every_op_and_backend():
+    report = available_backends()
+    assert set(report) == {"segment_attention", "add_layer_norm", "linear_cross_entropy", "softmax_cross_entropy"}
+    for op, backends in report.items():
+        assert set(backends) == {"torch", "triton", "cuda"}
+        assert backends["torch"] == "available"
+
+
+def test_philox_matches_triton_bit_for_bit():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @triton.jit
+    def philox_kernel(out_ptr, seed, offset, N: tl.constexpr):
+        j = tl.arange(0, N)
+        r, _, _, _ = tl.philox(seed, j.to(tl.uint32), (j * 7919).to(tl.uint32), (j + 3).to(tl.uint32),
+                               (j * 0 + offset).to(tl.uint32))
+        tl.store(out_ptr + j, r.to(tl.int32, bitcast=True))
+
+    for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**32 - 1)):
+        out = torch.empty(256, dtype=torch.int32, device=device)
+        philox_kernel[(1,)](out, seed, offset, 256)
+        j = torch.arange(256)
+        expected = reference.philox(seed, j, j * 7919, j + 3, torch.tensor(offset))
+        assert torch.equal(out.cpu().long() & reference.MASK32, expected)
+
+
+def test_no_top_level_kernels_module_is_installed():
+    # Run outside the repository so the source folder itself is not on sys.path.
+    code = ("import importlib.util, videobert._kernels as k; s = importlib.util.find_spec('kernels'); "
+            "print(k.__file__); print(s.origin if s else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    ours, top = out.stdout.split()
+    assert Path(ours).name == "__init__.py"
+    # "none", or another distribution's module (the PyPI package of that name), never our folder
+    assert top == "none" or not top.startswith(str(ROOT)), f"a top-level 'kernels' resolves to {top}"
