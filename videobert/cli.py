@@ -45,12 +45,12 @@ def _demo(args: argparse.Namespace) -> int:
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        last = float(out["loss"].detach())
+        stats = {name: float(value.detach()) for name, value in out.items()}
+        last = stats["loss"]
         first = last if first is None else first
-        print(f"step {step:3d}  loss {last:7.4f}  text_mlm {float(out['text_mlm_loss']):.4f} "
-              f"(acc {float(out['text_mlm_acc']):.2f})  visual_mlm {float(out['visual_mlm_loss']):.4f} "
-              f"(acc {float(out['visual_mlm_acc']):.2f})  vtm {float(out['vtm_loss']):.4f} "
-              f"(acc {float(out['vtm_acc']):.2f})")
+        print(f"step {step:3d}  loss {last:7.4f}  " + "  ".join(
+            f"{name} {stats[name + '_loss']:.4f} (acc {stats[name + '_acc']:.2f})"
+            for name in ("text_mlm", "visual_mlm", "vtm")))
     elapsed = time.perf_counter() - start
     print(f"{args.steps} steps in {elapsed:.1f} s ({args.steps * real / elapsed:.0f} tokens/s); "
           f"loss {first:.3f} -> {last:.3f}")
