@@ -5,7 +5,7 @@ and transformers imports it), so the folder is shipped under the `videobert` nam
 """
 from setuptools import setup
 
-KERNEL_PACKAGES = ["kernels"]
+KERNEL_PACKAGES = ["kernels", "kernels.triton"]
 
 setup(
     packages=["videobert", "videobert.ops"] + [p.replace("kernels", "videobert._kernels", 1) for p in KERNEL_PACKAGES],

@@ -55,8 +55,9 @@ def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: 
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer threshold on 31 random bits: an element is kept iff bits >= threshold (keep rate 1 - p)."""
-    return min(int(round(p * 2**31)), 2**31)
+    """Integer threshold on 31 random bits: an element is kept iff bits >= threshold (keep rate 1 - p).
+    Capped at 2**31 - 1 so it fits the kernels' int32 comparison."""
+    return min(int(round(p * 2**31)), 2**31 - 1)
 
 
 def dropout_keep(seed: int, offset: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,

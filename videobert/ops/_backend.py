@@ -16,7 +16,8 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 BACKEND_ENV = "VIDEOBERT_BACKEND"
 
-# Importing a provider module registers its implementations; the import is attempted once.
+# Provider modules list their implementations in IMPLEMENTATIONS = {op: (fwd, bwd, unsupported)};
+# each is imported once, on first use of its backend.
 _PROVIDERS = {"triton": "videobert._kernels.triton", "cuda": "videobert._kernels.cuda"}
 _provider_errors: dict[str, Optional[str]] = {}
 
@@ -54,7 +55,9 @@ def _load_provider(backend: str) -> Optional[str]:
     """Import the provider module of `backend` once; returns why it is unavailable, or None."""
     if backend not in _provider_errors:
         try:
-            importlib.import_module(_PROVIDERS[backend])
+            module = importlib.import_module(_PROVIDERS[backend])
+            for op, (fwd, bwd, unsupported) in module.IMPLEMENTATIONS.items():
+                register(op, backend, Impl(fwd, bwd, unsupported))
             _provider_errors[backend] = None
         except ImportError as exc:
             _provider_errors[backend] = f"{_PROVIDERS[backend]} could not be imported ({exc})"

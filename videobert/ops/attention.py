@@ -124,7 +124,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         softmax_scale = 1.0 / math.sqrt(D)
     if modality_rules is None:
         modality_ids = None  # without rules every modality pair is allowed: nothing to evaluate
-    resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D)
+    resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D,
+                                num_modalities=0 if modality_rules is None else modality_rules.shape[0])
     out, _ = _segment_attention_op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p),
                                    float(softmax_scale), make_rng(dropout_p, rng), resolved)
     return out

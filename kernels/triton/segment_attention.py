@@ -1,0 +1,409 @@
+"""Triton segment attention, FlashAttention-2 style: forward with online softmax saving the log-sum-exp,
+backward as preprocess (delta = rowsum(dO * O)), dK/dV per key block and dQ per query block.
+
+The mask is never materialised. Each kernel evaluates it per tile from `segment_ids`, `modality_ids` and
+the rules table (packed 2 bits per entry into one int64 read on the device). Block skipping uses
+per-token windows built on the device from the ids (`attention_windows`): query i may only attend keys
+in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
+block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
+work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
+Windows do not depend on the block size, so block sizes can be autotuned freely.
+
+Dropout regenerates the reference's Philox mask: counters (key j, query i, b * H + h, offset).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL, dropout_threshold
+
+MAX_HEAD_DIM = 128
+MAX_MODALITIES = 5  # M * M rules of 2 bits each fit one int64
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
+INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+# ---------------------------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, L, rules_code,
+                  HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
+    """Mask of a tile from broadcastable row/column vectors (works for (M, N) and transposed (N, M) tiles)."""
+    allowed = (seg_q == seg_k) & (seg_q >= 0) & (pos_k < L) & (pos_q < L)
+    if HAS_RULES:
+        shift = ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.int64)
+        rule = (rules_code >> shift) & 3
+        allowed = allowed & ((rule == 1) | ((rule == 2) & (pos_k <= pos_q)))
+    return allowed
+
+
+@triton.jit
+def _dropout_keep(seed, offset, pos_q, pos_k, bh, threshold):
+    """Keep-mask of attention dropout for a tile: Philox counters (key, query, b * H + h, offset)."""
+    zero = (pos_q + pos_k) * 0
+    r, _, _, _ = tl.philox(seed, (pos_k + zero).to(tl.uint32), (pos_q + zero).to(tl.uint32),
+                           (zero + bh).to(tl.uint32), (zero + offset).to(tl.uint32))
+    return (r >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr):
+    mask = (pos[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + pos[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _window(win, row, pos, L, IS_LOW: tl.constexpr):
+    """Union of the per-token windows of a block: (min of lows, max of highs)."""
+    if IS_LOW:
+        return tl.min(tl.load(win + row + pos, mask=pos < L, other=L), axis=0)
+    return tl.max(tl.load(win + row + pos, mask=pos < L, other=0), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _segment_attention_fwd_kernel(
+        Q, K, V, Out, Lse, Seg, Mod, Win, Rules,
+        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+        stride_ob, stride_ol, stride_oh,
+        B, H, L, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    row = b.to(tl.int64) * L
+    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
+    mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+    rules_code = tl.load(Rules) if HAS_RULES else 0
+    lo = _window(Win, row, pos_m, L, True)
+    hi = _window(Win + B * L, row, pos_m, L, False)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        pos_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+        v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+        seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
+        mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
+                                pos_n[None, :], L, rules_code, HAS_RULES, NUM_MODALITIES)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid -inf - -inf
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offset, pos_m[:, None], pos_n[None, :], pid_bh, threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + pos_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + pid_bh.to(tl.int64) * L + pos_m, lse, mask=pos_m < L)
+
+
+@triton.jit
+def _segment_attention_bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_ol, stride_oh, stride_db, stride_dl,
+                                             stride_dh, H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                             BLOCK_M: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, pos_m, stride_ol, offs_d, L, HEAD_DIM)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + pid_bh.to(tl.int64) * L + pos_m, delta, mask=pos_m < L)
+
+
+@triton.jit
+def _segment_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, Lse, Delta, DK, DV, Seg, Mod, Win, Rules,
+        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
+        B, H, L, scale, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    row = b.to(tl.int64) * L
+    stats = pid_bh.to(tl.int64) * L
+    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
+    mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+    rules_code = tl.load(Rules) if HAS_RULES else 0
+    lo = _window(Win + 2 * B * L, row, pos_n, L, True)
+    hi = _window(Win + 3 * B * L, row, pos_n, L, False)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
+        pos_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
+        do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
+        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
+        seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
+        mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+        allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
+                                  pos_n[:, None], L, rules_code, HAS_RULES, NUM_MODALITIES)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep_t = _dropout_keep(seed, offset, pos_m[None, :], pos_n[:, None], pid_bh, threshold)
+            dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    mask = (pos_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    g_off = b * stride_gb + h * stride_gh + pos_n[:, None] * stride_gl + offs_d[None, :]
+    tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_attention_bwd_dq_kernel(
+        Q, K, V, DO, Lse, Delta, DQ, Seg, Mod, Win, Rules,
+        stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
+        B, H, L, scale, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    row = b.to(tl.int64) * L
+    stats = pid_bh.to(tl.int64) * L
+    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
+    mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+    rules_code = tl.load(Rules) if HAS_RULES else 0
+    lo = _window(Win, row, pos_m, L, True)
+    hi = _window(Win + B * L, row, pos_m, L, False)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
+    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        pos_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+        v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+        seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
+        mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
+                                pos_n[None, :], L, rules_code, HAS_RULES, NUM_MODALITIES)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offset, pos_m[:, None], pos_n[None, :], pid_bh, threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    g_ptrs = DQ + b * stride_gb + h * stride_gh + pos_m[:, None] * stride_gl + offs_d[None, :]
+    tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------- autotuning
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). Every entry compiles for sm_80 and sm_90 without register spills at
+# every head dim (tests/test_attention_triton.py::test_shipped_configs_compile_without_spills).
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4),
+                        (128, 32, 4, 4)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)])
+DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose blocks are much larger than the row, keeping at least one."""
+    length = named_args["L_BUCKET"]
+    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(length, 32)]
+    return kept or configs[-1:]
+
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _segment_attention_fwd_kernel)
+# The backward kernels write their outputs whole, so rerunning them while tuning is harmless.
+_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _segment_attention_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _segment_attention_bwd_dq_kernel)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def attention_windows(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
+                      modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
+    """(4, B, L) int32 windows [key_lo, key_hi, query_lo, query_hi) per token, built with device ops only.
+
+    A token's segment span is [first, last + 1) of the tokens sharing its id in the row (ids need not be
+    contiguous or sorted). Modality rules narrow it: a query whose modality row has no full rule but a
+    causal one sees keys up to itself; a row of only blocked rules sees nothing; likewise per key column.
+    Padding gets the empty window [L, 0).
+    """
+    B, L = segment_ids.shape
+    seg = segment_ids.long()
+    index = torch.arange(L, device=seg.device).expand(B, L)
+    order = torch.argsort(seg, dim=1, stable=True)
+    sorted_seg = seg.gather(1, order)
+    starts = torch.ones_like(sorted_seg, dtype=torch.bool)
+    starts[:, 1:] = sorted_seg[:, 1:] != sorted_seg[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+    last = torch.where(ends, index, torch.full_like(index, L - 1)).flip(1).cummin(1).values.flip(1)
+    # Stable sorting keeps original order within a group: its first/last sorted entries are its min/max index.
+    span_lo = torch.empty_like(index).scatter_(1, order, order.gather(1, first))
+    span_hi = torch.empty_like(index).scatter_(1, order, order.gather(1, last) + 1)
+    valid = seg >= 0
+    key_lo, key_hi, query_lo, query_hi = span_lo, span_hi, span_lo, span_hi
+    if modality_rules is not None:
+        rules, mod = modality_rules.long(), modality_ids.long()
+        q_full, q_causal = (rules == RULE_FULL).any(1)[mod], (rules == RULE_CAUSAL).any(1)[mod]
+        k_full, k_causal = (rules == RULE_FULL).any(0)[mod], (rules == RULE_CAUSAL).any(0)[mod]
+        key_hi = torch.where(q_full, span_hi, torch.minimum(span_hi, index + 1))
+        query_lo = torch.where(k_full, span_lo, torch.maximum(span_lo, index))
+        valid_q, valid_k = valid & (q_full | q_causal), valid & (k_full | k_causal)
+    else:
+        valid_q = valid_k = valid
+    empty_lo, empty_hi = torch.full_like(index, L), torch.zeros_like(index)
+    return torch.stack([torch.where(valid_q, key_lo, empty_lo), torch.where(valid_q, key_hi, empty_hi),
+                        torch.where(valid_k, query_lo, empty_lo), torch.where(valid_k, query_hi, empty_hi)]
+                       ).to(torch.int32).contiguous()
+
+
+def _pack_rules(modality_rules: torch.Tensor) -> torch.Tensor:
+    """The (M, M) table as one int64 on the device, 2 bits per entry (no host sync)."""
+    M = modality_rules.shape[0]
+    shifts = 2 * torch.arange(M * M, device=modality_rules.device, dtype=torch.int64)
+    return (modality_rules.long().flatten() << shifts).sum().reshape(1)
+
+
+def _ids(t: torch.Tensor) -> torch.Tensor:
+    return (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)).contiguous()
+
+
+def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+    """Kernel arguments shared by the forward and backward launches."""
+    B, L, H, D = q.shape
+    has_rules = modality_rules is not None
+    seed, offset = (int(rng[0]), int(rng[1])) if (rng is not None and dropout_p > 0) else (0, 0)
+    offset &= 0xFFFFFFFF
+    offset = offset - 2**32 if offset >= 2**31 else offset  # same 32 bits, as a signed int32 argument
+    seg = _ids(segment_ids)
+    mod = _ids(modality_ids) if has_rules else seg
+    rules = _pack_rules(modality_rules) if has_rules else seg
+    precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    scalars = dict(B=B, H=H, L=L, seed=seed, offset=offset, threshold=dropout_threshold(dropout_p),
+                   drop_scale=1.0 / (1.0 - dropout_p), L_BUCKET=triton.next_power_of_2(max(L, 1)))
+    consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                  NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
+                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision if q.dtype == torch.float32 else "tf32")
+    windows = attention_windows(segment_ids, modality_ids, modality_rules)
+    return seg, mod, windows, rules, scalars, consts
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2))]
+
+
+def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
+    B, H = scalars["B"], scalars["H"]
+    if device_is_cuda:
+        grid = lambda meta: (triton.cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
+        tuned[grid](*args, **scalars, **consts)
+    else:
+        block_m, block_n = INTERPRET_CONFIG[kind]
+        block = block_m if grid_dim == "BLOCK_M" else block_n
+        tuned.fn[(triton.cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
+                                                              BLOCK_N=block_n)
+
+
+def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+    """Forward launcher: (out (B, L, H, D) contiguous, lse (B, H, L) fp32, +inf on rows with no allowed key)."""
+    B, L, H, D = q.shape
+    out = torch.empty((B, L, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
+                                                        softmax_scale, rng)
+    scalars = dict(scalars, scale_log2=softmax_scale * LOG2E)
+    args = [q, k, v, out, lse, seg, mod, windows, rules, *_strides(q, k, v, out)]
+    _launch(_fwd_tuned, "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
+    return out, lse
+
+
+def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p,
+                          softmax_scale, rng):
+    """Backward launcher: (dq, dk, dv) contiguous in q's dtype."""
+    B, L, H, D = q.shape
+    dq, dk, dv = (torch.empty((B, L, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
+                                                        softmax_scale, rng)
+    delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+    block = 64 if q.is_cuda else 32
+    _segment_attention_bwd_preprocess_kernel[(triton.cdiv(L, block), B * H)](
+        out, dout, delta, *_strides(out, dout), H, L, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block)
+    scalars = dict(scalars, scale=softmax_scale, scale_log2=softmax_scale * LOG2E)
+    strides = _strides(q, k, v, dout)
+    _launch(_dkdv_tuned, "dkdv", "BLOCK_N",
+            [q, k, v, dout, lse, delta, dk, dv, seg, mod, windows, rules, *strides, *_strides(dk)],
+            scalars, consts, q.is_cuda)
+    _launch(_dq_tuned, "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, *strides,
+                                         *_strides(dq)], scalars, consts, q.is_cuda)
+    return dq, dk, dv
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 0, num_modalities: int = 0,
+                **_) -> Optional[str]:
+    """Why this backend cannot take these inputs, or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} is larger than {MAX_HEAD_DIM}"
+    if num_modalities > MAX_MODALITIES:
+        return f"{num_modalities} modalities; the Triton kernel takes at most {MAX_MODALITIES}"
+    return None
