@@ -40,8 +40,8 @@ def _umul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
-           n_rounds: int = 10) -> torch.Tensor:
-    """First 32-bit word of Philox-4x32 for 64-bit `seed` and uint32 counters (int64 tensors), as `tl.philox`."""
+           n_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four 32-bit words of Philox-4x32 for a 64-bit `seed` and uint32 counters (int64 tensors), as `tl.philox`."""
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
@@ -51,7 +51,7 @@ def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: 
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & MASK32
         k1 = (k1 + _PHILOX_KEY_B) & MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_threshold(p: float) -> int:
@@ -60,11 +60,18 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 2**31)), 2**31 - 1)
 
 
-def dropout_keep(seed: int, offset: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+def dropout_keep(seed: int, offset: int, index: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
                  p: float) -> torch.Tensor:
-    """Boolean keep-mask for counters (c0, c1, c2) with c3 = offset; the kernels use the same rule."""
-    bits = philox(seed, c0, c1, c2, torch.tensor(offset)) >> 1
-    return bits >= dropout_threshold(p)
+    """Boolean keep-mask of the elements at `index` (the fastest-varying axis) with counters c1, c2.
+
+    One Philox call serves four consecutive elements: counters (index // 4, c1, c2, offset), word index % 4,
+    keep iff that word's top 31 bits >= dropout_threshold(p). The kernels use exactly this rule.
+    """
+    index = torch.as_tensor(index, dtype=torch.int64)
+    words = philox(seed, index >> 2, c1, c2, torch.tensor(offset))
+    which = (index & 3).expand(words[0].shape)
+    bits = torch.stack(words).gather(0, which[None])[0]
+    return (bits >> 1) >= dropout_threshold(p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +95,7 @@ def attention_allowed(segment_ids: torch.Tensor, modality_ids: torch.Tensor | No
 
 def attention_dropout_keep(seed: int, offset: int, B: int, H: int, L: int, p: float,
                            device: torch.device) -> torch.Tensor:
-    """(B, H, L, L) keep-mask of attention dropout: counters (key j, query i, b * H + h)."""
+    """(B, H, L, L) keep-mask of attention dropout: index = key j, counters (query i, b * H + h)."""
     j = torch.arange(L, device=device)
     bh = torch.arange(B * H, device=device).view(B, H, 1, 1)
     return dropout_keep(seed, offset, j.view(1, 1, 1, L), j.view(1, 1, L, 1), bh, p)
@@ -143,7 +150,7 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
 
 def layer_norm_dropout_keep(seed: int, offset: int, rows: int, cols: int, p: float,
                             device: torch.device) -> torch.Tensor:
-    """(rows, cols) keep-mask: counters (column, row low 32 bits, row high 32 bits)."""
+    """(rows, cols) keep-mask: index = column, counters (row low 32 bits, row high 32 bits)."""
     r = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
     c = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
     return dropout_keep(seed, offset, c, r & MASK32, r >> 32, p)

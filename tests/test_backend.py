@@ -57,27 +57,45 @@ def test_available_backends_reports_every_op_and_backend():
         assert backends["torch"] == "available"
 
 
-def test_philox_matches_triton_bit_for_bit():
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
+triton = pytest.importorskip("triton")
+tl = triton.language
+from videobert._kernels.triton.rng import dropout_keep  # noqa: E402
 
+
+@triton.jit
+def _philox_kernel(out_ptr, seed, offset, N: tl.constexpr):
+    j = tl.arange(0, N)
+    r0, r1, r2, r3 = tl.philox(seed, j.to(tl.uint32), (j * 7919).to(tl.uint32), (j + 3).to(tl.uint32),
+                               (j * 0 + offset).to(tl.uint32))
+    tl.store(out_ptr + j, r0.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + N + j, r1.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + 2 * N + j, r2.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + 3 * N + j, r3.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _keep_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr, C: tl.constexpr):
+    rows = tl.arange(0, R)[:, None] + 1000
+    keep = dropout_keep(seed, offset, col_start, rows, c2, threshold, C)
+    tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
+
+
+def test_philox_and_dropout_masks_match_triton_bit_for_bit():
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    @triton.jit
-    def philox_kernel(out_ptr, seed, offset, N: tl.constexpr):
-        j = tl.arange(0, N)
-        r, _, _, _ = tl.philox(seed, j.to(tl.uint32), (j * 7919).to(tl.uint32), (j + 3).to(tl.uint32),
-                               (j * 0 + offset).to(tl.uint32))
-        tl.store(out_ptr + j, r.to(tl.int32, bitcast=True))
-
-    for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**32 - 1)):
-        out = torch.empty(256, dtype=torch.int32, device=device)
-        philox_kernel[(1,)](out, seed, offset, 256)
+    for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)):
+        out = torch.empty(4, 256, dtype=torch.int32, device=device)
+        _philox_kernel[(1,)](out, seed, offset, 256)
         j = torch.arange(256)
-        expected = reference.philox(seed, j, j * 7919, j + 3, torch.tensor(offset))
+        expected = torch.stack(reference.philox(seed, j, j * 7919, j + 3, torch.tensor(offset)))
         assert torch.equal(out.cpu().long() & reference.MASK32, expected)
+
+        keep = torch.empty(8, 32, dtype=torch.int8, device=device)
+        threshold = reference.dropout_threshold(0.3)
+        _keep_kernel[(1,)](keep, seed, offset, 64, 5, threshold, 8, 32)
+        cols, rows = torch.arange(64, 96)[None, :], torch.arange(1000, 1008)[:, None]
+        assert torch.equal(keep.cpu().bool(), reference.dropout_keep(seed, offset, cols, rows, torch.tensor(5), 0.3))
 
 
 def test_no_top_level_kernels_module_is_installed():

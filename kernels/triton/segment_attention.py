@@ -2,14 +2,15 @@
 backward as preprocess (delta = rowsum(dO * O)), dK/dV per key block and dQ per query block.
 
 The mask is never materialised. Each kernel evaluates it per tile from `segment_ids`, `modality_ids` and
-the rules table (packed 2 bits per entry into one int64 read on the device). Block skipping uses
+the rules table (packed 2 bits per entry into one 32-bit code read on the device). Block skipping uses
 per-token windows built on the device from the ids (`attention_windows`): query i may only attend keys
 in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
 block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
 Windows do not depend on the block size, so block sizes can be autotuned freely.
 
-Dropout regenerates the reference's Philox mask: counters (key j, query i, b * H + h, offset).
+Dropout regenerates the reference's Philox mask (`reference.dropout_keep`: index key j, counters
+query i and b * H + h), four decisions per Philox call.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import triton
 import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL, dropout_threshold
+from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HEAD_DIM = 128
-MAX_MODALITIES = 5  # M * M rules of 2 bits each fit one int64
+MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -33,24 +35,15 @@ INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 # ---------------------------------------------------------------------------------------------- jit helpers
 
 @triton.jit
-def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, L, rules_code,
+def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, rules_code,
                   HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
-    """Mask of a tile from broadcastable row/column vectors (works for (M, N) and transposed (N, M) tiles)."""
-    allowed = (seg_q == seg_k) & (seg_q >= 0) & (pos_k < L) & (pos_q < L)
+    """Mask of a tile from broadcastable row/column vectors (works for (M, N) and transposed (N, M) tiles).
+    Positions past the row end load segment id -1, so they need no test of their own."""
+    allowed = (seg_q == seg_k) & (seg_q >= 0)
     if HAS_RULES:
-        shift = ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.int64)
-        rule = (rules_code >> shift) & 3
+        rule = (rules_code >> ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.uint32)) & 3
         allowed = allowed & ((rule == 1) | ((rule == 2) & (pos_k <= pos_q)))
     return allowed
-
-
-@triton.jit
-def _dropout_keep(seed, offset, pos_q, pos_k, bh, threshold):
-    """Keep-mask of attention dropout for a tile: Philox counters (key, query, b * H + h, offset)."""
-    zero = (pos_q + pos_k) * 0
-    r, _, _, _ = tl.philox(seed, (pos_k + zero).to(tl.uint32), (pos_q + zero).to(tl.uint32),
-                           (zero + bh).to(tl.uint32), (zero + offset).to(tl.uint32))
-    return (r >> 1).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -84,7 +77,7 @@ def _segment_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
     mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
-    rules_code = tl.load(Rules) if HAS_RULES else 0
+    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
@@ -101,7 +94,7 @@ def _segment_attention_fwd_kernel(
         seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
         mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
         allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], L, rules_code, HAS_RULES, NUM_MODALITIES)
+                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -110,7 +103,7 @@ def _segment_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offset, pos_m[:, None], pos_n[None, :], pid_bh, threshold)
+            keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -153,7 +146,7 @@ def _segment_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
     mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
-    rules_code = tl.load(Rules) if HAS_RULES else 0
+    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win + 2 * B * L, row, pos_n, L, True)
     hi = _window(Win + 3 * B * L, row, pos_n, L, False)
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
@@ -172,12 +165,13 @@ def _segment_attention_bwd_dkdv_kernel(
         seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
         mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
         allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
-                                  pos_n[:, None], L, rules_code, HAS_RULES, NUM_MODALITIES)
+                                  pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = _dropout_keep(seed, offset, pos_m[None, :], pos_n[:, None], pid_bh, threshold)
+            keep_t = tl.trans(dropout_keep(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
+                                           BLOCK_N))
             dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
         else:
@@ -207,7 +201,7 @@ def _segment_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
     mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
-    rules_code = tl.load(Rules) if HAS_RULES else 0
+    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
@@ -225,12 +219,12 @@ def _segment_attention_bwd_dq_kernel(
         seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
         mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
         allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], L, rules_code, HAS_RULES, NUM_MODALITIES)
+                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offset, pos_m[:, None], pos_n[None, :], pid_bh, threshold)
+            keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -241,33 +235,50 @@ def _segment_attention_bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------------- autotuning
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+# Each entry: (BLOCK_M, BLOCK_N, warps, stages), then the padded head dims (BLOCK_D, 16 counting as 32) it serves
+# on sm_8x and on sm_9x: exactly those where it compiles without register spills, with and without rules and
+# dropout (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA accumulators in registers, sm_9x
+# has wgmma, hence the different sets).
+FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64, 128)), ((64, 64, 4, 3), (32, 64), (32, 64)),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 128), (32, 64, 128)),
+             ((64, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), (32, 64))]
+DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+              ((32, 64, 8, 3), (32, 64), (32, 64)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
+              ((16, 64, 4, 4), (32, 64), (32, 64)), ((64, 64, 8, 3), (), (32, 64))]
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32,), (32, 64, 128)),
+            ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
+            ((32, 64, 4, 4), (32, 64), (32, 64)), ((128, 32, 8, 3), (32,), (32, 64))]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages). Every entry compiles for sm_80 and sm_90 without register spills at
-# every head dim (tests/test_attention_triton.py::test_shipped_configs_compile_without_spills).
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 32, 4, 4)])
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)])
-DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+def _configs(table):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s), _, _ in table]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose blocks are much larger than the row, keeping at least one."""
-    length = named_args["L_BUCKET"]
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(length, 32)]
-    return kept or configs[-1:]
+def serves(entry, block_d: int, arch_major: int) -> bool:
+    """Whether a table entry is shipped for this padded head dim on this GPU generation."""
+    _, dims_sm8x, dims_sm9x = entry
+    return max(block_d, 32) in (dims_sm8x if arch_major < 9 else dims_sm9x)
+
+
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        """Keep the configs shipped for this head dim and GPU, whose blocks fit the row (at least one)."""
+        args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments separately
+        arch_major = torch.cuda.get_device_capability()[0]
+        length = max(args["L_BUCKET"], 32)
+        by_blocks = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        shipped = [by_blocks[entry[0]] for entry in table if serves(entry, args["BLOCK_D"], arch_major)]
+        fitting = [c for c in shipped if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= length]
+        return fitting or shipped[-1:]
+    return prune
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _segment_attention_fwd_kernel)
-# The backward kernels write their outputs whole, so rerunning them while tuning is harmless.
-_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _segment_attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _segment_attention_bwd_dq_kernel)
+# The kernels write their outputs whole, so rerunning them while tuning is harmless.
+_fwd_tuned, _dkdv_tuned, _dq_tuned = (
+    triton.autotune(_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(table)})(fn)
+    for fn, table in ((_segment_attention_fwd_kernel, FWD_TABLE), (_segment_attention_bwd_dkdv_kernel, DKDV_TABLE),
+                      (_segment_attention_bwd_dq_kernel, DQ_TABLE)))
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -313,14 +324,15 @@ def attention_windows(segment_ids: torch.Tensor, modality_ids: Optional[torch.Te
 
 
 def _pack_rules(modality_rules: torch.Tensor) -> torch.Tensor:
-    """The (M, M) table as one int64 on the device, 2 bits per entry (no host sync)."""
+    """The (M, M) table as one 32-bit code (held in an int64) on the device, 2 bits per entry (no host sync)."""
     M = modality_rules.shape[0]
     shifts = 2 * torch.arange(M * M, device=modality_rules.device, dtype=torch.int64)
     return (modality_rules.long().flatten() << shifts).sum().reshape(1)
 
 
 def _ids(t: torch.Tensor) -> torch.Tensor:
-    return (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)).contiguous()
+    # int32 keeps the in-tile comparisons 32-bit; ids are validated to fit (videobert.ops.attention).
+    return t.to(torch.int32).contiguous()
 
 
 def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):

@@ -1,0 +1,169 @@
+"""Benchmark `segment_attention` (Triton) against SDPA with a dense mask, FlexAttention and flash-attn varlen.
+
+Rows of VideoBERT-like packed samples (text 10-60 tokens, video 10-120, plus [CLS] [>] [SEP]) and rows of one
+sample each, D=64 with BERT-base/large head counts, L in 512..4096, 16k tokens per batch. Forward, backward
+and forward+backward; TFLOP/s count only allowed (query, key) pairs (forward 4*H*D per pair, backward 2.5x).
+Usage: python bench/attention.py [--quick]. Without a GPU it runs a toy smoke pass on the CPU and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
+
+from videobert._kernels.reference import attention_allowed  # noqa: E402
+from videobert.ops import segment_attention  # noqa: E402
+
+TOKENS_PER_BATCH = 16384
+
+
+def videobert_rows(B: int, L: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment_ids, modality_ids) of rows packed with VideoBERT-like samples in order; tails are padding."""
+    seg = torch.full((B, L), -1, dtype=torch.int32)
+    mod = torch.zeros((B, L), dtype=torch.int32)
+    for b in range(B):
+        start, index = 0, 0
+        while True:
+            text = int(torch.randint(10, 61, (), generator=gen))
+            video = int(torch.randint(10, 121, (), generator=gen))
+            n = text + video + 3
+            if start + n > L:
+                break
+            seg[b, start:start + n] = index
+            mod[b, start + text + 2:start + n] = 1
+            start, index = start + n, index + 1
+    return seg, mod
+
+
+def allowed_pairs(seg: torch.Tensor) -> int:
+    """Number of (query, key) pairs the document mask allows: the sum of squared sample lengths."""
+    total = 0
+    for row in seg:
+        counts = torch.bincount(row[row >= 0].long())
+        total += int((counts.long() ** 2).sum())
+    return total
+
+
+def providers(seg, mod, H):
+    """name -> (setup seconds or None, callable(q, k, v) -> out); each only when importable."""
+    device = seg.device
+    out = {"videobert": (None, lambda q, k, v: segment_attention(q, k, v, seg, backend="triton"))}
+
+    def sdpa(q, k, v):
+        mask = attention_allowed(seg, None, None)[:, None]  # built per call: packed batches change every step
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    out["sdpa_dense_mask"] = (None, sdpa)
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        flex = None
+    if flex is not None:
+        B, L = seg.shape
+
+        def mask_mod(b, h, i, j):
+            return (seg[b, i] == seg[b, j]) & (seg[b, i] >= 0)
+
+        def build():
+            return flex.create_block_mask(mask_mod, B, None, L, L, device=device)
+
+        attend = torch.compile(flex.flex_attention) if on_gpu() else flex.flex_attention
+        block_mask = build()
+        mask_ms = bench_ms(build)[0] if on_gpu() else None
+        out["flex"] = (mask_ms, lambda q, k, v: attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                        block_mask=block_mask).transpose(1, 2))
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None and on_gpu():
+        lengths = torch.stack([torch.bincount(r[r >= 0].long(), minlength=1) for r in seg.cpu()], 0)
+        lengths = lengths[lengths > 0].to(torch.int32)
+        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+        real = (seg.flatten() >= 0).nonzero().squeeze(1)
+        max_len = int(lengths.max())
+
+        def flash(q, k, v):
+            q, k, v = (t.flatten(0, 1)[real] for t in (q, k, v))
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+        out["flash_attn_varlen"] = (None, flash)
+    return out
+
+
+def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
+    B = max(1, TOKENS_PER_BATCH // L) if on_gpu() else 2
+    if layout == "packed":
+        seg, _ = videobert_rows(B, L, gen)
+    else:
+        seg = torch.zeros((B, L), dtype=torch.int32)
+    seg = seg.to(device)
+    pairs = allowed_pairs(seg.cpu())
+    fwd_flops = 4.0 * pairs * H * D
+    q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    rows = []
+    for name, (setup_ms, fn) in providers(seg, None, H).items():
+        try:
+            out = fn(q, k, v)
+            dout = torch.randn_like(out)
+            timings = {"fwd": bench_ms(lambda: fn(q, k, v)),
+                       "bwd": bench_ms(lambda: out.backward(dout, retain_graph=True)),
+                       "fwd+bwd": bench_ms(lambda: fn(q, k, v).backward(dout))}
+        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+            print(f"{name} failed on {layout} L={L}: {type(exc).__name__}: {exc}")
+            continue
+        for mode, (ms, p20, p80) in timings.items():
+            flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                       provider=name, ms=ms, p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9,
+                       pct_of_matmul_peak=100 * flops / ms / 1e9 / peak_tflops if peak_tflops == peak_tflops else "",
+                       setup_ms=setup_ms if setup_ms is not None else "")
+            rows.append(row)
+            if name == "flex" and setup_ms is not None and mode != "bwd":
+                rows.append(dict(row, provider="flex+create_block_mask", ms=ms + setup_ms,
+                                 tflops=flops / (ms + setup_ms) / 1e9,
+                                 pct_of_matmul_peak=(100 * flops / (ms + setup_ms) / 1e9 / peak_tflops
+                                                     if peak_tflops == peak_tflops else "")))
+    ours = {r["mode"]: r["ms"] for r in rows if r["provider"] == "videobert"}
+    for row in rows:
+        row["speedup_of_videobert"] = row["ms"] / ours[row["mode"]] if row["mode"] in ours else ""
+    return rows
+
+
+def main(argv=None) -> int:
+    """Run the attention benchmark; writes results under bench/results/<gpu>/<date>/."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="L=2048 only, BERT-large heads")
+    args = parser.parse_args(argv)
+    gen = torch.Generator().manual_seed(0)
+    if not on_gpu():
+        print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
+              "These are NOT GPU figures.")
+        cases, dtype, device = [("packed", 400, 2, 16), ("single", 64, 2, 16)], torch.float32, "cpu"
+    else:
+        lengths = [2048] if args.quick else [512, 1024, 2048, 4096]
+        heads = [16] if args.quick else [12, 16]
+        cases = [(layout, L, H, 64) for layout in ("packed", "single") for L in lengths for H in heads]
+        dtype, device = torch.bfloat16, "cuda"
+    peaks = measure_peaks()
+    rows = []
+    for layout, L, H, D in cases:
+        rows += run_case(layout, L, H, D, dtype, device, gen, peaks["matmul_tflops"])
+    print(markdown_table(rows))
+    out = write_results("attention", rows, {"peaks": peaks, "tokens_per_batch": TOKENS_PER_BATCH})
+    plot(out / "attention.png", [r for r in rows if r["mode"] == "fwd+bwd"], "L", "tflops",
+         ["layout", "H", "provider"], "segment attention fwd+bwd, TFLOP/s on allowed pairs")
+    print(f"results in {out} ({device_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Shared benchmark plumbing: timing, the card's measured peaks, and result files tagged with the GPU name.
+
+Timing on a GPU is `triton.testing.do_bench` (CUDA events, warm-up, L2 flushed between runs): the median with
+20th/80th percentiles in milliseconds. Without a GPU every script runs a toy-size smoke pass on the CPU and
+labels its numbers as such.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def on_gpu() -> bool:
+    """Whether benchmarks run for real (a CUDA device is present)."""
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    """The GPU's name, or "cpu-smoke" when there is none."""
+    return torch.cuda.get_device_name() if on_gpu() else "cpu-smoke"
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of `fn`; CUDA events on a GPU, a short wall-clock loop on the CPU."""
+    if on_gpu():
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return median, p20, p80
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[1], times[0], times[-1]
+
+
+def measure_peaks() -> dict:
+    """The card's dense bf16 matmul rate (TFLOP/s) and device-to-device copy bandwidth (GB/s, read + write),
+    measured now: the references that percentages in the tables are taken against."""
+    if not on_gpu():
+        return {"matmul_tflops": float("nan"), "copy_gbps": float("nan")}
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    matmul_ms = bench_ms(lambda: a @ b)[0]
+    src = torch.empty(512 * 2**20, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))[0]
+    return {"matmul_tflops": 2 * n**3 / matmul_ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
+
+
+def results_dir() -> Path:
+    """bench/results/<gpu-name>/<date>/ (created), or the VIDEOBERT_BENCH_OUT directory if set."""
+    if os.environ.get("VIDEOBERT_BENCH_OUT"):
+        path = Path(os.environ["VIDEOBERT_BENCH_OUT"])
+    else:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", device_name()).strip("-")
+        path = RESULTS_ROOT / slug / _dt.date.today().isoformat()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(name: str, rows: Sequence[dict], meta: dict) -> Path:
+    """Write rows as <name>.csv, <name>.json (with meta: device, peaks, versions) and <name>.md; returns the folder."""
+    out = results_dir()
+    meta = {"device": device_name(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "gpu_figures": on_gpu(), **meta}
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2))
+    if rows:
+        columns = list(rows[0])
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / f"{name}.md").write_text(f"# {name} on {meta['device']} ({meta['date']})\n\n" + markdown_table(rows))
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Rows as a markdown table (also printed to the terminal by the scripts)."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: Sequence[dict], x: str, y: str, series: Sequence[str], title: str) -> None:
+    """A PNG line plot of `y` against `x`, one line per distinct value of the `series` columns (skipped
+    with a message when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: no plot {path.name}")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        if isinstance(row.get(y), (int, float)):
+            groups.setdefault(tuple(row[s] for s in series), []).append((row[x], row[y]))
+    for key, points in groups.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=" ".join(map(str, key)))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{title} ({device_name()})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

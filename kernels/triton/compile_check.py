@@ -1,0 +1,51 @@
+"""Compile a Triton kernel for a GPU that is not present and report its resources (registers, spills).
+
+Uses `triton.compile` with an explicit `GPUTarget`, then the `ptxas` shipped in the Triton wheel with
+`-v` on the generated PTX, so shipped configs can be checked for register spills on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """Resources of one compiled kernel: registers per thread, spill bytes, static shared memory bytes."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (the wheel ships one per PTX generation)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def compile_report(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> CompileReport:
+    """Compile `fn` (a @triton.jit function) for sm_`arch` and read ptxas' resource usage."""
+    source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True)
+    text = result.stdout + result.stderr
+    registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return CompileReport(registers, int(spills.group(1)), int(spills.group(2)), int(compiled.metadata.shared))

@@ -1,0 +1,212 @@
+"""The Triton segment attention against the float64 reference and FlexAttention (CPU: TRITON_INTERPRET=1)."""
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import CUDA, assert_close
+from test_attention import ALL_CAUSAL, JOINT, LATE_FUSION, PREFIX_LM, make_inputs, naive_mask, random_layout
+from videobert.ops import BackendUnavailableError, segment_attention
+from videobert.ops.attention import _segment_attention_op
+
+triton = pytest.importorskip("triton")
+from videobert._kernels.triton import segment_attention as sa  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RULES = [None, JOINT, LATE_FUSION, PREFIX_LM, ALL_CAUSAL]
+# The interpreter computes tl.dot on bf16 operands wrongly, so bf16 runs on a GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def run_both(q, k, v, seg, mod, rules, dropout_p=0.0, rng=None):
+    """Triton output and grads, and the float64 reference's on the same (rounded) inputs and upstream grad."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = segment_attention(*leaves, seg, mod, rules, dropout_p=dropout_p, rng=rng, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = segment_attention(*ref_leaves, seg, mod, rules, dropout_p=dropout_p, rng=rng, backend="torch")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    return (out, *grads), (ref, *ref_grads)
+
+
+def check(results, dtype, what=""):
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        assert_close(got, want, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("L", [1, 17, 127, 129, 300])
+@pytest.mark.parametrize("layout", ["packed", "padding", "single", "unsorted", "all_padding"])
+def test_matches_float64_reference(L, layout):
+    index = [1, 17, 127, 129, 300].index(L) + ["packed", "padding", "single", "unsorted", "all_padding"].index(layout)
+    rules = RULES[index % len(RULES)]
+    gen = torch.Generator().manual_seed(1000 + index * 7 + L)
+    B = 1 if L >= 300 else 2  # keeps the interpreter's time down; batching is covered by the other lengths
+    q, k, v, seg, mod, rules_t = make_inputs(B, L, 2, 32, torch.float32, DEVICE, gen, layout, rules)
+    check(run_both(q, k, v, seg, mod, rules_t), torch.float32, f"{layout} L={L} rules={rules}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rules", RULES)
+def test_every_rules_pattern_and_dtype(dtype, rules):
+    gen = torch.Generator().manual_seed(len(str(rules)))
+    q, k, v, seg, mod, rules_t = make_inputs(2, 129, 2, 32, dtype, DEVICE, gen, "packed", rules)
+    check(run_both(q, k, v, seg, mod, rules_t), dtype, f"rules={rules}")
+
+
+@pytest.mark.parametrize("D", [16, 32, 40, 64, 128])
+def test_head_dims(D):
+    gen = torch.Generator().manual_seed(D)
+    q, k, v, seg, mod, rules = make_inputs(1, 70, 2, D, torch.float16, DEVICE, gen, "packed", PREFIX_LM)
+    check(run_both(q, k, v, seg, mod, rules), torch.float16, f"D={D}")
+
+
+@pytest.mark.parametrize("blocks", [{"fwd": (16, 64), "dkdv": (64, 16), "dq": (16, 32)},
+                                    {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 16)}])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fixed block sizes apply to the interpreter only")
+def test_other_block_sizes(blocks, monkeypatch):
+    monkeypatch.setattr(sa, "INTERPRET_CONFIG", blocks)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, seg, mod, rules = make_inputs(2, 150, 2, 32, torch.float32, DEVICE, gen, "unsorted", PREFIX_LM)
+    check(run_both(q, k, v, seg, mod, rules), torch.float32, str(blocks))
+
+
+def test_dropout_uses_the_reference_mask():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, seg, mod, rules = make_inputs(2, 100, 2, 32, torch.float32, DEVICE, gen, "packed", PREFIX_LM)
+    rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64)
+    check(run_both(q, k, v, seg, mod, rules, dropout_p=0.2, rng=rng), torch.float32, "dropout")
+
+
+def test_rows_without_keys_and_degenerate_shapes():
+    seg = torch.tensor([[0, 0, -1, 1, 1, -1, -1, 2, 2], [-1] * 9], device=DEVICE)
+    mod = torch.tensor([[0, 1, 0, 0, 1, 0, 1, 1, 1], [0] * 9], device=DEVICE)
+    rules = torch.tensor([[1, 1], [0, 0]], device=DEVICE)  # modality 1 attends nothing
+    q, k, v = (torch.randn(2, 9, 2, 16, device=DEVICE) for _ in range(3))
+    results = run_both(q, k, v, seg, mod, rules)
+    check(results, torch.float32, "empty rows")
+    out, dq = results[0][0], results[0][1]
+    empty = (seg < 0) | (mod == 1)
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+    for B, L in ((0, 5), (3, 1), (2, 0)):
+        q = torch.randn(B, L, 2, 16, device=DEVICE)
+        results = run_both(q, q, q, torch.zeros(B, L, dtype=torch.long, device=DEVICE), None, None)
+        check(results, torch.float32, f"B={B} L={L}")
+
+
+def test_strided_inputs_from_a_fused_projection():
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 50, 3, 2, 32, generator=gen).to(DEVICE)
+    q, k, v = qkv.unbind(2)
+    seg = random_layout("packed", 2, 50, gen).to(DEVICE)
+    assert not q.is_contiguous()
+    check(run_both(q, k, v, seg, None, None), torch.float32, "strided")
+
+
+def test_matches_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, seg, mod, rules = make_inputs(2, 96, 2, 32, torch.float32, DEVICE, gen, "packed", PREFIX_LM)
+
+    def mask_mod(b, h, i, j):
+        rule = rules[mod[b, i], mod[b, j]]
+        return (seg[b, i] == seg[b, j]) & (seg[b, i] >= 0) & ((rule == 1) | ((rule == 2) & (j <= i)))
+
+    block_mask = flex.create_block_mask(mask_mod, 2, None, 96, 96, device=DEVICE)
+    backward = torch.cuda.is_available()  # FlexAttention has no backward on CPU
+    leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    expected = flex.flex_attention(*(t.transpose(1, 2) for t in leaves), block_mask=block_mask).transpose(1, 2)
+    leaves2 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = segment_attention(*leaves2, seg, mod, rules, backend="triton")
+    has_key = naive_mask(seg.cpu(), mod.cpu(), rules.tolist()).any(-1).to(DEVICE)
+    assert_close(out[has_key], expected[has_key], torch.float32, "out")  # Flex's empty rows are its own business
+    if backward:
+        dout = torch.randn_like(expected)
+        for name, g, e in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves2, dout),
+                              torch.autograd.grad(expected, leaves, dout)):
+            assert_close(g, e, torch.float32, name)
+
+
+def test_windows_are_sound_and_tight():
+    gen = torch.Generator().manual_seed(6)
+    for layout in ("packed", "unsorted", "padding"):
+        for rules in RULES:
+            seg = random_layout(layout, 3, 70, gen)
+            mod = torch.randint(0, 2, (3, 70), generator=gen)
+            rules_t = torch.tensor(rules) if rules is not None else None
+            key_lo, key_hi, query_lo, query_hi = sa.attention_windows(seg, mod if rules else None, rules_t).long()
+            allowed = naive_mask(seg, mod, rules)
+            b, i, j = allowed.nonzero(as_tuple=True)
+            # every allowed pair lies inside both windows
+            assert ((key_lo[b, i] <= j) & (j < key_hi[b, i]) & (query_lo[b, j] <= i) & (i < query_hi[b, j])).all()
+    # contiguous packed samples with joint attention: the windows are exactly the sample spans
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
+    key_lo, key_hi, _, _ = sa.attention_windows(seg, None, None)
+    assert key_lo.tolist() == [[0, 0, 0, 3, 3, 5, 8, 8]] and key_hi.tolist() == [[3, 3, 3, 5, 5, 6, 0, 0]]
+
+
+def test_work_scales_with_squared_sample_lengths():
+    """Tiles the kernels visit, counted from the windows exactly as the kernels do, for packed rows."""
+    gen = torch.Generator().manual_seed(7)
+    L, block_m, block_n = 2048, 128, 64
+    ids, start, segment = torch.full((1, L), -1), 0, 0
+    lengths = []
+    while start < L:
+        n = min(int(torch.randint(20, 180, (), generator=gen)), L - start)
+        ids[0, start:start + n] = segment
+        lengths.append(n)
+        start, segment = start + n, segment + 1
+    key_lo, key_hi, _, _ = sa.attention_windows(ids, None, None)
+    visited = 0
+    for m in range(0, L, block_m):
+        lo, hi = int(key_lo[0, m:m + block_m].min()), int(key_hi[0, m:m + block_m].max())
+        visited += max(0, math.ceil((hi - (lo // block_n) * block_n) / block_n))
+    dense = (L // block_m) * (L // block_n)
+    ideal = sum(n * n for n in lengths) / (block_m * block_n)
+    assert visited < dense / 5, (visited, dense)
+    assert visited < 4 * ideal + 2 * L / block_m, (visited, ideal)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, seg, mod, rules = make_inputs(2, 40, 2, 16, torch.float32, DEVICE, gen, "packed", PREFIX_LM)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rng = torch.tensor([11, 0], dtype=torch.int64)
+    torch.library.opcheck(_segment_attention_op, (q, k, v, seg, mod, rules, 0.1, 0.25, rng, "triton"))
+
+
+def test_unsupported_inputs_name_the_limit():
+    q = torch.randn(1, 4, 1, 160, device=DEVICE)
+    seg = torch.zeros(1, 4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="head dim 160 is larger than 128"):
+        segment_attention(q, q, q, seg, backend="triton")
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="5 modalities; the Triton kernel takes at most 4"):
+        segment_attention(q, q, q, seg, torch.zeros(1, 4, dtype=torch.long, device=DEVICE),
+                          torch.ones(5, 5, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+@CUDA
+def test_auto_picks_triton_on_cuda():
+    from videobert.ops._backend import resolve
+
+    assert resolve("segment_attention", "auto", torch.device("cuda"), torch.bfloat16, head_dim=64) == "triton"
+
+
+@pytest.mark.parametrize("arch_major", [8, 9])
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128])
+def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major, block_d):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (arch_major, 0))
+    for table in (sa.FWD_TABLE, sa.DKDV_TABLE, sa.DQ_TABLE):
+        configs = sa._configs(table)
+        for length in (32, 512, 4096):
+            kept = sa._pruner(table)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d)
+            assert kept
+            served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major)}
+            for c in kept:
+                assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served

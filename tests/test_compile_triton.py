@@ -1,0 +1,83 @@
+"""Every shipped Triton config compiles for sm_80 and sm_90 (no GPU needed) without register spills."""
+import itertools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from videobert._kernels.triton import segment_attention as sa  # noqa: E402
+from videobert._kernels.triton.compile_check import compile_report  # noqa: E402
+
+ARCHS = (80, 90)
+HEAD_DIMS = (32, 64, 128)
+# (HAS_RULES, HAS_DROPOUT): the lightest and the heaviest variant of each kernel
+VARIANTS = ((False, False), (True, True))
+
+
+def _attention_signature(kind: str, dtype: str) -> dict:
+    """Argument types of the attention kernels, as a launch with int32 ids and strides specialises them."""
+    tensors = {"fwd": ["Q", "K", "V", "Out"], "dkdv": ["Q", "K", "V", "DO"], "dq": ["Q", "K", "V", "DO"]}[kind]
+    sig = {name: f"*{dtype}" for name in tensors}
+    if kind == "fwd":
+        sig["Lse"] = "*fp32"
+    else:
+        sig.update({"Lse": "*fp32", "Delta": "*fp32"})
+        sig.update({name: f"*{dtype}" for name in (["DK", "DV"] if kind == "dkdv" else ["DQ"])})
+    sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
+    strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
+    strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
+    sig.update({f"stride_{s}": "i32" for s in strides})
+    sig.update({"B": "i32", "H": "i32", "L": "i32"})
+    if kind != "fwd":
+        sig["scale"] = "fp32"
+    sig.update({"scale_log2": "fp32", "seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32",
+                "L_BUCKET": "i32"})
+    return sig
+
+
+KERNELS = {"fwd": (sa._segment_attention_fwd_kernel, sa.FWD_TABLE),
+           "dkdv": (sa._segment_attention_bwd_dkdv_kernel, sa.DKDV_TABLE),
+           "dq": (sa._segment_attention_bwd_dq_kernel, sa.DQ_TABLE)}
+
+
+def attention_report(kind: str, entry_index: int, head_dim: int, arch: int, rules: bool, dropout: bool):
+    """Compile one shipped attention config; returns (description, CompileReport)."""
+    kernel, table = KERNELS[kind]
+    (block_m, block_n, warps, stages), _, _ = table[entry_index]
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
+                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    report = compile_report(kernel, _attention_signature(kind, "fp16"), constexprs, arch, warps, stages)
+    name = (f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages} D={head_dim} sm_{arch} "
+            f"rules={rules} dropout={dropout}")
+    return name, report
+
+
+def _cases():
+    for kind, (_, table) in KERNELS.items():
+        for index, entry in enumerate(table):
+            for head_dim, arch, (rules, dropout) in itertools.product(HEAD_DIMS, ARCHS, VARIANTS):
+                if sa.serves(entry, head_dim, arch // 10):
+                    yield kind, index, head_dim, arch, rules, dropout
+
+
+def _run(case):
+    return attention_report(*case)
+
+
+def test_every_head_dim_and_arch_has_configs():
+    for kind, (_, table) in KERNELS.items():
+        for head_dim, arch in itertools.product((16,) + HEAD_DIMS, ARCHS):
+            assert any(sa.serves(entry, head_dim, arch // 10) for entry in table), (kind, head_dim, arch)
+
+
+def test_shipped_configs_compile_without_spills(monkeypatch):
+    cases = list(_cases())
+    # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_run, cases))
+    spilling = [f"{name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads"
+                for name, r in results if r.spill_stores or r.spill_loads]
+    assert not spilling, "\n".join(spilling)
