@@ -46,9 +46,14 @@ def register(op: str, backend: str, impl: Impl) -> None:
     _REGISTRY.setdefault(op, {})[backend] = impl
 
 
-def implementation(op: str, backend: str) -> Impl:
-    """The registered implementation (called by the custom ops with an already resolved backend)."""
-    return _REGISTRY[op][backend]
+def run(op: str, backend: str, direction: str, *args):
+    """Call the `direction` ("fwd" or "bwd") of `op` on `backend` inside an NVTX range
+    "videobert.<op>.<direction>[<backend>]" that Nsight Systems shows; no range without CUDA."""
+    fn = getattr(_REGISTRY[op][backend], direction)
+    if not torch.cuda.is_available():
+        return fn(*args)
+    with torch.cuda.nvtx.range(f"videobert.{op}.{direction}[{backend}]"):
+        return fn(*args)
 
 
 def _load_provider(backend: str) -> Optional[str]:

@@ -37,7 +37,7 @@ def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
                           dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out (B, L, H, D), lse (B, H, L) fp32, +inf on rows with no allowed key)."""
-    return _backend.implementation(OP, backend).fwd(q, k, v, segment_ids, modality_ids, modality_rules,
+    return _backend.run(OP, backend, "fwd", q, k, v, segment_ids, modality_ids, modality_rules,
                                                     dropout_p, softmax_scale, rng)
 
 
@@ -54,7 +54,7 @@ def _segment_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch
                                    dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
                                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv) from the saved out and lse; the dropout mask is regenerated from rng."""
-    return _backend.implementation(OP, backend).bwd(dout, q, k, v, out, lse, segment_ids, modality_ids,
+    return _backend.run(OP, backend, "bwd", dout, q, k, v, out, lse, segment_ids, modality_ids,
                                                     modality_rules, dropout_p, softmax_scale, rng)
 
 

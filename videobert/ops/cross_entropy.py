@@ -46,7 +46,7 @@ def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                   ignore_index: int, label_smoothing: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: per-row (loss, lse, correct) of cross-entropy over hidden @ weight.T (+ bias)."""
-    return _backend.implementation(LINEAR_OP, backend).fwd(hidden, weight, labels, bias, ignore_index,
+    return _backend.run(LINEAR_OP, backend, "fwd", hidden, weight, labels, bias, ignore_index,
                                                            label_smoothing)
 
 
@@ -61,7 +61,7 @@ def _linear_ce_backward_op(dloss: torch.Tensor, dlse: Optional[torch.Tensor], hi
                            lse: torch.Tensor, ignore_index: int, label_smoothing: float,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dhidden, dweight, dbias); dbias is empty when there is no bias."""
-    dh, dw, db = _backend.implementation(LINEAR_OP, backend).bwd(dloss, dlse, hidden, weight, labels, bias, lse,
+    dh, dw, db = _backend.run(LINEAR_OP, backend, "bwd", dloss, dlse, hidden, weight, labels, bias, lse,
                                                                  ignore_index, label_smoothing)
     return dh, dw, hidden.new_empty((0,)) if db is None else db
 
@@ -99,7 +99,7 @@ _backend.register(SOFTMAX_OP, "torch", _backend.Impl(reference.softmax_cross_ent
 def _softmax_ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: per-row (loss, lse, correct) of cross-entropy over the given logits."""
-    return _backend.implementation(SOFTMAX_OP, backend).fwd(logits, labels, ignore_index, label_smoothing)
+    return _backend.run(SOFTMAX_OP, backend, "fwd", logits, labels, ignore_index, label_smoothing)
 
 
 @_softmax_ce_op.register_fake
@@ -112,7 +112,7 @@ def _softmax_ce_backward_op(dloss: torch.Tensor, dlse: Optional[torch.Tensor], l
                             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
                             backend: str) -> torch.Tensor:
     """Backward: d(logits) in the logits' dtype."""
-    grad = _backend.implementation(SOFTMAX_OP, backend).bwd(dloss, dlse, logits, labels, lse, ignore_index,
+    grad = _backend.run(SOFTMAX_OP, backend, "bwd", dloss, dlse, logits, labels, lse, ignore_index,
                                                             label_smoothing)
     return grad.to(logits.dtype)
 

@@ -33,7 +33,7 @@ def _add_layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight
                        bias: Optional[torch.Tensor], eps: float, dropout_p: float, rng: Optional[torch.Tensor],
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: (out, s, mean, rstd); s = residual + dropout(x), out = LayerNorm(s); fp32 (fp64) row stats."""
-    return _backend.implementation(OP, backend).fwd(x, residual, weight, bias, eps, dropout_p, rng)
+    return _backend.run(OP, backend, "fwd", x, residual, weight, bias, eps, dropout_p, rng)
 
 
 @_add_layer_norm_op.register_fake
@@ -49,7 +49,7 @@ def _add_layer_norm_backward_op(dout: torch.Tensor, ds: Optional[torch.Tensor], 
                                 has_bias: bool, dropout_p: float, rng: Optional[torch.Tensor],
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dx, dresidual, dweight, dbias); dresidual/dbias are empty when there is no residual/bias."""
-    dx, dres, dw, db = _backend.implementation(OP, backend).bwd(dout, ds, s, mean, rstd, weight, has_residual,
+    dx, dres, dw, db = _backend.run(OP, backend, "bwd", dout, ds, s, mean, rstd, weight, has_residual,
                                                                 has_bias, dropout_p, rng)
     return dx, s.new_empty((0,)) if dres is None else dres, dw, s.new_empty((0,)) if db is None else db
 
