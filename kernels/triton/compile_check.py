@@ -27,10 +27,15 @@ class CompileReport:
 
 
 def _ptxas(arch: int) -> str:
-    """The ptxas Triton itself uses for this arch (the wheel ships one per PTX generation)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return get_ptxas(arch).path
+    """The ptxas Triton itself uses for this arch (newer wheels ship one per PTX generation)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:
+        return get_ptxas(arch).path
+    except TypeError:  # Triton versions whose get_ptxas takes no arch
+        return get_ptxas().path
 
 
 def compile_report(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> CompileReport:

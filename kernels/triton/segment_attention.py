@@ -53,6 +53,14 @@ def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_ids(Seg, Mod, row, pos, L, HAS_RULES: tl.constexpr):
+    """Segment ids (-1 past the row end) and modality ids (0 without rules) of positions `pos`."""
+    seg = tl.load(Seg + row + pos, mask=pos < L, other=-1)
+    mod = tl.load(Mod + row + pos, mask=pos < L, other=0) if HAS_RULES else pos * 0
+    return seg, mod
+
+
+@triton.jit
 def _window(win, row, pos, L, IS_LOW: tl.constexpr):
     """Union of the per-token windows of a block: (min of lows, max of highs)."""
     if IS_LOW:
@@ -75,8 +83,7 @@ def _segment_attention_fwd_kernel(
     row = b.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
-    mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+    seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
     rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
@@ -91,8 +98,7 @@ def _segment_attention_fwd_kernel(
         pos_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
         v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
-        seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
-        mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
         allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
                                 pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -144,8 +150,7 @@ def _segment_attention_bwd_dkdv_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
-    mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+    seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
     rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win + 2 * B * L, row, pos_n, L, True)
     hi = _window(Win + 3 * B * L, row, pos_n, L, False)
@@ -162,8 +167,7 @@ def _segment_attention_bwd_dkdv_kernel(
         do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
         lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
-        seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
-        mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+        seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
         allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
                                   pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
@@ -199,8 +203,7 @@ def _segment_attention_bwd_dq_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q = tl.load(Seg + row + pos_m, mask=pos_m < L, other=-1)
-    mod_q = tl.load(Mod + row + pos_m, mask=pos_m < L, other=0) if HAS_RULES else pos_m * 0
+    seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
     rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
@@ -216,8 +219,7 @@ def _segment_attention_bwd_dq_kernel(
         pos_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
         v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
-        seg_k = tl.load(Seg + row + pos_n, mask=pos_n < L, other=-1)
-        mod_k = tl.load(Mod + row + pos_n, mask=pos_n < L, other=0) if HAS_RULES else pos_n * 0
+        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
         allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
                                 pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
