@@ -53,7 +53,7 @@ def allowed_pairs(seg: torch.Tensor) -> int:
     return total
 
 
-def providers(seg, mod, H):
+def providers(seg):
     """name -> (setup seconds or None, callable(q, k, v) -> out); each only when importable."""
     device = seg.device
     out = {"videobert": (None, lambda q, k, v: segment_attention(q, k, v, seg, backend="triton"))}
@@ -110,7 +110,7 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     fwd_flops = 4.0 * pairs * H * D
     q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     rows = []
-    for name, (setup_ms, fn) in providers(seg, None, H).items():
+    for name, (setup_ms, fn) in providers(seg).items():
         timings = {}
         try:
             timings["fwd"] = bench_ms(lambda: fn(q, k, v))

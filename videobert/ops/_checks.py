@@ -54,7 +54,12 @@ def check_range(name: str, t: torch.Tensor, low: int, high: int, *, allow: Optio
     """Raise ValueError unless every value is in [low, high) (or equals `allow`), when value checks are on."""
     if t.numel() == 0 or not value_checks_enabled(t):
         return
-    bad = (t < low) | (t >= high)
+    info = torch.iinfo(t.dtype)  # a bound beyond the dtype's range holds trivially (and cannot be compared)
+    bad = torch.zeros_like(t, dtype=torch.bool)
+    if low > info.min:
+        bad |= t < low
+    if high <= info.max:
+        bad |= t >= high
     if allow is not None:
         bad &= t != allow
     if bool(bad.any()):
