@@ -99,6 +99,13 @@ def providers(seg):
     return out
 
 
+def _rates(flops, ms, p20, p80, peak_tflops):
+    """Timing columns of a row: milliseconds, TFLOP/s and the share of the measured matmul peak (if measured)."""
+    tflops = flops / ms / 1e9
+    return dict(ms=ms, p20_ms=p20, p80_ms=p80, tflops=tflops,
+                pct_of_matmul_peak=100 * tflops / peak_tflops if peak_tflops == peak_tflops else "")
+
+
 def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     B = max(1, TOKENS_PER_BATCH // L) if on_gpu() else 2
     if layout == "packed":
@@ -124,15 +131,12 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
         for mode, (ms, p20, p80) in timings.items():
             flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
             row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                       provider=name, ms=ms, p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9,
-                       pct_of_matmul_peak=100 * flops / ms / 1e9 / peak_tflops if peak_tflops == peak_tflops else "",
+                       provider=name, **_rates(flops, ms, p20, p80, peak_tflops),
                        setup_ms=setup_ms if setup_ms is not None else "")
             rows.append(row)
             if name == "flex" and setup_ms is not None and mode != "bwd":
-                rows.append(dict(row, provider="flex+create_block_mask", ms=ms + setup_ms,
-                                 tflops=flops / (ms + setup_ms) / 1e9,
-                                 pct_of_matmul_peak=(100 * flops / (ms + setup_ms) / 1e9 / peak_tflops
-                                                     if peak_tflops == peak_tflops else "")))
+                rows.append(dict(row, provider="flex+create_block_mask",
+                                 **_rates(flops, ms + setup_ms, p20 + setup_ms, p80 + setup_ms, peak_tflops)))
     ours = {r["mode"]: r["ms"] for r in rows if r["provider"] == "videobert"}
     for row in rows:
         row["speedup_of_videobert"] = row["ms"] / ours[row["mode"]] if row["mode"] in ours else ""

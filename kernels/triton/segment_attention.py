@@ -26,7 +26,6 @@ from videobert._kernels.triton.rng import dropout_keep
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
 INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -337,7 +336,7 @@ def _ids(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
-def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     """Kernel arguments shared by the forward and backward launches."""
     B, L, H, D = q.shape
     has_rules = modality_rules is not None
@@ -347,12 +346,13 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, softmax_sca
     seg = _ids(segment_ids)
     mod = _ids(modality_ids) if has_rules else seg
     rules = _pack_rules(modality_rules) if has_rules else seg
-    precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    # fp32 inputs get IEEE dots unless PyTorch allows TF32; the setting is ignored for fp16/bf16 operands.
+    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     scalars = dict(B=B, H=H, L=L, seed=seed, offset=offset, threshold=dropout_threshold(dropout_p),
                    drop_scale=1.0 / (1.0 - dropout_p), L_BUCKET=triton.next_power_of_2(max(L, 1)))
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
-                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision if q.dtype == torch.float32 else "tf32")
+                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision)
     windows = attention_windows(segment_ids, modality_ids, modality_rules)
     return seg, mod, windows, rules, scalars, consts
 
@@ -381,7 +381,7 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
-                                                        softmax_scale, rng)
+                                                        rng)
     scalars = dict(scalars, scale_log2=softmax_scale * LOG2E)
     args = [q, k, v, out, lse, seg, mod, windows, rules, *_strides(q, k, v, out)]
     _launch(_fwd_tuned, "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
@@ -396,7 +396,7 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     if dq.numel() == 0:
         return dq, dk, dv
     seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
-                                                        softmax_scale, rng)
+                                                        rng)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     block = 64 if q.is_cuda else 32
     _segment_attention_bwd_preprocess_kernel[(triton.cdiv(L, block), B * H)](
