@@ -162,8 +162,9 @@ def main(argv=None) -> int:
     rows = []
     for layout, L, H, D in cases:
         rows += run_case(layout, L, H, D, dtype, device, gen, peaks["matmul_tflops"])
+        # Written after every case so that a run cut short still leaves its finished rows.
+        out = write_results("attention", rows, {"peaks": peaks, "tokens_per_batch": TOKENS_PER_BATCH})
     print(markdown_table(rows))
-    out = write_results("attention", rows, {"peaks": peaks, "tokens_per_batch": TOKENS_PER_BATCH})
     plot(out / "attention.png", [r for r in rows if r["mode"] == "fwd+bwd"], "L", "tflops",
          ["layout", "H", "provider"], "segment attention fwd+bwd, TFLOP/s on allowed pairs")
     print(f"results in {out} ({device_name()})")

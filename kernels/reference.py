@@ -42,7 +42,10 @@ def _umul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
            n_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The four 32-bit words of Philox-4x32 for a 64-bit `seed` and uint32 counters (int64 tensors), as `tl.philox`."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
+    # Counters given as ints or CPU scalars join the device of the tensor counters (a GPU's, if any).
+    devices = [c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)]
+    device = next((d for d in devices if d.type != "cpu"), devices[0] if devices else None)
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) & MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(n_rounds):

@@ -8,6 +8,9 @@ import torch
 # set before triton decorates any kernel.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, tests take each kernel's first shipped config instead of autotuning every new shape (minutes of
+# compiling); test_attention_triton runs the autotuned path once explicitly.
+os.environ.setdefault("VIDEOBERT_AUTOTUNE", "0")
 
 # (rtol, atol) of a result in this dtype against a float64 computation of the same function.
 TOLERANCES = {

@@ -210,3 +210,11 @@ def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major,
             served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major)}
             for c in kept:
                 assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served
+
+
+@CUDA
+def test_autotuned_launch_matches_reference(monkeypatch):
+    monkeypatch.setenv("VIDEOBERT_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, seg, mod, rules_t = make_inputs(2, 300, 2, 64, torch.float16, DEVICE, gen, "packed", JOINT)
+    check(run_both(q, k, v, seg, mod, rules_t), torch.float16, "autotuned")

@@ -98,6 +98,14 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
         assert torch.equal(keep.cpu().bool(), reference.dropout_keep(seed, offset, cols, rows, torch.tensor(5), 0.3))
 
 
+def test_reference_masks_stay_on_the_inputs_device():
+    # "meta" stands in for a GPU here: a counter left on the CPU would fail to combine with it.
+    keep = reference.attention_dropout_keep(2**40 + 3, 2**31 + 5, 2, 3, 17, 0.2, torch.device("meta"))
+    assert keep.device.type == "meta" and keep.shape == (2, 3, 17, 17)
+    keep = reference.layer_norm_dropout_keep(9, 1, 5, 33, 0.1, torch.device("meta"))
+    assert keep.device.type == "meta" and keep.shape == (5, 33)
+
+
 def test_no_top_level_kernels_module_is_installed():
     # Run outside the repository so the source folder itself is not on sys.path.
     code = ("import importlib.util, videobert._kernels as k; s = importlib.util.find_spec('kernels'); "

@@ -14,6 +14,7 @@ query i and b * H + h), four decisions per Philox call.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -261,19 +262,31 @@ def serves(entry, block_d: int, arch_major: int) -> bool:
     return max(block_d, 32) in (dims_sm8x if arch_major < 9 else dims_sm9x)
 
 
+def candidates(table, block_d: int, l_bucket: int, arch_major: int) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the entries shipped for this head dim and GPU whose blocks fit the
+    row, best first (at least one: the last shipped entry when none fits)."""
+    shipped = [entry[0] for entry in table if serves(entry, block_d, arch_major)]
+    fitting = [c for c in shipped if max(c[0], c[1]) <= max(l_bucket, 32)]
+    return fitting or shipped[-1:]
+
+
 def _pruner(table):
     def prune(configs, named_args, **kwargs):
-        """Keep the configs shipped for this head dim and GPU, whose blocks fit the row (at least one)."""
+        """Keep the configs `candidates` names for this launch."""
         args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments separately
-        arch_major = torch.cuda.get_device_capability()[0]
-        length = max(args["L_BUCKET"], 32)
+        keep = candidates(table, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0])
         by_blocks = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
-        shipped = [by_blocks[entry[0]] for entry in table if serves(entry, args["BLOCK_D"], arch_major)]
-        fitting = [c for c in shipped if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= length]
-        return fitting or shipped[-1:]
+        return [by_blocks[c] for c in keep]
     return prune
 
 
+def autotune_enabled() -> bool:
+    """Whether CUDA launches benchmark their candidate configs (default) or take the first one untimed
+    (VIDEOBERT_AUTOTUNE=0: quick start-up and the same config on every run, e.g. for tests)."""
+    return os.environ.get("VIDEOBERT_AUTOTUNE", "1") != "0"
+
+
+TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
 _AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
 # The kernels write their outputs whole, so rerunning them while tuning is harmless.
 _fwd_tuned, _dkdv_tuned, _dq_tuned = (
@@ -363,14 +376,20 @@ def _strides(*tensors):
 
 def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
     B, H = scalars["B"], scalars["H"]
-    if device_is_cuda:
+    if device_is_cuda and autotune_enabled():
         grid = lambda meta: (triton.cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
         tuned[grid](*args, **scalars, **consts)
+        return
+    if device_is_cuda:
+        arch_major = torch.cuda.get_device_capability(args[0].device)[0]
+        block_m, block_n, warps, stages = candidates(TABLES[kind], consts["BLOCK_D"], scalars["L_BUCKET"],
+                                                     arch_major)[0]
+        options = dict(num_warps=warps, num_stages=stages)
     else:
-        block_m, block_n = INTERPRET_CONFIG[kind]
-        block = block_m if grid_dim == "BLOCK_M" else block_n
-        tuned.fn[(triton.cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
-                                                              BLOCK_N=block_n)
+        (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
+    block = block_m if grid_dim == "BLOCK_M" else block_n
+    tuned.fn[(triton.cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
+                                                          BLOCK_N=block_n, **options)
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):

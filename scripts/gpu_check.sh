@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's one-command GPU check: install into the machine's existing PyTorch (no downloads), run the
+# test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all] (default all).
+# Results go to $VIDEOBERT_BENCH_OUT (default bench/results/<gpu>/<date>/), the test log beside them.
+set -uo pipefail
+what=${1:-all}
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || exit 1
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+  torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" || exit 1
+# --no-deps --no-index: the GPU machine has no internet and already holds torch and triton.
+"$python" -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+log_dir=${VIDEOBERT_BENCH_OUT:-.}
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  # Compile checks are CPU-only (they target sm_80/sm_90 without a GPU) and already run in CI.
+  "$python" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_compile_triton.py 2>&1 \
+    | tee "$log_dir/gpu_tests.log" | tail -n 40
+  status=${PIPESTATUS[0]}
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  for script in bench/*.py; do
+    case $(basename "$script") in common.py|profile_*) continue;; esac
+    echo "== $script"
+    "$python" "$script" 2>&1 | tail -n 80 || status=1
+  done
+fi
+exit "$status"
