@@ -99,6 +99,16 @@ def test_rows_without_keys_and_degenerate_shapes():
         check(results, torch.float32, f"B={B} L={L}")
 
 
+def test_ids_beyond_int32_and_non_contiguous_ids():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, seg, mod, rules = make_inputs(2, 77, 2, 16, torch.float32, DEVICE, gen, "unsorted", PREFIX_LM)
+    big = torch.where(seg >= 0, seg * 2**40 + 2**33 + 1, seg)  # distinct ids that agree in their low 32 bits
+    big_t = big.t().contiguous().t()
+    mod_t = mod.t().contiguous().t()
+    assert not big_t.is_contiguous() and not mod_t.is_contiguous()
+    check(run_both(q, k, v, big_t, mod_t, rules), torch.float32, "int64 ids")
+
+
 def test_strided_inputs_from_a_fused_projection():
     gen = torch.Generator().manual_seed(4)
     qkv = torch.randn(2, 50, 3, 2, 32, generator=gen).to(DEVICE)
@@ -139,14 +149,19 @@ def test_windows_are_sound_and_tight():
             seg = random_layout(layout, 3, 70, gen)
             mod = torch.randint(0, 2, (3, 70), generator=gen)
             rules_t = torch.tensor(rules) if rules is not None else None
-            key_lo, key_hi, query_lo, query_hi = sa.attention_windows(seg, mod if rules else None, rules_t).long()
+            meta = sa.attention_metadata(seg, mod if rules else None, rules_t).long()
+            canonical, mod_out, key_lo, key_hi, query_lo, query_hi = meta
             allowed = naive_mask(seg, mod, rules)
             b, i, j = allowed.nonzero(as_tuple=True)
             # every allowed pair lies inside both windows
             assert ((key_lo[b, i] <= j) & (j < key_hi[b, i]) & (query_lo[b, j] <= i) & (i < query_hi[b, j])).all()
+            # canonical ids: -1 exactly on padding, equal exactly where the given ids are
+            assert torch.equal(canonical < 0, seg < 0)
+            assert torch.equal(canonical[:, :, None] == canonical[:, None, :], seg[:, :, None] == seg[:, None, :])
+            assert torch.equal(mod_out, mod if rules else torch.zeros_like(mod))
     # contiguous packed samples with joint attention: the windows are exactly the sample spans
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
-    key_lo, key_hi, _, _ = sa.attention_windows(seg, None, None)
+    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(seg, None, None)
     assert key_lo.tolist() == [[0, 0, 0, 3, 3, 5, 8, 8]] and key_hi.tolist() == [[3, 3, 3, 5, 5, 6, 0, 0]]
 
 
@@ -161,7 +176,7 @@ def test_work_scales_with_squared_sample_lengths():
         ids[0, start:start + n] = segment
         lengths.append(n)
         start, segment = start + n, segment + 1
-    key_lo, key_hi, _, _ = sa.attention_windows(ids, None, None)
+    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(ids, None, None)
     visited = 0
     for m in range(0, L, block_m):
         lo, hi = int(key_lo[0, m:m + block_m].min()), int(key_hi[0, m:m + block_m].max())

@@ -62,8 +62,17 @@ def _cases():
                     yield kind, index, head_dim, arch, rules, dropout
 
 
+def metadata_report(arch: int, rules: bool):
+    """Compile the metadata kernel as the launcher runs it on a GPU (int64 ids, 64-token blocks)."""
+    sig = {"Seg": "*i64", "Mod": "*i64", "Rules": "*i64", "Meta": "*i32", "stride_sb": "i32", "stride_sl": "i32",
+           "stride_mb": "i32", "stride_ml": "i32", "B": "i32", "L": "i32"}
+    report = compile_report(sa._segment_metadata_kernel, sig, dict(NUM_MODALITIES=2, HAS_RULES=rules, BLOCK=64),
+                            arch, 4, 1)
+    return f"metadata sm_{arch} rules={rules}", report
+
+
 def _run(case):
-    return attention_report(*case)
+    return metadata_report(*case[1:]) if case[0] == "metadata" else attention_report(*case)
 
 
 def test_every_head_dim_and_arch_has_configs():
@@ -73,7 +82,7 @@ def test_every_head_dim_and_arch_has_configs():
 
 
 def test_shipped_configs_compile_without_spills(monkeypatch):
-    cases = list(_cases())
+    cases = list(_cases()) + [("metadata", arch, rules) for arch in ARCHS for rules in (False, True)]
     # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:

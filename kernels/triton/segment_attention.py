@@ -2,8 +2,8 @@
 backward as preprocess (delta = rowsum(dO * O)), dK/dV per key block and dQ per query block.
 
 The mask is never materialised. Each kernel evaluates it per tile from `segment_ids`, `modality_ids` and
-the rules table (packed 2 bits per entry into one 32-bit code read on the device). Block skipping uses
-per-token windows built on the device from the ids (`attention_windows`): query i may only attend keys
+the rules table (read on the device as one 32-bit code, 2 bits per entry). Block skipping uses
+per-token windows built on the device from the ids (`attention_metadata`, one launch): query i may only attend keys
 in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
 block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
@@ -26,6 +26,8 @@ from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
+_RULE_SLOTS = tl.constexpr(MAX_MODALITIES * MAX_MODALITIES)
+_FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 LOG2E = 1.4426950408889634
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
@@ -42,7 +44,7 @@ def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, rules_code,
     allowed = (seg_q == seg_k) & (seg_q >= 0)
     if HAS_RULES:
         rule = (rules_code >> ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.uint32)) & 3
-        allowed = allowed & ((rule == 1) | ((rule == 2) & (pos_k <= pos_q)))
+        allowed = allowed & ((rule == _FULL) | ((rule == _CAUSAL) & (pos_k <= pos_q)))
     return allowed
 
 
@@ -68,7 +70,68 @@ def _window(win, row, pos, L, IS_LOW: tl.constexpr):
     return tl.max(tl.load(win + row + pos, mask=pos < L, other=0), axis=0)
 
 
+@triton.jit
+def _rules_code(Rules, NUM_MODALITIES: tl.constexpr):
+    """The (M, M) rules table (contiguous ints in {0, 1, 2}) as one 32-bit code, 2 bits per entry."""
+    idx = tl.arange(0, _RULE_SLOTS)
+    entries = tl.load(Rules + idx, mask=idx < NUM_MODALITIES * NUM_MODALITIES, other=0)
+    return tl.sum(entries.to(tl.uint32) << (2 * idx).to(tl.uint32), axis=0)  # disjoint bits: sum == or
+
+
 # ---------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride_mb, stride_ml, B, L,
+                             NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
+    """Per token of one block: canonical segment id, modality id and the four windows (see
+    `attention_metadata`). Each program compares its ids with every chunk of the row whose id range overlaps
+    its own, so contiguous samples cost O(L * sample length) and any layout stays exact."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    pos = pid * BLOCK + tl.arange(0, BLOCK)
+    seg_row = Seg + b.to(tl.int64) * stride_sb
+    seg = tl.load(seg_row + pos * stride_sl, mask=pos < L, other=-1)
+    valid = seg >= 0
+    block_max = tl.max(seg, axis=0)
+    block_min = tl.min(tl.where(valid, seg, block_max), axis=0)
+    lo = tl.zeros([BLOCK], tl.int32) + L
+    hi = tl.zeros([BLOCK], tl.int32)
+    if block_max >= 0:
+        for start in range(0, L, BLOCK):
+            pos_o = start + tl.arange(0, BLOCK)
+            other = tl.load(seg_row + pos_o * stride_sl, mask=pos_o < L, other=-1)
+            other_max = tl.max(other, axis=0)
+            other_min = tl.min(tl.where(other >= 0, other, other_max), axis=0)
+            if (other_max >= block_min) & (other_min <= block_max):
+                same = seg[:, None] == other[None, :]
+                lo = tl.minimum(lo, tl.min(tl.where(same, pos_o[None, :], L), axis=1))
+                hi = tl.maximum(hi, tl.max(tl.where(same, pos_o[None, :] + 1, 0), axis=1))
+    key_lo, key_hi, query_lo, query_hi = lo, hi, lo, hi
+    valid_q, valid_k = valid, valid
+    mod = tl.zeros([BLOCK], tl.int32)
+    if HAS_RULES:
+        mod = tl.load(Mod + b.to(tl.int64) * stride_mb + pos * stride_ml, mask=pos < L, other=0).to(tl.int32)
+        code = _rules_code(Rules, NUM_MODALITIES)
+        q_full, q_causal = mod < 0, mod < 0  # all False
+        k_full, k_causal = mod < 0, mod < 0
+        for m in tl.static_range(NUM_MODALITIES):
+            as_query = (code >> ((mod * NUM_MODALITIES + m) * 2).to(tl.uint32)) & 3
+            as_key = (code >> ((m * NUM_MODALITIES + mod) * 2).to(tl.uint32)) & 3
+            q_full, q_causal = q_full | (as_query == _FULL), q_causal | (as_query == _CAUSAL)
+            k_full, k_causal = k_full | (as_key == _FULL), k_causal | (as_key == _CAUSAL)
+        # A query with only causal rules sees keys up to itself; a key, queries from itself on.
+        key_hi = tl.where(q_full, hi, tl.minimum(hi, pos + 1))
+        query_lo = tl.where(k_full, lo, tl.maximum(lo, pos))
+        valid_q, valid_k = valid & (q_full | q_causal), valid & (k_full | k_causal)
+    out = Meta + b.to(tl.int64) * L + pos
+    plane = B.to(tl.int64) * L
+    inside = pos < L
+    tl.store(out, tl.where(valid, lo, -1), mask=inside)
+    tl.store(out + plane, mod, mask=inside)
+    tl.store(out + 2 * plane, tl.where(valid_q, key_lo, L), mask=inside)
+    tl.store(out + 3 * plane, tl.where(valid_q, key_hi, 0), mask=inside)
+    tl.store(out + 4 * plane, tl.where(valid_k, query_lo, L), mask=inside)
+    tl.store(out + 5 * plane, tl.where(valid_k, query_hi, 0), mask=inside)
+
 
 @triton.jit
 def _segment_attention_fwd_kernel(
@@ -84,7 +147,7 @@ def _segment_attention_fwd_kernel(
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
-    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
+    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
@@ -151,7 +214,7 @@ def _segment_attention_bwd_dkdv_kernel(
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
+    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
     lo = _window(Win + 2 * B * L, row, pos_n, L, True)
     hi = _window(Win + 3 * B * L, row, pos_n, L, False)
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
@@ -204,7 +267,7 @@ def _segment_attention_bwd_dq_kernel(
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
-    rules_code = tl.load(Rules).to(tl.uint32) if HAS_RULES else 0
+    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
     lo = _window(Win, row, pos_m, L, True)
     hi = _window(Win + B * L, row, pos_m, L, False)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
@@ -297,56 +360,30 @@ _fwd_tuned, _dkdv_tuned, _dq_tuned = (
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def attention_windows(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
-                      modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
-    """(4, B, L) int32 windows [key_lo, key_hi, query_lo, query_hi) per token, built with device ops only.
+def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
+                       modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
+    """(6, B, L) int32 per token, from one kernel launch (no host sync): the canonical segment id (the
+    first position of the token's segment in its row, -1 for padding, so any int64 ids work), the modality
+    id (0 without rules), then the windows key_lo, key_hi, query_lo, query_hi.
 
-    A token's segment span is [first, last + 1) of the tokens sharing its id in the row (ids need not be
-    contiguous or sorted). Modality rules narrow it: a query whose modality row has no full rule but a
-    causal one sees keys up to itself; a row of only blocked rules sees nothing; likewise per key column.
-    Padding gets the empty window [L, 0).
+    Query i may only attend keys in [key_lo, key_hi) and key j is only attended by queries in
+    [query_lo, query_hi). A segment's span is [first, last + 1) of its positions (ids need not be
+    contiguous or sorted). Rules narrow it: a query whose modality row has no full rule but a causal one
+    sees keys up to itself; a row of only blocked rules sees nothing; likewise per key column. Tokens that
+    see nothing get the empty window [L, 0).
     """
     B, L = segment_ids.shape
-    seg = segment_ids.long()
-    index = torch.arange(L, device=seg.device).expand(B, L)
-    order = torch.argsort(seg, dim=1, stable=True)
-    sorted_seg = seg.gather(1, order)
-    starts = torch.ones_like(sorted_seg, dtype=torch.bool)
-    starts[:, 1:] = sorted_seg[:, 1:] != sorted_seg[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
-    last = torch.where(ends, index, torch.full_like(index, L - 1)).flip(1).cummin(1).values.flip(1)
-    # Stable sorting keeps original order within a group: its first/last sorted entries are its min/max index.
-    span_lo = torch.empty_like(index).scatter_(1, order, order.gather(1, first))
-    span_hi = torch.empty_like(index).scatter_(1, order, order.gather(1, last) + 1)
-    valid = seg >= 0
-    key_lo, key_hi, query_lo, query_hi = span_lo, span_hi, span_lo, span_hi
-    if modality_rules is not None:
-        rules, mod = modality_rules.long(), modality_ids.long()
-        q_full, q_causal = (rules == RULE_FULL).any(1)[mod], (rules == RULE_CAUSAL).any(1)[mod]
-        k_full, k_causal = (rules == RULE_FULL).any(0)[mod], (rules == RULE_CAUSAL).any(0)[mod]
-        key_hi = torch.where(q_full, span_hi, torch.minimum(span_hi, index + 1))
-        query_lo = torch.where(k_full, span_lo, torch.maximum(span_lo, index))
-        valid_q, valid_k = valid & (q_full | q_causal), valid & (k_full | k_causal)
-    else:
-        valid_q = valid_k = valid
-    empty_lo, empty_hi = torch.full_like(index, L), torch.zeros_like(index)
-    return torch.stack([torch.where(valid_q, key_lo, empty_lo), torch.where(valid_q, key_hi, empty_hi),
-                        torch.where(valid_k, query_lo, empty_lo), torch.where(valid_k, query_hi, empty_hi)]
-                       ).to(torch.int32).contiguous()
-
-
-def _pack_rules(modality_rules: torch.Tensor) -> torch.Tensor:
-    """The (M, M) table as one 32-bit code (held in an int64) on the device, 2 bits per entry (no host sync)."""
-    M = modality_rules.shape[0]
-    shifts = 2 * torch.arange(M * M, device=modality_rules.device, dtype=torch.int64)
-    return (modality_rules.long().flatten() << shifts).sum().reshape(1)
-
-
-def _ids(t: torch.Tensor) -> torch.Tensor:
-    # int32 keeps the in-tile comparisons 32-bit; ids are validated to fit (videobert.ops.attention).
-    return t.to(torch.int32).contiguous()
+    meta = torch.empty((6, B, L), device=segment_ids.device, dtype=torch.int32)
+    if meta.numel() == 0:
+        return meta
+    has_rules = modality_rules is not None
+    mod = modality_ids if has_rules else segment_ids
+    rules = modality_rules.contiguous() if has_rules else segment_ids
+    block = 64 if segment_ids.is_cuda else 32
+    _segment_metadata_kernel[(triton.cdiv(L, block), B)](
+        segment_ids, mod, rules, meta, segment_ids.stride(0), segment_ids.stride(1), mod.stride(0), mod.stride(1),
+        B, L, NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules, BLOCK=block)
+    return meta
 
 
 def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
@@ -356,9 +393,9 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     seed, offset = (int(rng[0]), int(rng[1])) if (rng is not None and dropout_p > 0) else (0, 0)
     offset &= 0xFFFFFFFF
     offset = offset - 2**32 if offset >= 2**31 else offset  # same 32 bits, as a signed int32 argument
-    seg = _ids(segment_ids)
-    mod = _ids(modality_ids) if has_rules else seg
-    rules = _pack_rules(modality_rules) if has_rules else seg
+    meta = attention_metadata(segment_ids, modality_ids, modality_rules)
+    seg, mod, windows = meta[0], meta[1], meta[2:]
+    rules = modality_rules.contiguous() if has_rules else seg
     # fp32 inputs get IEEE dots unless PyTorch allows TF32; the setting is ignored for fp16/bf16 operands.
     precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     scalars = dict(B=B, H=H, L=L, seed=seed, offset=offset, threshold=dropout_threshold(dropout_p),
@@ -366,7 +403,6 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
                   HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision)
-    windows = attention_windows(segment_ids, modality_ids, modality_rules)
     return seg, mod, windows, rules, scalars, consts
 
 

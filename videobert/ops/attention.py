@@ -92,7 +92,6 @@ def _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p) -> 
     if D == 0:
         raise ValueError("q must have a head dimension D >= 1, got D = 0")
     check_tensor("segment_ids", segment_ids, dtypes=INT_DTYPES, shape=(B, L), ndim=2, device=q.device)
-    check_range("segment_ids", segment_ids, -2**31, 2**31)  # the kernels compare ids as int32
     if modality_rules is not None:
         if modality_ids is None:
             raise ValueError("modality_ids is required when modality_rules is given")
