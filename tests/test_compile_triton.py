@@ -7,6 +7,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from videobert._kernels.triton import add_layer_norm as ln  # noqa: E402
 from videobert._kernels.triton import segment_attention as sa  # noqa: E402
 from videobert._kernels.triton.compile_check import compile_report  # noqa: E402
 
@@ -71,8 +72,30 @@ def metadata_report(arch: int, rules: bool):
     return f"metadata sm_{arch} rules={rules}", report
 
 
+def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
+    """Compile the LayerNorm forward or backward as launched for `hidden` (bf16 activations, fp32 weight);
+    `full` turns on residual, bias and dropout (and the extra ds input of the backward)."""
+    block_n, rows, warps = ln.launch_config(hidden, backward=kind == "bwd")
+    flags = dict(HAS_RESIDUAL=full, HAS_BIAS=full, HAS_DROPOUT=full, ROWS=rows, BLOCK_N=block_n)
+    rng = {"seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32"}
+    if kind == "fwd":
+        sig = {"X": "*bf16", "Res": "*bf16", "W": "*fp32", "Bias": "*fp32", "Out": "*bf16", "S": "*bf16",
+               "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", **rng}
+        kernel = ln._add_layer_norm_fwd_kernel
+    else:
+        sig = {"DOut": "*bf16", "DSExtra": "*bf16", "S": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "W": "*fp32",
+               "DX": "*bf16", "DRes": "*bf16", "DWPartial": "*fp32", "DBPartial": "*fp32", "M": "i32", "N": "i32",
+               "num_tiles": "i32", **rng}
+        kernel, flags = ln._add_layer_norm_bwd_kernel, dict(flags, HAS_DS=full)
+    return f"layer_norm {kind} N={hidden} sm_{arch} full={full}", compile_report(kernel, sig, flags, arch, warps, 1)
+
+
 def _run(case):
-    return metadata_report(*case[1:]) if case[0] == "metadata" else attention_report(*case)
+    if case[0] == "metadata":
+        return metadata_report(*case[1:])
+    if case[0] == "layer_norm":
+        return layer_norm_report(*case[1:])
+    return attention_report(*case)
 
 
 def test_every_head_dim_and_arch_has_configs():
@@ -83,6 +106,8 @@ def test_every_head_dim_and_arch_has_configs():
 
 def test_shipped_configs_compile_without_spills(monkeypatch):
     cases = list(_cases()) + [("metadata", arch, rules) for arch in ARCHS for rules in (False, True)]
+    cases += [("layer_norm", kind, hidden, arch, full) for kind in ("fwd", "bwd") for hidden in (768, 1024, 4096, 8192)
+              for arch in ARCHS for full in (False, True) if (kind, hidden) != ("bwd", 8192)]
     # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -90,3 +115,12 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
     spilling = [f"{name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads"
                 for name, r in results if r.spill_stores or r.spill_loads]
     assert not spilling, "\n".join(spilling)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the one-pass LayerNorm backward at hidden 8192 spills on sm_90 "
+                                       "(16 B per thread, about 150 B with residual, bias and dropout) at its "
+                                       "64-register cap; a column-chunked variant would not")
+@pytest.mark.parametrize("full", [False, True])
+def test_layer_norm_backward_at_8192_is_spill_free(full):
+    name, report = layer_norm_report("bwd", 8192, 90, full)
+    assert not (report.spill_stores or report.spill_loads), name

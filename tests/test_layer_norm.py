@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from conftest import DEVICES, assert_close
 from videobert._kernels import reference
-from videobert.ops import add_layer_norm
+from videobert.ops import BackendUnavailableError, add_layer_norm
+from videobert.ops._backend import resolve
 from videobert.ops.layer_norm import _add_layer_norm_backward_op, _add_layer_norm_op
 
 
@@ -23,15 +24,31 @@ def expected_forward(x, residual, weight, bias, eps, keep=None, p=0.0, dtype=tor
     return out, s
 
 
+def usable(backend, device, dtype):
+    """Skip (with the registry's reason) when `backend` cannot run these inputs here."""
+    try:
+        resolve("add_layer_norm", backend, torch.device(device), dtype)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest): bf16 on GPU")
+    return backend
+
+
+BACKENDS = ["torch", "triton", "cuda"]
+
+
 def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [1, 7, 768, 1000, 1024, 4096])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_forward_and_all_gradients(device, dtype, hidden, with_residual):
+def test_forward_and_all_gradients(backend, device, dtype, hidden, with_residual):
+    usable(backend, device, dtype)
     gen = torch.Generator().manual_seed(hidden)
     rows = 37
     x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
@@ -41,7 +58,7 @@ def test_forward_and_all_gradients(device, dtype, hidden, with_residual):
     if dtype == torch.float64:
         weight, bias = weight.double(), bias.double()
     x, residual, weight, bias = leaves(x, residual, weight, bias)
-    out, s = add_layer_norm(x, residual, weight, bias, 1e-5, return_residual=True)
+    out, s = add_layer_norm(x, residual, weight, bias, 1e-5, return_residual=True, backend=backend)
     assert out.dtype == dtype and s.dtype == dtype and out.shape == x.shape
     dout, ds = torch.randn_like(out), torch.randn_like(s)
     inputs = [t for t in (x, residual, weight, bias) if t is not None]
@@ -81,7 +98,11 @@ def test_gradcheck_with_dropout():
     assert torch.autograd.gradcheck(fn, (x, r, w, b))
 
 
-def test_dropout_statistics_and_same_mask():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_statistics_and_same_mask(backend, device):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    usable(backend, device, dtype)
     rows, cols, p = 64, 1000, 0.1
     keep = reference.layer_norm_dropout_keep(99, 7, rows, cols, p, torch.device("cpu"))
     rate = keep.double().mean().item()
@@ -90,32 +111,36 @@ def test_dropout_statistics_and_same_mask():
     assert not torch.equal(keep[0], keep[1])
     assert not torch.equal(keep, reference.layer_norm_dropout_keep(99, 8, rows, cols, p, torch.device("cpu")))
     gen = torch.Generator().manual_seed(1)
-    x, r = leaves(torch.randn(rows, cols, generator=gen, dtype=torch.float64),
-                  torch.randn(rows, cols, generator=gen, dtype=torch.float64))
-    w, b = torch.ones(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
-    out, s = add_layer_norm(x, r, w, b, 1e-5, dropout_p=p, rng=torch.tensor([99, 7]), return_residual=True)
-    x64, r64 = leaves(x, r)
-    e_out, e_s = expected_forward(x64, r64, w, b, 1e-5, keep, p)
-    assert_close(s, e_s, torch.float64, "s")
-    assert_close(out, e_out, torch.float64, "out")
+    x, r = leaves(torch.randn(rows, cols, generator=gen, dtype=dtype).to(device),
+                  torch.randn(rows, cols, generator=gen, dtype=dtype).to(device))
+    w, b = torch.ones(cols, dtype=dtype, device=device), torch.zeros(cols, dtype=dtype, device=device)
+    out, s = add_layer_norm(x, r, w, b, 1e-5, dropout_p=p, rng=torch.tensor([99, 7]), return_residual=True,
+                            backend=backend)
+    x64, r64 = leaves(x.double(), r.double())
+    e_out, e_s = expected_forward(x64, r64, w.double(), b.double(), 1e-5, keep.to(device), p, dtype)
+    assert_close(s, e_s, dtype, "s")
+    assert_close(out, e_out, dtype, "out")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (x, r), dout)
-    for name, g, e in zip(("dx", "dresidual"), grads, torch.autograd.grad(e_out, (x64, r64), dout)):
-        assert_close(g, e, torch.float64, name)
-    assert (grads[0][~keep] == 0).all()  # dropped elements of x get no gradient
+    for name, g, e in zip(("dx", "dresidual"), grads, torch.autograd.grad(e_out, (x64, r64), dout.double())):
+        assert_close(g, e, dtype, name)
+    assert (grads[0][~keep.to(device)] == 0).all()  # dropped elements of x get no gradient
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_pass_opcheck(backend, device):
+    usable(backend, device, torch.float32)
     gen = torch.Generator().manual_seed(2)
-    x, r = (torch.randn(6, 24, generator=gen, requires_grad=True) for _ in range(2))
-    w, b = (torch.randn(24, generator=gen, requires_grad=True) for _ in range(2))
+    x, r = (torch.randn(6, 24, generator=gen).to(device).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(24, generator=gen).to(device).requires_grad_() for _ in range(2))
     rng = torch.tensor([5, 0], dtype=torch.int64)
-    torch.library.opcheck(_add_layer_norm_op, (x, r, w, b, 1e-5, 0.1, rng, "torch"))
-    torch.library.opcheck(_add_layer_norm_op, (x, None, w, None, 1e-5, 0.0, None, "torch"))
+    torch.library.opcheck(_add_layer_norm_op, (x, r, w, b, 1e-5, 0.1, rng, backend))
+    torch.library.opcheck(_add_layer_norm_op, (x, None, w, None, 1e-5, 0.0, None, backend))
     x, r, w = x.detach(), r.detach(), w.detach()
-    _, s, mean, rstd = _add_layer_norm_op(x, r, w, None, 1e-5, 0.1, rng, "torch")
+    _, s, mean, rstd = _add_layer_norm_op(x, r, w, None, 1e-5, 0.1, rng, backend)
     torch.library.opcheck(_add_layer_norm_backward_op,
-                          (torch.randn_like(x), torch.randn_like(x), s, mean, rstd, w, True, False, 0.1, rng, "torch"))
+                          (torch.randn_like(x), torch.randn_like(x), s, mean, rstd, w, True, False, 0.1, rng, backend))
 
 
 def test_torch_compile_fullgraph():

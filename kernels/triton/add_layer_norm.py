@@ -1,0 +1,181 @@
+"""Triton residual add + dropout + LayerNorm: one pass over each row forward, one pass backward.
+
+Forward: s = residual + dropout(x) (rounded to x's dtype, as the reference), fp32 mean and rstd, out = LN(s).
+Backward: dx and dresidual in one pass per row; dweight and dbias as fp32 per-program partial sums over a
+strided set of row tiles, reduced by a second small kernel (no atomics, deterministic).
+Dropout regenerates `reference.layer_norm_dropout_keep` (index column, counters row low/high 32 bits).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from videobert._kernels.reference import dropout_threshold
+from videobert._kernels.triton.rng import dropout_keep
+
+MAX_HIDDEN = 8192
+
+
+@triton.jit
+def _row_tile(pid, M, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows (int64, (ROWS, 1)), element offsets and mask of row tile `pid`."""
+    rows = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    return rows, rows * N + cols, (rows < M) & (cols < N)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, seed, offset, threshold,
+                               drop_scale, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, offs, mask = _row_tile(tl.program_id(0), M, N, ROWS, BLOCK_N)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, offset, 0, rows, (rows >> 32).to(tl.uint32), threshold, BLOCK_N)
+        x = tl.where(keep, x * drop_scale, 0.0)
+    if HAS_RESIDUAL:
+        x += tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+    s = x.to(S.dtype.element_ty)
+    tl.store(S + offs, s, mask=mask)
+    s = s.to(tl.float32)
+    mean = tl.sum(s, axis=1) / N
+    diff = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    cols = tl.arange(0, BLOCK_N)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    out = diff * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        out += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+    row_mask = tl.reshape(rows < M, (ROWS,))
+    tl.store(Mean + tl.reshape(rows, (ROWS,)), mean, mask=row_mask)
+    tl.store(Rstd + tl.reshape(rows, (ROWS,)), rstd, mask=row_mask)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPartial, DBPartial, M, N, num_tiles,
+                               seed, offset, threshold, drop_scale, HAS_DS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        rows, offs, mask = _row_tile(tile, M, N, ROWS, BLOCK_N)
+        flat_rows = tl.reshape(rows, (ROWS,))
+        mean = tl.load(Mean + flat_rows, mask=flat_rows < M, other=0.0)
+        rstd = tl.load(Rstd + flat_rows, mask=flat_rows < M, other=0.0)
+        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # reloaded (L1): fewer live registers
+        g = dout * w[None, :]
+        c_xhat = tl.sum(xhat * g, axis=1) / N
+        c_mean = tl.sum(g, axis=1) / N
+        ds = rstd[:, None] * (g - c_mean[:, None] - xhat * c_xhat[:, None])
+        if HAS_DS:
+            ds += tl.load(DSExtra + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            tl.store(DRes + offs, ds.to(DRes.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offset, 0, rows, (rows >> 32).to(tl.uint32), threshold, BLOCK_N)
+            ds = tl.where(keep, ds * drop_scale, 0.0)
+        tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dout * xhat, axis=0)
+        if HAS_BIAS:
+            db += tl.sum(dout, axis=0)
+    tl.store(DWPartial + pid * N + cols, dw, mask=cols < N)
+    if HAS_BIAS:
+        tl.store(DBPartial + pid * N + cols, db, mask=cols < N)
+
+
+@triton.jit
+def _column_sum_kernel(Partial, Out, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[c] = sum over g of Partial[g, c] in fp32, cast to Out's dtype."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, G, BLOCK_G):
+        g = start + tl.arange(0, BLOCK_G)
+        mask = (g[:, None] < G) & (cols[None, :] < N)
+        acc += tl.sum(tl.load(Partial + g[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cols < N)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS per program, warps) for hidden size N: about 4k elements per program, whole rows. The
+    backward keeps more values live per element, so it spreads them over twice the threads."""
+    block_n = max(16, triton.next_power_of_2(N))
+    rows = max(1, min(16, 4096 // block_n))
+    per_warp = 256 if backward else 512
+    return block_n, rows, min(32, max(4, block_n * rows // per_warp))
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_device(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rng_args(dropout_p: float, rng: Optional[torch.Tensor]) -> dict:
+    seed, offset = (int(rng[0]), int(rng[1])) if (rng is not None and dropout_p > 0) else (0, 0)
+    offset &= 0xFFFFFFFF
+    return dict(seed=seed, offset=offset - 2**32 if offset >= 2**31 else offset,
+                threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
+    """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row."""
+    N = x.shape[-1]
+    M = x.numel() // N
+    out, s = torch.empty_like(x), torch.empty_like(x)
+    mean, rstd = (torch.empty((M,), device=x.device, dtype=torch.float32) for _ in range(2))
+    if M == 0:
+        return out, s, mean, rstd
+    block_n, rows, warps = launch_config(N)
+    _add_layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+        x, x if residual is None else residual, weight, weight if bias is None else bias, out, s, mean, rstd, M, N,
+        eps, **_rng_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    return out, s, mean, rstd
+
+
+def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng):
+    """Backward launcher: (dx, dresidual or None, dweight, dbias or None)."""
+    N = s.shape[-1]
+    M = s.numel() // N
+    dx = torch.empty_like(s)
+    dres = torch.empty_like(s) if has_residual else None
+    block_n, rows, warps = launch_config(N, backward=True)
+    num_tiles = triton.cdiv(M, rows)
+    programs = min(num_tiles, _programs_per_device(s.device.index or 0) if s.is_cuda else 4)
+    programs = max(programs, 1)
+    alloc = torch.empty if M > 0 else torch.zeros  # every program writes its partial row
+    dw_partial = alloc((programs, N), device=s.device, dtype=torch.float32)
+    db_partial = alloc((programs, N), device=s.device, dtype=torch.float32) if has_bias else dw_partial
+    if M > 0:
+        _add_layer_norm_bwd_kernel[(programs,)](
+            dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
+            db_partial, M, N, num_tiles, **_rng_args(dropout_p, rng), HAS_DS=ds is not None,
+            HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n,
+            num_warps=warps)
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(weight) if has_bias else None
+    for partial, total in ((dw_partial, dw), (db_partial, db)):
+        if total is not None:
+            _column_sum_kernel[(triton.cdiv(N, 128),)](partial, total, programs, N, BLOCK_G=32, BLOCK_C=128)
+    return dx, dres, dw, db
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, hidden_size: int = 0, **_) -> Optional[str]:
+    """Why this backend cannot take these inputs, or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+    if hidden_size > MAX_HIDDEN:
+        return f"hidden size {hidden_size} is larger than {MAX_HIDDEN}"
+    return None
