@@ -15,4 +15,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch==2.13.0 2>/dev/null || "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${pip[@]}" -e ".[dev]"
+# Without build isolation, setup.py sees this torch and builds the CUDA extension when nvcc is present.
+"${pip[@]}" "setuptools>=69" wheel
+"${pip[@]}" --no-build-isolation -e ".[dev]"

@@ -1,0 +1,336 @@
+// Residual add + dropout + LayerNorm, forward and backward, in CUDA C++ (no framework headers).
+//
+// A row is handled by a group of TPR threads: one warp per row (4 rows per 128-thread block) for small hidden
+// sizes, one block of up to 512 threads per row for large ones (hidden <= 8192; 4096 unvectorised). Each thread
+// keeps up to 16 values of its row in registers, loaded as 16-byte vectors when the hidden size divides by the
+// vector width (groups of 4 scalar accesses otherwise); reductions are warp shuffles plus shared memory across
+// warps. The backward writes per-block fp32 partial sums of dweight/dbias and a second kernel reduces them over
+// blocks (no atomics).
+#include <initializer_list>
+
+#include "common.cuh"
+#include "philox.cuh"
+#include "videobert_kernels.h"
+
+namespace {
+
+using namespace vb;
+
+constexpr int kItems = 16;  // values of a row per thread
+// Threads per row at most: 16 values x 512 threads cover hidden sizes up to 8192 on the vectorised path; the
+// scalar path keeps more addresses live, so it is capped at 256 threads (255 registers, no spills): 4096.
+constexpr int max_threads(bool vectorized) { return vectorized ? 512 : 256; }
+
+// Drop-mask multipliers (0 or drop_scale) of VEC consecutive columns starting at `col` (a multiple of VEC):
+// one Philox call per 4 columns.
+template <int VEC>
+__device__ __forceinline__ void dropout_scale(uint64_t seed, uint32_t offset, int64_t row, int col,
+                                              int32_t threshold, float drop_scale, float* out) {
+  PhiloxWords words{};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int c = col + j;
+    if (j % 4 == 0) {
+      words = philox4x32_10(seed, static_cast<uint32_t>(c >> 2), static_cast<uint32_t>(row),
+                            static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32), offset);
+    }
+    // For VEC >= 4, col is a multiple of 4, so the word index is the constant j % 4.
+    const uint32_t word = VEC >= 4 ? words[j % 4] : words[c & 3];
+    out[j] = (word >> 1) >= static_cast<uint32_t>(threshold) ? drop_scale : 0.f;
+  }
+}
+
+template <typename T, typename W, int VEC, bool VECTORIZED>
+__global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                          const W* __restrict__ weight, const W* __restrict__ bias,
+                                          T* __restrict__ out, T* __restrict__ s_out, float* __restrict__ mean_out,
+                                          float* __restrict__ rstd_out, int64_t rows, int64_t n, int tpr, float eps,
+                                          uint64_t seed, uint32_t offset, int32_t threshold, float drop_scale,
+                                          int has_dropout) {
+  constexpr int kVecs = kItems / VEC;
+  __shared__ float smem[kWarp];
+  const int groups = blockDim.x / tpr, group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t base = row * n;
+    float v[kVecs][VEC];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
+      float r[VEC], keep[VEC];
+      load<T, VEC, VECTORIZED>(x + base, col, n, v[k]);
+      load<T, VEC, VECTORIZED>(residual == nullptr ? nullptr : residual + base, col, n, r);
+      if (has_dropout) {
+        dropout_scale<VEC>(seed, offset, row, col, threshold, drop_scale, keep);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) keep[j] = 1.f;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[k][j] = to_float(from_float<T>(v[k][j] * keep[j] + r[j]));  // s is rounded to T, as stored
+        sum += v[k][j];
+      }
+      store<T, VEC, VECTORIZED>(s_out + base, col, n, v[k]);
+    }
+    const float mean = group_sum(sum, tpr, smem) / n;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = col + j < n ? v[k][j] - mean : 0.f;
+        sq += d * d;
+      }
+    }
+    const float rstd = rsqrtf(group_sum(sq, tpr, smem) / n + eps);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
+      float w[VEC], b[VEC], o[VEC];
+      load<W, VEC, VECTORIZED>(weight, col, n, w);
+      load<W, VEC, VECTORIZED>(bias, col, n, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) o[j] = (v[k][j] - mean) * rstd * w[j] + b[j];
+      store<T, VEC, VECTORIZED>(out + base, col, n, o);
+    }
+    if (t == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+  }
+}
+
+template <typename T, typename W, int VEC, bool VECTORIZED>
+__global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ ds_extra,
+                                          const T* __restrict__ s, const float* __restrict__ mean_in,
+                                          const float* __restrict__ rstd_in, const W* __restrict__ weight,
+                                          T* __restrict__ dx, T* __restrict__ dresidual,
+                                          float* __restrict__ dw_partial, float* __restrict__ db_partial,
+                                          int64_t rows, int64_t n, int tpr, uint64_t seed, uint32_t offset,
+                                          int32_t threshold, float drop_scale, int has_dropout) {
+  constexpr int kVecs = kItems / VEC;
+  __shared__ float smem[kWarp];
+  const int groups = blockDim.x / tpr, group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  float dw[kVecs][VEC], db[kVecs][VEC];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dw[k][j] = db[k][j] = 0.f;
+  }
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t base = row * n;
+    const float mean = mean_in[row], rstd = rstd_in[row];
+    float xhat[kVecs][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
+      float sv[VEC], dov[VEC], w[VEC];
+      load<T, VEC, VECTORIZED>(s + base, col, n, sv);
+      load<T, VEC, VECTORIZED>(dout + base, col, n, dov);
+      load<W, VEC, VECTORIZED>(weight, col, n, w);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xhat[k][j] = col + j < n ? (sv[j] - mean) * rstd : 0.f;
+        const float g = dov[j] * w[j];
+        sum_g += g;
+        sum_gx += g * xhat[k][j];
+        dw[k][j] += dov[j] * xhat[k][j];
+        db[k][j] += dov[j];
+      }
+    }
+    const float c_mean = group_sum(sum_g, tpr, smem) / n;
+    const float c_xhat = group_sum(sum_gx, tpr, smem) / n;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;
+      // dout and weight are read again (L1-resident) rather than held in registers across the reduction.
+      float dov[VEC], w[VEC], extra[VEC], ds[VEC], keep[VEC];
+      load<T, VEC, VECTORIZED>(dout + base, col, n, dov);
+      load<W, VEC, VECTORIZED>(weight, col, n, w);
+      load<T, VEC, VECTORIZED>(ds_extra == nullptr ? nullptr : ds_extra + base, col, n, extra);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) ds[j] = rstd * (dov[j] * w[j] - c_mean - xhat[k][j] * c_xhat) + extra[j];
+      if (dresidual != nullptr) store<T, VEC, VECTORIZED>(dresidual + base, col, n, ds);
+      if (has_dropout) {
+        dropout_scale<VEC>(seed, offset, row, col, threshold, drop_scale, keep);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) ds[j] *= keep[j];
+      }
+      store<T, VEC, VECTORIZED>(dx + base, col, n, ds);
+    }
+  }
+  // Combine the row groups of this block (one per warp in warp-per-row mode), then write the block's partials.
+  extern __shared__ float partial[];  // groups x (n) floats when groups > 1
+  for (int pass = 0; pass < (db_partial != nullptr ? 2 : 1); ++pass) {
+    float* dst = (pass == 0 ? dw_partial : db_partial) + static_cast<int64_t>(blockIdx.x) * n;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (col + j >= n) continue;
+        const float value = pass == 0 ? dw[k][j] : db[k][j];
+        if (groups == 1) dst[col + j] = value;
+        else partial[group * n + col + j] = value;
+      }
+    }
+    if (groups > 1) {
+      __syncthreads();
+      for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+        float total = 0.f;
+        for (int gi = 0; gi < groups; ++gi) total += partial[gi * n + c];
+        dst[c] = total;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// out[c] = sum over g < partial_rows of partial[g, c], in W.
+template <typename W>
+__global__ void column_sum_kernel(const float* __restrict__ partial, W* __restrict__ out, int64_t partial_rows,
+                                  int64_t n) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  float total = 0.f;
+  for (int64_t g = 0; g < partial_rows; ++g) total += partial[g * n + c];
+  out[c] = from_float<W>(total);
+}
+
+// Threads per row: a warp while 16 values per thread cover the row, else the smallest block that does.
+int threads_per_row(int64_t n) {
+  int tpr = kWarp;
+  while (static_cast<int64_t>(tpr) * kItems < n) tpr *= 2;
+  return tpr;
+}
+
+int block_threads(int tpr) { return tpr == kWarp ? 4 * kWarp : tpr; }
+
+template <typename T, typename W, int VEC, bool VECTORIZED>
+int launch_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out, void* s,
+               float* mean, float* rstd, int64_t rows, int64_t n, float eps, uint64_t seed, uint32_t offset,
+               int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
+  const int tpr = threads_per_row(n), threads = block_threads(tpr), groups = threads / tpr;
+  const int64_t blocks = (rows + groups - 1) / groups;
+  add_layer_norm_fwd_kernel<T, W, VEC, VECTORIZED><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const W*>(weight),
+      static_cast<const W*>(bias), static_cast<T*>(out), static_cast<T*>(s), mean, rstd, rows, n, tpr, eps, seed,
+      offset, threshold, drop_scale, has_dropout);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, typename W, int VEC, bool VECTORIZED>
+int launch_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,
+               const void* weight, void* dx, void* dresidual, float* dw_partial, float* db_partial, void* dweight,
+               void* dbias, int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, uint32_t offset,
+               int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
+  const int tpr = threads_per_row(n), threads = block_threads(tpr), groups = threads / tpr;
+  const size_t smem = groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0;
+  auto kernel = add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  kernel<<<static_cast<unsigned>(partial_rows), threads, smem, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(ds), static_cast<const T*>(s), mean, rstd,
+      static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<T*>(dresidual), dw_partial, db_partial, rows,
+      n, tpr, seed, offset, threshold, drop_scale, has_dropout);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const unsigned col_blocks = static_cast<unsigned>((n + 255) / 256);
+  column_sum_kernel<W><<<col_blocks, 256, 0, stream>>>(dw_partial, static_cast<W*>(dweight), partial_rows, n);
+  if (db_partial != nullptr) {
+    column_sum_kernel<W><<<col_blocks, 256, 0, stream>>>(db_partial, static_cast<W*>(dbias), partial_rows, n);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int max_hidden(bool vectorized) { return max_threads(vectorized) * kItems; }
+
+bool aligned16(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;  // null pointers pass
+  }
+  return true;
+}
+
+// Calls F<T, W, VEC, VECTORIZED>::run(args...) for the runtime (dtype, weight_dtype) pair: 16-byte vectors
+// when n divides by their width and every pointer is 16-byte aligned, groups of 4 scalar accesses otherwise.
+template <template <typename, typename, int, bool> class F, typename T, typename... Args>
+int dispatch_vec(int weight_dtype, int64_t n, bool aligned, Args... args) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (n > max_hidden(aligned && n % kVec == 0)) return static_cast<int>(cudaErrorInvalidValue);
+  if (weight_dtype == VB_FLOAT32) {
+    return aligned && n % kVec == 0 ? F<T, float, kVec, true>::run(args...) : F<T, float, 4, false>::run(args...);
+  }
+  return aligned && n % kVec == 0 ? F<T, T, kVec, true>::run(args...) : F<T, T, 4, false>::run(args...);
+}
+
+template <template <typename, typename, int, bool> class F, typename... Args>
+int dispatch(int dtype, int weight_dtype, int64_t n, bool aligned, Args... args) {
+  switch (dtype) {
+    case VB_FLOAT32: return dispatch_vec<F, float>(VB_FLOAT32, n, aligned, args...);
+    case VB_FLOAT16: return dispatch_vec<F, __half>(weight_dtype, n, aligned, args...);
+    case VB_BFLOAT16: return dispatch_vec<F, __nv_bfloat16>(weight_dtype, n, aligned, args...);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+template <typename T, typename W, int VEC, bool VECTORIZED> struct Fwd {
+  template <typename... Args> static int run(Args... args) { return launch_fwd<T, W, VEC, VECTORIZED>(args...); }
+};
+template <typename T, typename W, int VEC, bool VECTORIZED> struct Bwd {
+  template <typename... Args> static int run(Args... args) { return launch_bwd<T, W, VEC, VECTORIZED>(args...); }
+};
+
+bool valid_types(int dtype, int weight_dtype) {
+  return (dtype == VB_FLOAT32 || dtype == VB_FLOAT16 || dtype == VB_BFLOAT16) &&
+         (weight_dtype == dtype || weight_dtype == VB_FLOAT32);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* vb_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int vb_layer_norm_max_hidden(int vectorized) { return max_hidden(vectorized != 0); }
+
+int vb_add_layer_norm_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out,
+                          void* s, float* mean, float* rstd, int64_t rows, int64_t n, int dtype, int weight_dtype,
+                          float eps, uint64_t seed, uint32_t offset, int32_t threshold, float drop_scale,
+                          int has_dropout, int device, void* stream) {
+  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (rows == 0) return 0;
+  DeviceScope scope(device);
+  if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
+  const bool aligned = aligned16({x, residual, weight, bias, out, s});
+  return dispatch<Fwd>(dtype, weight_dtype, n, aligned, x, residual, weight, bias, out, s, mean, rstd, rows, n, eps, seed,
+                       offset, threshold, drop_scale, has_dropout, static_cast<cudaStream_t>(stream));
+}
+
+int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,
+                          const void* weight, void* dx, void* dresidual, float* dweight_partial,
+                          float* dbias_partial, void* dweight, void* dbias, int64_t rows, int64_t n,
+                          int64_t partial_rows, int dtype, int weight_dtype, uint64_t seed, uint32_t offset,
+                          int32_t threshold, float drop_scale, int has_dropout, int device, void* stream) {
+  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0 || partial_rows < 1) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  DeviceScope scope(device);
+  if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
+  const bool aligned = aligned16({dout, ds, s, weight, dx, dresidual});
+  return dispatch<Bwd>(dtype, weight_dtype, n, aligned, dout, ds, s, mean, rstd, weight, dx, dresidual, dweight_partial,
+                       dbias_partial, dweight, dbias, rows, n, partial_rows, seed, offset, threshold, drop_scale,
+                       has_dropout, static_cast<cudaStream_t>(stream));
+}
+
+}  // extern "C"
