@@ -1,4 +1,5 @@
 """The benchmark scripts' CPU smoke pass runs, labels itself, and writes its tables."""
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -8,18 +9,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-def test_attention_benchmark_smoke(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script, expected", [("attention", {"videobert", "sdpa_dense_mask"}),
+                                              ("layer_norm", {"videobert_triton", "torch_eager"})])
+def test_benchmark_smoke(script, expected, tmp_path, monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
-        pytest.skip("the GPU run is the benchmark itself (bench/attention.py), not a test")
+        pytest.skip(f"the GPU run is the benchmark itself (bench/{script}.py), not a test")
     monkeypatch.setenv("VIDEOBERT_BENCH_OUT", str(tmp_path))
-    import attention
+    module = importlib.import_module(script)
 
-    assert attention.main([]) == 0
+    assert module.main([]) == 0
     assert "NOT GPU figures" in capsys.readouterr().out
-    data = json.loads((tmp_path / "attention.json").read_text())
+    data = json.loads((tmp_path / f"{script}.json").read_text())
     assert data["meta"]["device"] == "cpu-smoke" and not data["meta"]["gpu_figures"]
     providers = {row["provider"] for row in data["rows"]}
-    assert {"videobert", "sdpa_dense_mask"} <= providers
+    assert expected <= providers
     assert all(row["ms"] > 0 for row in data["rows"])
-    assert (tmp_path / "attention.csv").exists() and (tmp_path / "attention.md").exists()
+    assert (tmp_path / f"{script}.csv").exists() and (tmp_path / f"{script}.md").exists()

@@ -1,0 +1,134 @@
+"""Benchmark `add_layer_norm` (Triton and CUDA) against PyTorch eager, torch.compile, apex and Liger.
+
+Every provider computes out = LayerNorm(x + residual) (and s = x + residual) and its backward (dx, dresidual,
+dweight, dbias). GB/s count the bytes a fused kernel must move, each tensor once (forward: read x and residual,
+write out and s; backward: read dout and s, write dx and dresidual), for every provider, and are reported as a
+share of the device-to-device copy bandwidth measured in the same run.
+Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16]. Without a GPU it runs a toy smoke pass on the
+CPU and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
+
+from videobert.ops import BackendUnavailableError, add_layer_norm  # noqa: E402
+from videobert.ops._backend import resolve  # noqa: E402
+
+EPS = 1e-12
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _eager(x, r, w, b):
+    s = x + r
+    return F.layer_norm(s, s.shape[-1:], w, b, EPS), s
+
+
+def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
+    """name -> callable(x, r, w, b) -> (out, s); each only when it can run here."""
+    out = {}
+    for backend in ("triton", "cuda"):
+        try:
+            resolve("add_layer_norm", backend, device, dtype, hidden_size=hidden)
+        except BackendUnavailableError as exc:
+            print(f"videobert_{backend}: {exc}")
+            continue
+        out[f"videobert_{backend}"] = (lambda backend: lambda x, r, w, b: add_layer_norm(
+            x, r, w, b, EPS, return_residual=True, backend=backend))(backend)
+    out["torch_eager"] = _eager
+    if on_gpu():
+        out["torch_compile"] = torch.compile(_eager, dynamic=True)
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+    except ImportError:
+        fused_layer_norm_affine = None
+    if fused_layer_norm_affine is not None and on_gpu():
+        def apex(x, r, w, b):
+            s = x + r
+            return fused_layer_norm_affine(s, w, b, s.shape[-1:], EPS), s
+        out["apex_add+fused_layer_norm"] = apex
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError:
+        LigerLayerNormFunction = None
+    if LigerLayerNormFunction is not None and on_gpu():
+        def liger(x, r, w, b):
+            s = x + r
+            return LigerLayerNormFunction.apply(s, w, b, EPS), s
+        out["liger_add+layer_norm"] = liger
+    return out
+
+
+def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: float) -> list[dict]:
+    x, r = (torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    element = x.element_size()
+    moved = {"fwd": 4 * rows * hidden * element, "bwd": 4 * rows * hidden * element}
+    moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
+    results = []
+    for name, fn in providers(torch.device(device), dtype, hidden).items():
+        timings = {}
+        try:
+            timings["fwd"] = bench_ms(lambda: fn(x, r, w, b))
+            out, s = fn(x, r, w, b)
+            dout = torch.randn_like(out)
+            timings["bwd"] = bench_ms(lambda: torch.autograd.grad(out, (x, r, w, b), dout, retain_graph=True))
+            timings["fwd+bwd"] = bench_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
+        except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
+            print(f"{name} rows={rows} hidden={hidden}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        for mode, (ms, p20, p80) in timings.items():
+            gbps = moved[mode] / ms / 1e6
+            results.append(dict(rows=rows, hidden=hidden, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                                provider=name, ms=ms, p20_ms=p20, p80_ms=p80, gbps=gbps,
+                                pct_of_copy=100 * gbps / copy_gbps if copy_gbps == copy_gbps else ""))
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        ours = min((row["ms"] for row in results if row["mode"] == mode and row["provider"].startswith("videobert")),
+                   default=None)
+        for row in results:
+            if row["mode"] == mode:
+                row["speedup_of_best_videobert"] = row["ms"] / ours if ours else ""
+    return results
+
+
+def main(argv=None) -> int:
+    """Run the LayerNorm benchmark; writes results under bench/results/<gpu>/<date>/."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="16k rows only")
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated of bf16, fp16, fp32")
+    args = parser.parse_args(argv)
+    if not on_gpu():
+        print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
+              "These are NOT GPU figures.")
+        cases, device = [(64, 768, torch.float32)], "cpu"
+    else:
+        dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+        row_counts = [16384] if args.quick else [16384, 65536]
+        cases = [(rows, hidden, dtype) for dtype in dtypes for rows in row_counts
+                 for hidden in (768, 1024, 2048, 4096, 8192)]
+        device = "cuda"
+    peaks = measure_peaks()
+    results = []
+    for rows, hidden, dtype in cases:
+        results += run_case(rows, hidden, dtype, device, peaks["copy_gbps"])
+        out = write_results("layer_norm", results, {"peaks": peaks, "eps": EPS})
+    print(markdown_table(results))
+    plot(out / "layer_norm.png", [r for r in results if r["mode"] != "fwd+bwd"], "hidden", "gbps",
+         ["rows", "dtype", "mode", "provider"], "residual add + LayerNorm, GB/s (fused-ideal bytes)")
+    print(f"results in {out} ({device_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
