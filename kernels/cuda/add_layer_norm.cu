@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         xhat[k][j] = col + j < n ? (sv[j] - mean) * rstd : 0.f;
-        const float g = dov[j] * w[j];
+        const float g = __fmul_rn(dov[j], w[j]);  // rounded exactly as in the second pass (no FMA contraction)
         sum_g += g;
         sum_gx += g * xhat[k][j];
         dw[k][j] += dov[j] * xhat[k][j];
@@ -154,7 +154,9 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
       load<W, VEC, VECTORIZED>(weight, col, n, w);
       load<T, VEC, VECTORIZED>(ds_extra == nullptr ? nullptr : ds_extra + base, col, n, extra);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) ds[j] = rstd * (dov[j] * w[j] - c_mean - xhat[k][j] * c_xhat) + extra[j];
+      for (int j = 0; j < VEC; ++j) {
+        ds[j] = rstd * (__fmul_rn(dov[j], w[j]) - c_mean - xhat[k][j] * c_xhat) + extra[j];
+      }
       if (dresidual != nullptr) store<T, VEC, VECTORIZED>(dresidual + base, col, n, ds);
       if (has_dropout) {
         dropout_scale<VEC>(seed, offset, row, col, threshold, drop_scale, keep);

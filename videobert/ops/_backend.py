@@ -56,6 +56,27 @@ def run(op: str, backend: str, direction: str, *args):
         return fn(*args)
 
 
+def eager_autograd(op: str, setup_context: Callable, backward: Callable, non_differentiable: tuple = ()):
+    """`apply` of an autograd.Function that runs `op`'s backend forward and backward directly, with the custom
+    op's own setup_context and backward (given `backward_op=`, the backend's backward). Outside torch.compile
+    the ops call this: it skips the custom-op dispatch (about 0.1 ms of host time per call)."""
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = run(op, inputs[-1], "fwd", *inputs[:-1])  # the last input is the backend
+            setup_context(ctx, inputs, output)
+            ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads, backward_op=lambda *args: run(op, args[-1], "bwd", *args[:-1]))
+
+    EagerFunction.__name__ = EagerFunction.__qualname__ = f"Eager_{op}"
+    return EagerFunction.apply
+
+
 def _load_provider(backend: str) -> Optional[str]:
     """Import the provider module of `backend` once; returns why it is unavailable, or None."""
     if backend not in _provider_errors:

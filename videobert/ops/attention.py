@@ -70,14 +70,15 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p, ctx.softmax_scale, ctx.backend = dropout_p, softmax_scale, backend
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, backward_op=_segment_attention_backward_op):
     q, k, v, out, lse, segment_ids, modality_ids, modality_rules, rng = ctx.saved_tensors
-    dq, dk, dv = _segment_attention_backward_op(dout.contiguous(), q, k, v, out, lse, segment_ids, modality_ids,
-                                                modality_rules, ctx.dropout_p, ctx.softmax_scale, rng, ctx.backend)
+    dq, dk, dv = backward_op(dout.contiguous(), q, k, v, out, lse, segment_ids, modality_ids, modality_rules,
+                             ctx.dropout_p, ctx.softmax_scale, rng, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_eager = _backend.eager_autograd(OP, _setup_context, _backward, non_differentiable=(1,))
 
 
 def _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p) -> None:
@@ -126,6 +127,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         modality_ids = None  # without rules every modality pair is allowed: nothing to evaluate
     resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D,
                                 num_modalities=0 if modality_rules is None else modality_rules.shape[0])
-    out, _ = _segment_attention_op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p),
-                                   float(softmax_scale), make_rng(dropout_p, rng), resolved)
+    op = _segment_attention_op if torch.compiler.is_compiling() else _eager
+    out, _ = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
+                make_rng(dropout_p, rng), resolved)
     return out

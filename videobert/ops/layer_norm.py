@@ -68,17 +68,19 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p, ctx.backend = dropout_p, backend
 
 
-def _backward(ctx, dout, ds, dmean, drstd):
+def _backward(ctx, dout, ds, dmean, drstd, backward_op=_add_layer_norm_backward_op):
     s, mean, rstd, weight, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(s)
-    dx, dres, dw, db = _add_layer_norm_backward_op(dout.contiguous(), None if ds is None else ds.contiguous(), s,
-                                                   mean, rstd, weight, ctx.has_residual, ctx.has_bias,
-                                                   ctx.dropout_p, rng, ctx.backend)
+    dx, dres, dw, db = backward_op(dout.contiguous(), None if ds is None else ds.contiguous(), s, mean, rstd,
+                                   weight, ctx.has_residual, ctx.has_bias, ctx.dropout_p, rng, ctx.backend)
     return (dx, dres if ctx.has_residual else None, dw, db if ctx.has_bias else None, None, None, None, None)
 
 
 _add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_eager = _backend.eager_autograd(OP, _setup_context, _backward, non_differentiable=(2, 3))
 
 
 def _validate(x, residual, weight, bias, eps, dropout_p) -> None:
@@ -113,6 +115,6 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
     """
     _validate(x, residual, weight, bias, eps, dropout_p)
     resolved = _backend.resolve(OP, backend, x.device, x.dtype, hidden_size=x.shape[-1])
-    out, s, _, _ = _add_layer_norm_op(x, residual, weight, bias, float(eps), float(dropout_p),
-                                      make_rng(dropout_p, rng), resolved)
+    op = _add_layer_norm_op if torch.compiler.is_compiling() else _eager
+    out, s, _, _ = op(x, residual, weight, bias, float(eps), float(dropout_p), make_rng(dropout_p, rng), resolved)
     return (out, s) if return_residual else out
