@@ -63,13 +63,17 @@ def _cases():
                     yield kind, index, head_dim, arch, rules, dropout
 
 
-def metadata_report(arch: int, rules: bool):
-    """Compile the metadata kernel as the launcher runs it on a GPU (int64 ids, 64-token blocks)."""
+def metadata_report(arch: int, rules: bool, batch: int = 0):
+    """Compile the metadata kernel as the launcher runs it on a GPU (int64 ids, 64-token blocks); batch=1 is
+    how Triton specialises a batch of one (a constexpr)."""
     sig = {"Seg": "*i64", "Mod": "*i64", "Rules": "*i64", "Meta": "*i32", "stride_sb": "i32", "stride_sl": "i32",
            "stride_mb": "i32", "stride_ml": "i32", "B": "i32", "L": "i32"}
-    report = compile_report(sa._segment_metadata_kernel, sig, dict(NUM_MODALITIES=2, HAS_RULES=rules, BLOCK=64),
-                            arch, 4, 1)
-    return f"metadata sm_{arch} rules={rules}", report
+    constexprs = dict(NUM_MODALITIES=2, HAS_RULES=rules, BLOCK=64)
+    if batch == 1:
+        sig["B"] = "constexpr"
+        constexprs["B"] = 1
+    report = compile_report(sa._segment_metadata_kernel, sig, constexprs, arch, 4, 1)
+    return f"metadata sm_{arch} rules={rules} B={batch or 'any'}", report
 
 
 def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
@@ -105,7 +109,8 @@ def test_every_head_dim_and_arch_has_configs():
 
 
 def test_shipped_configs_compile_without_spills(monkeypatch):
-    cases = list(_cases()) + [("metadata", arch, rules) for arch in ARCHS for rules in (False, True)]
+    cases = list(_cases()) + [("metadata", arch, rules, batch) for arch in ARCHS for rules in (False, True)
+                              for batch in (0, 1)]
     cases += [("layer_norm", kind, hidden, arch, full) for kind in ("fwd", "bwd") for hidden in (768, 1024, 4096, 8192)
               for arch in ARCHS for full in (False, True) if (kind, hidden) != ("bwd", 8192)]
     # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).

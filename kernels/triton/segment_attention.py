@@ -123,7 +123,7 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
         query_lo = tl.where(k_full, lo, tl.maximum(lo, pos))
         valid_q, valid_k = valid & (q_full | q_causal), valid & (k_full | k_causal)
     out = Meta + b.to(tl.int64) * L + pos
-    plane = B.to(tl.int64) * L
+    plane = B * L  # B == 1 arrives as a constexpr (Triton specialises 1), so no .to() here
     inside = pos < L
     tl.store(out, tl.where(valid, lo, -1), mask=inside)
     tl.store(out + plane, mod, mask=inside)
