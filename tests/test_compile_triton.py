@@ -8,6 +8,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from videobert._kernels.triton import add_layer_norm as ln  # noqa: E402
+from videobert._kernels.triton import cross_entropy as ce  # noqa: E402
 from videobert._kernels.triton import segment_attention as sa  # noqa: E402
 from videobert._kernels.triton.compile_check import compile_report  # noqa: E402
 
@@ -94,7 +95,41 @@ def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
     return f"layer_norm {kind} N={hidden} sm_{arch} full={full}", compile_report(kernel, sig, flags, arch, warps, 1)
 
 
+def cross_entropy_report(kind: str, arch: int):
+    """Compile a cross-entropy kernel with its GPU config (bf16 inputs, bias, int64 labels)."""
+    rows = {"Labels": "*i64", "Lse": "*fp32"}
+    scalars = {"N": "i32", "V": "i32"}
+    if kind.startswith("linear"):
+        bm, bv, bk, warps, stages = ce.LINEAR_CONFIG["gpu"]
+        consts = dict(HAS_BIAS=True, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+        common = {"H": "*bf16", "W": "*bf16", "Bias": "*bf16", "Labels": "*i64"}
+        tail = {**scalars, "D": "i32", "stride_h": "i32", "stride_w": "i32", "ignore_index": "i32",
+                "label_smoothing": "fp32"}
+        if kind == "linear_fwd":
+            kernel, sig = ce._linear_ce_fwd_kernel, {**common, "Loss": "*fp32", "Lse": "*fp32", "Correct": "*i8",
+                                                     **tail}
+        else:
+            kernel, sig = ce._linear_ce_bwd_kernel, {**common, "Lse": "*fp32", "DLoss": "*fp32", "DLse": "*fp32",
+                                                     "DH": "*fp32", "DW": "*fp32", "DB": "*fp32", **tail}
+            consts["HAS_DLSE"] = True
+    else:
+        bm, bv, _, warps, stages = ce.SOFTMAX_CONFIG["gpu"]
+        consts = dict(BLOCK_M=bm, BLOCK_V=bv)
+        if kind == "softmax_fwd":
+            kernel, sig = ce._softmax_ce_fwd_kernel, {"Z": "*bf16", "Labels": "*i64", "Loss": "*fp32",
+                                                      "Lse": "*fp32", "Correct": "*i8", **scalars, "stride_z": "i32",
+                                                      "ignore_index": "i32", "label_smoothing": "fp32"}
+        else:
+            kernel, sig = ce._softmax_ce_bwd_kernel, {"Z": "*bf16", **rows, "DLoss": "*fp32", "DLse": "*fp32",
+                                                      "DZ": "*bf16", **scalars, "stride_z": "i32", "stride_dz": "i32",
+                                                      "ignore_index": "i32", "label_smoothing": "fp32"}
+            consts["HAS_DLSE"] = True
+    return f"cross_entropy {kind} sm_{arch}", compile_report(kernel, sig, consts, arch, warps, stages)
+
+
 def _run(case):
+    if case[0] == "cross_entropy":
+        return cross_entropy_report(*case[1:])
     if case[0] == "metadata":
         return metadata_report(*case[1:])
     if case[0] == "layer_norm":
@@ -113,6 +148,8 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
                               for batch in (0, 1)]
     cases += [("layer_norm", kind, hidden, arch, full) for kind in ("fwd", "bwd") for hidden in (768, 1024, 4096, 8192)
               for arch in ARCHS for full in (False, True) if (kind, hidden) != ("bwd", 8192)]
+    cases += [("cross_entropy", kind, arch) for kind in ("linear_fwd", "linear_bwd", "softmax_fwd", "softmax_bwd")
+              for arch in ARCHS]
     # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:

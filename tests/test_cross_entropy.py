@@ -194,3 +194,117 @@ def test_softmax_bad_inputs_raise_clear_errors():
         softmax_cross_entropy(torch.randn(4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels values must lie in \[0, 3\)"):
         softmax_cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+def _triton_or_skip():
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# The interpreter computes tl.dot on bf16 operands wrongly, so bf16 runs on a GPU only.
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("N, D, V", [(1, 64, 7), (33, 64, 1000), (9, 96, 2053)])
+@pytest.mark.parametrize("reduction, smoothing", [("mean", 0.1), ("sum", 0.0), ("none", 0.2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_linear_cross_entropy_matches_float64(dtype, N, D, V, reduction, smoothing, with_bias):
+    device = _triton_or_skip()
+    gen = torch.Generator().manual_seed(N * V + D + with_bias)
+    hidden = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
+    bias = (0.1 * torch.randn(V, generator=gen)).to(device, dtype).requires_grad_() if with_bias else None
+    labels = make_labels(N, V, gen, ignored_fraction=0.3 if N > 1 else 0.0).to(device)
+    result = linear_cross_entropy(hidden, weight, labels, bias, label_smoothing=smoothing, reduction=reduction,
+                                  return_stats=True, backend="triton")
+    upstream = torch.randn(result.loss.shape, generator=gen).to(device)
+    lse_upstream = torch.randn(N, generator=gen).to(device)  # a z-loss-like gradient through lse
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad((result.loss, result.lse), params, (upstream, lse_upstream))
+
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    logits = F.linear(p64[0], p64[1], p64[2] if with_bias else None)
+    expected = expected_loss(logits, labels, -100, smoothing, reduction)
+    valid = labels != -100
+    e_lse = torch.where(valid, torch.logsumexp(logits, -1), 0.0)
+    e_grads = torch.autograd.grad((expected, e_lse), p64, (upstream.double(), lse_upstream.double()))
+    assert_close(result.loss, expected, torch.float32, "loss")
+    assert_close(result.lse, e_lse, torch.float32, "lse")
+    e_correct = (valid & (logits.gather(1, labels.clamp(min=0)[:, None])[:, 0] >= logits.max(-1).values)).sum()
+    assert int(result.num_correct) == int(e_correct)
+    for name, g, e in zip(("dhidden", "dweight", "dbias"), grads, e_grads):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert_close(g, e, dtype, name)
+
+
+def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
+    device = _triton_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(6, 32, generator=gen) * 300).to(device).requires_grad_()  # logits around 1e4
+    weight = torch.randn(300, 32, generator=gen).to(device).requires_grad_()
+    labels = torch.randint(0, 300, (6,), generator=gen).to(device)
+    loss = linear_cross_entropy(hidden, weight, labels, backend="triton")
+    logits = F.linear(hidden.detach().double(), weight.detach().double())
+    assert logits.abs().max() > 5e3 and torch.isfinite(loss)
+    assert_close(loss, F.cross_entropy(logits, labels), torch.float32, "loss")
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, (hidden, weight)))
+    ignored = torch.full((6,), -100, device=device)
+    loss = linear_cross_entropy(hidden, weight, ignored, backend="triton")
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction, smoothing", [("mean", 0.0), ("none", 0.2)])
+def test_triton_softmax_cross_entropy_matches_float64(dtype, reduction, smoothing):
+    device = _triton_or_skip()
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest): bf16 on GPU")
+    gen = torch.Generator().manual_seed(12)
+    N, V = 13, 1037
+    logits = (torch.randn(N, V, generator=gen) * 3).to(device, dtype)
+    logits[0] *= 3e3  # magnitudes near 1e4
+    logits.requires_grad_()
+    labels = make_labels(N, V, gen).to(device)
+    loss = softmax_cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction, backend="triton")
+    upstream = torch.randn(loss.shape, generator=gen).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    l64 = logits.detach().double().requires_grad_()
+    expected = expected_loss(l64, labels, -100, smoothing, reduction)
+    (e_grad,) = torch.autograd.grad(expected, l64, upstream.double())
+    assert_close(loss, expected, torch.float32, "loss")
+    assert grad.dtype == dtype
+    assert_close(grad, e_grad, dtype, "dlogits")
+
+
+def test_triton_softmax_cross_entropy_backward_in_place():
+    device = _triton_or_skip()
+    from videobert._kernels.triton import cross_entropy as ce
+
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(5, 333, generator=gen).to(device)
+    labels = torch.randint(0, 333, (5,), generator=gen).to(device)
+    loss, lse, _ = ce.softmax_cross_entropy_fwd(logits, labels, -100, 0.0)
+    dloss = torch.rand(5, generator=gen).to(device)
+    expected = ce.softmax_cross_entropy_bwd(dloss, None, logits, labels, lse, -100, 0.0)
+    buffer = logits.clone()
+    assert ce.softmax_cross_entropy_bwd(dloss, None, buffer, labels, lse, -100, 0.0, out=buffer) is buffer
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["linear", "softmax"])
+def test_triton_cross_entropy_ops_pass_opcheck(op):
+    device = _triton_or_skip()
+    gen = torch.Generator().manual_seed(14)
+    labels = torch.tensor([3, -100, 0, 7], device=device)
+    if op == "linear":
+        hidden = torch.randn(4, 16, generator=gen).to(device).requires_grad_()
+        weight = torch.randn(9, 16, generator=gen).to(device).requires_grad_()
+        torch.library.opcheck(_linear_ce_op, (hidden, weight, labels, None, -100, 0.1, "triton"))
+    else:
+        logits = torch.randn(4, 9, generator=gen).to(device).requires_grad_()
+        torch.library.opcheck(_softmax_ce_op, (logits, labels, -100, 0.1, "triton"))

@@ -78,15 +78,16 @@ def _linear_setup(ctx, inputs, output):
     ctx.ignore_index, ctx.label_smoothing, ctx.backend = ignore_index, label_smoothing, backend
 
 
-def _linear_backward(ctx, dloss, dlse, dcorrect):
+def _linear_backward(ctx, dloss, dlse, dcorrect, backward_op=_linear_ce_backward_op):
     hidden, weight, labels, bias, lse = ctx.saved_tensors
     dloss = torch.zeros_like(lse) if dloss is None else dloss.contiguous()
-    dh, dw, db = _linear_ce_backward_op(dloss, None if dlse is None else dlse.contiguous(), hidden, weight, labels,
+    dh, dw, db = backward_op(dloss, None if dlse is None else dlse.contiguous(), hidden, weight, labels,
                                         bias, lse, ctx.ignore_index, ctx.label_smoothing, ctx.backend)
     return dh, dw, None, None if bias is None else db, None, None, None
 
 
 _linear_ce_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_linear_eager = _backend.eager_autograd(LINEAR_OP, _linear_setup, _linear_backward, non_differentiable=(2,))
 
 
 # ---------------------------------------------------------------- softmax_cross_entropy
@@ -128,15 +129,16 @@ def _softmax_setup(ctx, inputs, output):
     ctx.ignore_index, ctx.label_smoothing, ctx.backend = ignore_index, label_smoothing, backend
 
 
-def _softmax_backward(ctx, dloss, dlse, dcorrect):
+def _softmax_backward(ctx, dloss, dlse, dcorrect, backward_op=_softmax_ce_backward_op):
     logits, labels, lse = ctx.saved_tensors
     dloss = torch.zeros_like(lse) if dloss is None else dloss.contiguous()
-    grad = _softmax_ce_backward_op(dloss, None if dlse is None else dlse.contiguous(), logits, labels, lse,
-                                   ctx.ignore_index, ctx.label_smoothing, ctx.backend)
-    return grad, None, None, None, None
+    grad = backward_op(dloss, None if dlse is None else dlse.contiguous(), logits, labels, lse, ctx.ignore_index,
+                       ctx.label_smoothing, ctx.backend)
+    return grad.to(logits.dtype), None, None, None, None
 
 
 _softmax_ce_op.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+_softmax_eager = _backend.eager_autograd(SOFTMAX_OP, _softmax_setup, _softmax_backward, non_differentiable=(2,))
 
 
 # ---------------------------------------------------------------- functional API
@@ -184,7 +186,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         check_same_dtype("bias", bias, "hidden", hidden)
     _check_common(labels, N, V, hidden.device, ignore_index, label_smoothing, reduction)
     resolved = _backend.resolve(LINEAR_OP, backend, hidden.device, hidden.dtype, hidden_size=D, vocab_size=V)
-    loss, lse, correct = _linear_ce_op(hidden, weight, labels, bias, ignore_index, float(label_smoothing), resolved)
+    op = _linear_ce_op if torch.compiler.is_compiling() else _linear_eager
+    loss, lse, correct = op(hidden, weight, labels, bias, ignore_index, float(label_smoothing), resolved)
     return _reduce(loss, lse, correct, labels, ignore_index, reduction, return_stats)
 
 
@@ -197,5 +200,6 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_
     N, V = logits.shape
     _check_common(labels, N, V, logits.device, ignore_index, label_smoothing, reduction)
     resolved = _backend.resolve(SOFTMAX_OP, backend, logits.device, logits.dtype, vocab_size=V)
-    loss, lse, correct = _softmax_ce_op(logits, labels, ignore_index, float(label_smoothing), resolved)
+    op = _softmax_ce_op if torch.compiler.is_compiling() else _softmax_eager
+    loss, lse, correct = op(logits, labels, ignore_index, float(label_smoothing), resolved)
     return _reduce(loss, lse, correct, labels, ignore_index, reduction, return_stats)

@@ -1,0 +1,247 @@
+"""Triton cross-entropy: fused linear + cross-entropy that never holds the (N, V) logits, and softmax
+cross-entropy on given logits.
+
+Linear forward: each program takes BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing
+`hidden @ weight_tile.T (+ bias)` with fp32 accumulation over BLOCK_K slices of the hidden dimension and keeping
+an online max / sum-exp, the target logit and (for label smoothing) the logit sum; only per-row statistics are
+written. Linear backward: one program per (row block, vocabulary tile) recomputes the logit tile, forms
+`dloss * (softmax - (1 - ls) * onehot - ls / V) + dlse * softmax` and adds its share of dhidden and dweight
+(and dbias) into fp32 accumulators with atomics, so nothing of size (N, V) exists. Row blocks whose rows are
+all ignored skip every tile. Softmax forward/backward: the same online statistics over given logits, and the
+gradient written once per element (optionally into the logits buffer).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Block sizes: (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) on a GPU, chosen spill-free on sm_80 and sm_90
+# (tests/test_compile_triton.py) but not yet tuned on a GPU; smaller ones keep the interpreter quick.
+LINEAR_CONFIG = {"gpu": (64, 128, 32, 8, 3), "interpret": (16, 64, 32, 4, 1)}
+SOFTMAX_CONFIG = {"gpu": (4, 1024, 0, 8, 1), "interpret": (4, 64, 0, 4, 1)}
+
+
+@triton.jit
+def _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """fp32 logits of rows x cols (-inf in columns past V)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D),
+                    other=0.0)
+        w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < D),
+                    other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cols[None, :] < V, acc, float("-inf"))
+
+
+@triton.jit
+def _online_update(z, cols, labels, V, m, s, target, total):
+    """Fold a logit tile into the running max m, sum of exp(z - m), target logit and logit sum."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+    target += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+    total += tl.sum(tl.where(cols[None, :] < V, z, 0.0), axis=1)
+    return m_new, s, target, total
+
+
+@triton.jit
+def _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing):
+    """Store per-row loss, lse (0 on ignored rows) and whether the target logit is a maximum."""
+    lse = m + tl.log(s)
+    loss = lse - target
+    loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
+    tl.store(Loss + rows, tl.where(valid, loss, 0.0), mask=rows < N)
+    tl.store(Lse + rows, tl.where(valid, lse, 0.0), mask=rows < N)
+    tl.store(Correct + rows, (valid & (target >= m)).to(tl.int8), mask=rows < N)
+
+
+@triton.jit
+def _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing):
+    """d(loss * dloss + lse * dlse)/dz of a tile in fp32; zero on ignored rows and columns past V."""
+    p = tl.exp(z - lse[:, None])
+    g = p * (dloss + dlse)[:, None] - (label_smoothing / V) * dloss[:, None]
+    g -= tl.where(cols[None, :] == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
+    return tl.where(valid[:, None] & (cols[None, :] < V), g, 0.0)
+
+
+@triton.jit
+def _row_block(Labels, pid, N, ignore_index, BLOCK_M: tl.constexpr):
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    labels = tl.load(Labels + rows, mask=rows < N, other=ignore_index)
+    valid = (labels != ignore_index) & (rows < N)
+    return rows, labels, valid
+
+
+@triton.jit
+def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, N, V, D, stride_h, stride_w, ignore_index,
+                          label_smoothing, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    target = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:  # blocks of ignored rows cost nothing
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
+                            BLOCK_M, BLOCK_V, BLOCK_K)
+            m, s, target, total = _online_update(z, cols, labels, V, m, s, target, total)
+    _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
+
+
+@triton.jit
+def _linear_ce_bwd_kernel(H, W, Bias, Labels, Lse, DLoss, DLse, DH, DW, DB, N, V, D, stride_h, stride_w,
+                          ignore_index, label_smoothing, HAS_BIAS: tl.constexpr, HAS_DLSE: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION, BLOCK_M,
+                        BLOCK_V, BLOCK_K)
+        lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
+        dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
+        dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
+        g = _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
+        g_in = g.to(H.dtype.element_ty)  # tensor-core operands in the inputs' dtype, fp32 accumulation
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            h_mask = (rows[:, None] < N) & (ks[None, :] < D)
+            w_mask = (cols[:, None] < V) & (ks[None, :] < D)
+            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+            tl.atomic_add(DH + rows[:, None] * D + ks[None, :], tl.dot(g_in, w, input_precision=DOT_PRECISION),
+                          mask=h_mask)
+            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=h_mask, other=0.0)
+            tl.atomic_add(DW + cols[:, None] * D + ks[None, :],
+                          tl.dot(tl.trans(g_in), h, input_precision=DOT_PRECISION), mask=w_mask)
+        if HAS_BIAS:
+            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=cols < V)
+
+
+@triton.jit
+def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore_index, label_smoothing,
+                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    target = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < V),
+                        other=float("-inf")).to(tl.float32)
+            m, s, target, total = _online_update(z, cols, labels, V, m, s, target, total)
+    _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
+
+
+@triton.jit
+def _softmax_ce_bwd_kernel(Z, Labels, Lse, DLoss, DLse, DZ, N, V, stride_z, stride_dz, ignore_index,
+                           label_smoothing, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
+    dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
+    dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = (rows[:, None] < N) & (cols[None, :] < V)
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        g = _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
+        tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def _config(table: dict, device: torch.device) -> tuple:
+    return table["gpu" if device.type == "cuda" else "interpret"]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get IEEE dots unless PyTorch allows TF32; the setting is ignored for fp16/bf16 operands.
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _row_stats(n: int, device: torch.device):
+    loss, lse = (torch.empty((n,), device=device, dtype=torch.float32) for _ in range(2))
+    return loss, lse, torch.empty((n,), device=device, dtype=torch.int8)
+
+
+def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing):
+    """Forward launcher: per-row (loss fp32, lse fp32, correct bool); the logits never exist."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    loss, lse, correct = _row_stats(N, hidden.device)
+    if N:
+        bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
+        _linear_ce_fwd_kernel[(triton.cdiv(N, bm),)](
+            hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
+            weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
+            DOT_PRECISION=_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
+            num_stages=stages)
+    return loss, lse, correct.bool()
+
+
+def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing):
+    """Backward launcher: (dhidden, dweight, dbias or None), accumulated in fp32 and cast to the inputs' dtypes."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    dh = torch.zeros((N, D), device=hidden.device, dtype=torch.float32)
+    dw = torch.zeros((V, D), device=hidden.device, dtype=torch.float32)
+    db = torch.zeros((V,), device=hidden.device, dtype=torch.float32) if bias is not None else None
+    if N:
+        bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
+        _linear_ce_bwd_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bv))](
+            hidden, weight, weight if bias is None else bias, labels, lse, dloss.float().contiguous(),
+            dloss if dlse is None else dlse.float().contiguous(), dh, dw, dw if db is None else db, N, V, D,
+            hidden.stride(0), weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
+            HAS_DLSE=dlse is not None, DOT_PRECISION=_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+            num_warps=warps, num_stages=stages)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
+
+
+def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
+    """Forward launcher: per-row (loss fp32, lse fp32, correct bool) in one pass over each row."""
+    N, V = logits.shape
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    loss, lse, correct = _row_stats(N, logits.device)
+    if N:
+        bm, bv, _, warps, _ = _config(SOFTMAX_CONFIG, logits.device)
+        _softmax_ce_fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
+                                                       ignore_index, label_smoothing, BLOCK_M=bm, BLOCK_V=bv,
+                                                       num_warps=warps)
+    return loss, lse, correct.bool()
+
+
+def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, label_smoothing,
+                              out: Optional[torch.Tensor] = None):
+    """Backward launcher: d(logits) in logits' dtype, written into `out` when given (it may be `logits`
+    itself: each element is read before it is overwritten by the same program)."""
+    N, V = logits.shape
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    grad = torch.empty_like(logits) if out is None else out
+    if N:
+        bm, bv, _, warps, _ = _config(SOFTMAX_CONFIG, logits.device)
+        _softmax_ce_bwd_kernel[(triton.cdiv(N, bm),)](
+            logits, labels, lse, dloss.float().contiguous(), dloss if dlse is None else dlse.float().contiguous(),
+            grad, N, V, logits.stride(0), grad.stride(0), ignore_index, label_smoothing, HAS_DLSE=dlse is not None,
+            BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+    return grad
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, **_) -> Optional[str]:
+    """Why this backend cannot take these inputs, or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+    return None
