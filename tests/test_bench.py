@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 @pytest.mark.parametrize("script, expected", [("attention", {"videobert", "sdpa_dense_mask"}),
-                                              ("layer_norm", {"videobert_triton", "torch_eager"})])
+                                              ("layer_norm", {"videobert_triton", "torch_eager"}),
+                                              ("mlm_loss", {"videobert_triton", "torch_eager"})])
 def test_benchmark_smoke(script, expected, tmp_path, monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -1,0 +1,116 @@
+"""Benchmark the fused MLM loss `linear_cross_entropy` against PyTorch eager, torch.compile, Liger and Cut
+Cross-Entropy: forward+backward time and the extra GPU memory beyond inputs and gradients.
+
+Each provider computes mean cross-entropy over hidden @ weight.T for N masked tokens (bf16, 10% ignored rows)
+and the gradients of hidden and weight. Extra memory = peak allocated during forward+backward minus what the
+inputs and the gradients themselves take; the eager logits (N x V fp32) are reported for reference.
+Usage: python bench/mlm_loss.py [--quick]. Without a GPU it runs a toy smoke pass on the CPU and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
+
+from videobert.ops import linear_cross_entropy  # noqa: E402
+
+
+def _eager(h, w, labels):
+    return F.cross_entropy(F.linear(h, w).float(), labels, ignore_index=-100)
+
+
+def providers() -> dict:
+    """name -> callable(hidden, weight, labels) -> scalar loss; each only when it can run here."""
+    backend = "triton"
+    out = {"videobert_triton": lambda h, w, labels: linear_cross_entropy(h, w, labels, backend=backend),
+           "torch_eager": _eager}
+    if on_gpu():
+        out["torch_compile"] = torch.compile(_eager, dynamic=True)
+        try:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+            out["liger_fused_linear_ce"] = lambda h, w, labels: LigerFusedLinearCrossEntropyFunction.apply(
+                h, w, labels, None, None, -100)[0]
+        except ImportError:
+            print("liger-kernel not importable: no Liger row")
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+            out["cut_cross_entropy"] = lambda h, w, labels: cce(h, w, labels, ignore_index=-100)
+        except ImportError:
+            print("cut-cross-entropy not importable: no CCE row")
+    return out
+
+
+def run_case(N: int, D: int, V: int, dtype, device) -> list[dict]:
+    gen = torch.Generator().manual_seed(N + D + V)
+    hidden = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels = torch.where(torch.rand(N, generator=gen) < 0.1, -100, labels).to(device)
+    grads_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    eager_logits_bytes = N * V * 4
+    results = []
+    for name, fn in providers().items():
+        def step():
+            return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight))
+        try:
+            step()
+            extra = ""
+            if on_gpu():
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                grads = step()
+                torch.cuda.synchronize()
+                extra = (torch.cuda.max_memory_allocated() - base - grads_bytes) / 2**20
+                del grads
+            ms, p20, p80 = bench_ms(step)
+        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+            print(f"{name} N={N} D={D} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        flops = 6.0 * N * D * V  # logits, dhidden, dweight
+        results.append(dict(N=N, D=D, V=V, dtype=str(dtype).replace("torch.", ""), provider=name, ms=ms,
+                            p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9, extra_mib=extra,
+                            eager_logits_mib=eager_logits_bytes / 2**20,
+                            extra_pct_of_eager_logits=100 * extra / (eager_logits_bytes / 2**20) if extra != "" else ""))
+    ours = next((r["ms"] for r in results if r["provider"] == "videobert_triton"), None)
+    for row in results:
+        row["speedup_of_videobert"] = row["ms"] / ours if ours else ""
+    return results
+
+
+def main(argv=None) -> int:
+    """Run the MLM loss benchmark; writes results under bench/results/<gpu>/<date>/."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="N=16k, D=1024, V=51258 only")
+    args = parser.parse_args(argv)
+    if not on_gpu():
+        print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
+              "These are NOT GPU figures.")
+        cases, dtype, device = [(32, 64, 300)], torch.float32, "cpu"
+    else:
+        cases = [(16384, 1024, 51258)] if args.quick else [
+            (N, D, V) for N in (4096, 16384, 65536) for D in (768, 1024) for V in (30522, 20736, 51258)]
+        dtype, device = torch.bfloat16, "cuda"
+    peaks = measure_peaks()
+    results = []
+    for N, D, V in cases:
+        results += run_case(N, D, V, dtype, device)
+        out = write_results("mlm_loss", results, {"peaks": peaks, "ignored_fraction": 0.1})
+    print(markdown_table(results))
+    plot(out / "mlm_loss.png", results, "N", "ms", ["D", "V", "provider"], "MLM loss forward+backward, ms")
+    print(f"results in {out} ({device_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
