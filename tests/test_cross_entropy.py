@@ -258,19 +258,36 @@ def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
     assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
+def _fused_or_skip(backend):
+    """The device the fused `backend` of softmax_cross_entropy runs on here, or a skip saying why none."""
+    if backend == "triton":
+        return _triton_or_skip()
+    from videobert.ops import BackendUnavailableError
+    from videobert.ops._backend import resolve
+
+    if not torch.cuda.is_available():
+        pytest.skip("the CUDA extension needs a GPU to run")
+    try:
+        resolve("softmax_cross_entropy", "cuda", torch.device("cuda"), torch.float32)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    return "cuda"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("reduction, smoothing", [("mean", 0.0), ("none", 0.2)])
-def test_triton_softmax_cross_entropy_matches_float64(dtype, reduction, smoothing):
-    device = _triton_or_skip()
+@pytest.mark.parametrize("reduction, smoothing, V", [("mean", 0.0, 1037), ("none", 0.2, 1037), ("sum", 0.1, 2048)])
+def test_fused_softmax_cross_entropy_matches_float64(backend, dtype, reduction, smoothing, V):
+    device = _fused_or_skip(backend)
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest): bf16 on GPU")
     gen = torch.Generator().manual_seed(12)
-    N, V = 13, 1037
+    N = 13  # V=2048 takes the CUDA kernel's 16-byte path, 1037 its scalar path
     logits = (torch.randn(N, V, generator=gen) * 3).to(device, dtype)
     logits[0] *= 3e3  # magnitudes near 1e4
     logits.requires_grad_()
     labels = make_labels(N, V, gen).to(device)
-    loss = softmax_cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction, backend="triton")
+    loss = softmax_cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction, backend=backend)
     upstream = torch.randn(loss.shape, generator=gen).to(device)
     (grad,) = torch.autograd.grad(loss, logits, upstream)
     l64 = logits.detach().double().requires_grad_()
@@ -281,9 +298,13 @@ def test_triton_softmax_cross_entropy_matches_float64(dtype, reduction, smoothin
     assert_close(grad, e_grad, dtype, "dlogits")
 
 
-def test_triton_softmax_cross_entropy_backward_in_place():
-    device = _triton_or_skip()
-    from videobert._kernels.triton import cross_entropy as ce
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_softmax_cross_entropy_backward_in_place(backend):
+    device = _fused_or_skip(backend)
+    if backend == "triton":
+        from videobert._kernels.triton import cross_entropy as ce
+    else:
+        from videobert._kernels.cuda import softmax_cross_entropy as ce
 
     gen = torch.Generator().manual_seed(13)
     logits = torch.randn(5, 333, generator=gen).to(device)

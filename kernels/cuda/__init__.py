@@ -18,9 +18,11 @@ try:
 except OSError as exc:
     raise ImportError(f"the CUDA extension {_LIBRARIES[0].name} does not load: {exc}") from exc
 
-from videobert._kernels.cuda import add_layer_norm  # noqa: E402  (needs the ops registered above)
+from videobert._kernels.cuda import add_layer_norm, softmax_cross_entropy  # noqa: E402  (needs the ops above)
 
 IMPLEMENTATIONS = {
     "add_layer_norm": (add_layer_norm.add_layer_norm_fwd, add_layer_norm.add_layer_norm_bwd,
                        add_layer_norm.unsupported),
+    "softmax_cross_entropy": (softmax_cross_entropy.softmax_cross_entropy_fwd,
+                              softmax_cross_entropy.softmax_cross_entropy_bwd, softmax_cross_entropy.unsupported),
 }

@@ -6,8 +6,6 @@
 // vector width (groups of 4 scalar accesses otherwise); reductions are warp shuffles plus shared memory across
 // warps. The backward writes per-block fp32 partial sums of dweight/dbias and a second kernel reduces them over
 // blocks (no atomics).
-#include <initializer_list>
-
 #include "common.cuh"
 #include "philox.cuh"
 #include "videobert_kernels.h"
@@ -254,13 +252,6 @@ int launch_bwd(const void* dout, const void* ds, const void* s, const float* mea
 }
 
 int max_hidden(bool vectorized) { return max_threads(vectorized) * kItems; }
-
-bool aligned16(std::initializer_list<const void*> pointers) {
-  for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;  // null pointers pass
-  }
-  return true;
-}
 
 // Calls F<T, W, VEC, VECTORIZED>::run(args...) for the runtime (dtype, weight_dtype) pair: 16-byte vectors
 // when n divides by their width and every pointer is 16-byte aligned, groups of 4 scalar accesses otherwise.

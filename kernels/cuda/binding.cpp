@@ -129,6 +129,56 @@ void add_layer_norm_bwd(const at::Tensor& dout, const std::optional<at::Tensor>&
                "add_layer_norm_bwd");
 }
 
+// Logits: a 2-D CUDA tensor with unit column stride; labels: int64, one per row, on the same device.
+void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* name) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, name, " must be a 2-D CUDA tensor");
+  TORCH_CHECK(logits.size(1) >= 1 && (logits.size(0) <= 1 || logits.stride(1) == 1), name,
+              " must have unit stride along its last dimension");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
+  check(labels, "labels", logits.device(), logits.size(0));
+}
+
+void check_row_stat(const at::Tensor& t, const char* name, const at::Tensor& logits, at::ScalarType dtype) {
+  check(t, name, logits.device(), logits.size(0));
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void softmax_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& loss,
+                               const at::Tensor& lse, const at::Tensor& correct, int64_t ignore_index,
+                               double label_smoothing, int64_t stream) {
+  check_logits(logits, labels, "logits");
+  check_row_stat(loss, "loss", logits, at::kFloat);
+  check_row_stat(lse, "lse", logits, at::kFloat);
+  check_row_stat(correct, "correct", logits, at::kBool);
+  check_status(vb_softmax_cross_entropy_fwd(logits.data_ptr(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                            lse.data_ptr<float>(), static_cast<uint8_t*>(correct.data_ptr()),
+                                            logits.size(0), logits.size(1), logits.stride(0),
+                                            vb_dtype(logits, "logits"), ignore_index,
+                                            static_cast<float>(label_smoothing), logits.device().index(),
+                                            reinterpret_cast<void*>(stream)),
+               "softmax_cross_entropy_fwd");
+}
+
+void softmax_cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                               const at::Tensor& dloss, const std::optional<at::Tensor>& dlse, const at::Tensor& grad,
+                               int64_t ignore_index, double label_smoothing, int64_t stream) {
+  check_logits(logits, labels, "logits");
+  check_logits(grad, labels, "grad");
+  TORCH_CHECK(grad.sizes() == logits.sizes(), "grad must have the shape of logits");
+  check_same_dtype(grad, "grad", logits);
+  check_row_stat(lse, "lse", logits, at::kFloat);
+  check_row_stat(dloss, "dloss", logits, at::kFloat);
+  if (dlse.has_value()) check_row_stat(*dlse, "dlse", logits, at::kFloat);
+  const float* dlse_ptr = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+  check_status(vb_softmax_cross_entropy_bwd(logits.data_ptr(), labels.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                            dloss.data_ptr<float>(), dlse_ptr, grad.data_ptr(), logits.size(0),
+                                            logits.size(1), logits.stride(0), grad.stride(0),
+                                            vb_dtype(logits, "logits"), ignore_index,
+                                            static_cast<float>(label_smoothing), logits.device().index(),
+                                            reinterpret_cast<void*>(stream)),
+               "softmax_cross_entropy_bwd");
+}
+
 int64_t layer_norm_max_hidden(bool vectorized) { return vb_layer_norm_max_hidden(vectorized ? 1 : 0); }
 
 }  // namespace
@@ -142,9 +192,15 @@ TORCH_LIBRARY(videobert_cuda, m) {
         "Tensor(e!) dweight, Tensor(f!)? dbias, int seed, int offset, int threshold, float drop_scale, "
         "bool has_dropout, int stream) -> ()");
   m.def("layer_norm_max_hidden(bool vectorized) -> int", &layer_norm_max_hidden);
+  m.def("softmax_cross_entropy_fwd(Tensor logits, Tensor labels, Tensor(a!) loss, Tensor(b!) lse, "
+        "Tensor(c!) correct, int ignore_index, float label_smoothing, int stream) -> ()");
+  m.def("softmax_cross_entropy_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor dloss, Tensor? dlse, "
+        "Tensor(a!) grad, int ignore_index, float label_smoothing, int stream) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(videobert_cuda, CUDA, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
   m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
+  m.impl("softmax_cross_entropy_fwd", &softmax_cross_entropy_fwd);
+  m.impl("softmax_cross_entropy_bwd", &softmax_cross_entropy_bwd);
 }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace vb {
 
@@ -70,6 +71,14 @@ __device__ __forceinline__ float group_sum(float v, int tpr, float* smem) {
   float total = 0.f;
   for (int w = 0; w < tpr / kWarp; ++w) total += smem[w];
   return total;
+}
+
+// Whether every pointer (null ones included) is 16-byte aligned, as the vectorised paths need.
+inline bool aligned16(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
 }
 
 // Makes `device` current for its lifetime (kernels launch on the current device), restoring the previous one.

@@ -33,4 +33,18 @@ int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const
                           int64_t partial_rows, int dtype, int weight_dtype, uint64_t seed, uint32_t offset,
                           int32_t threshold, float drop_scale, int has_dropout, int device, void* stream);
 
+// Per-row softmax cross-entropy of rows x v logits (row stride `stride` elements, of `dtype`) with int64
+// labels: loss and lse in float32 (0 on rows whose label is ignore_index), correct = the target logit is a
+// maximum (1 byte per row). An out-of-range label gives a NaN loss.
+int vb_softmax_cross_entropy_fwd(const void* logits, const int64_t* labels, float* loss, float* lse,
+                                 uint8_t* correct, int64_t rows, int64_t v, int64_t stride, int dtype,
+                                 int64_t ignore_index, float label_smoothing, int device, void* stream);
+
+// grad = d(loss * dloss + lse * dlse)/d(logits), zero on ignored rows; dlse may be null. grad may be the
+// logits buffer itself.
+int vb_softmax_cross_entropy_bwd(const void* logits, const int64_t* labels, const float* lse, const float* dloss,
+                                 const float* dlse, void* grad, int64_t rows, int64_t v, int64_t stride,
+                                 int64_t grad_stride, int dtype, int64_t ignore_index, float label_smoothing,
+                                 int device, void* stream);
+
 }  // extern "C"
