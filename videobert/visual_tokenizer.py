@@ -1,0 +1,169 @@
+"""Visual tokenizer: hierarchical k-means over clip features, as in the VideoBERT paper (4 levels x 12
+clusters = 20736 visual words by default).
+
+Level l splits every node of level l - 1 into `branching` clusters by k-means over the features routed to it;
+a feature's token is its path through the tree read as a number in base `branching` (so tokens that share a
+prefix are near in feature space). Fitting runs all nodes of a level together in batched torch ops (on the
+features' device: a GPU when given CUDA tensors), chunked so memory stays bounded. Deterministic given the
+seed. Saved as one file holding the centroids and the settings.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+FORMAT = "videobert.visual_tokenizer/1"
+
+
+class HierarchicalKMeans:
+    """A fitted or empty tree of `levels` x `branching` clusters; `fit`, `encode`, `save`, `load`."""
+
+    def __init__(self, levels: int = 4, branching: int = 12, iterations: int = 20, seed: int = 0,
+                 chunk_size: int = 8192):
+        for name, value, low in (("levels", levels, 1), ("branching", branching, 2), ("iterations", iterations, 1),
+                                 ("chunk_size", chunk_size, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self.levels, self.branching, self.iterations, self.seed = levels, branching, iterations, seed
+        self.chunk_size = chunk_size
+        # centroids[l]: (branching ** l, branching, F), the children of every node of level l
+        self.centroids: list[torch.Tensor] = []
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of visual tokens: branching ** levels."""
+        return self.branching ** self.levels
+
+    @property
+    def feature_dim(self) -> int:
+        """Dimension of the features the tree was fitted on."""
+        self._require_fitted()
+        return self.centroids[0].shape[-1]
+
+    def _require_fitted(self) -> None:
+        if not self.centroids:
+            raise RuntimeError("the tokenizer is not fitted: call fit(features) or HierarchicalKMeans.load(path)")
+
+    def _check_features(self, features: torch.Tensor, expected_dim: Optional[int]) -> torch.Tensor:
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+            raise ValueError("features must be a 2-D floating-point tensor (clips, feature_dim), got "
+                             f"{getattr(features, 'shape', type(features).__name__)}")
+        if expected_dim is not None and features.shape[1] != expected_dim:
+            raise ValueError(f"features must have dimension {expected_dim} (the fitted one), got {features.shape[1]}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features contain NaN or infinite values")
+        return features.float()
+
+    def _nearest_child(self, x: torch.Tensor, node: torch.Tensor, level: int) -> torch.Tensor:
+        """Index in [0, branching) of the nearest child of each point's node, in chunks of points."""
+        out = torch.empty_like(node)
+        for start in range(0, x.shape[0], self.chunk_size):
+            xs, ns = x[start:start + self.chunk_size], node[start:start + self.chunk_size]
+            children = self.centroids[level][ns]  # (chunk, branching, F)
+            dist = (children * children).sum(-1) - 2 * torch.einsum("nf,nkf->nk", xs, children)
+            out[start:start + xs.shape[0]] = dist.argmin(-1)
+        return out
+
+    def fit(self, features: torch.Tensor) -> "HierarchicalKMeans":
+        """Fit the tree on (N, F) features (N >= 1); returns self."""
+        x = self._check_features(features, None)
+        if x.shape[0] == 0:
+            raise ValueError("features must hold at least one clip")
+        gen = torch.Generator().manual_seed(self.seed)
+        k, N = self.branching, x.shape[0]
+        node = torch.zeros(N, dtype=torch.long, device=x.device)
+        self.centroids = []
+        for level in range(self.levels):
+            nodes = k ** level
+            centroids = self._init(x, node, nodes, gen)
+            self.centroids.append(centroids)
+            for _ in range(self.iterations):
+                child = self._nearest_child(x, node, level)
+                slot = node * k + child
+                sums = torch.zeros(nodes * k, x.shape[1], device=x.device).index_add_(0, slot, x)
+                counts = torch.bincount(slot, minlength=nodes * k).to(x.dtype)
+                updated = sums / counts.clamp(min=1)[:, None]
+                flat = centroids.view(nodes * k, -1)
+                # An empty cluster keeps its centroid (it may still win points later in the iteration).
+                flat.copy_(torch.where(counts[:, None] > 0, updated, flat))
+            node = node * k + self._nearest_child(x, node, level)
+        return self
+
+    def _init(self, x: torch.Tensor, node: torch.Tensor, nodes: int, gen: torch.Generator) -> torch.Tensor:
+        """(nodes, k, F) initial centroids by k-means++ within every node at once: each next centre is a member
+        drawn with probability proportional to its squared distance to the nearest centre so far (an exponential
+        race per node). Nodes with fewer than k distinct members repeat one; nodes with none get zeros."""
+        N, k = x.shape[0], self.branching
+        centroids = torch.zeros(nodes, k, x.shape[1], device=x.device)
+        nearest = torch.full((N,), float("inf"), device=x.device)
+        index = torch.arange(N, device=x.device)
+        for j in range(k):
+            u = torch.rand(N, generator=gen, dtype=torch.float64).to(x.device).clamp(min=1e-300)
+            weight = torch.where(torch.isinf(nearest), 1.0, nearest.double())
+            key = -torch.log(u) / weight  # smallest key wins: P(win) is proportional to weight
+            best = torch.full((nodes,), float("inf"), device=x.device, dtype=key.dtype)
+            best = best.scatter_reduce(0, node, key, "amin")
+            winner = torch.full((nodes,), N, device=x.device).scatter_reduce(
+                0, node, torch.where(key == best[node], index, N), "amin")
+            centroids[:, j] = torch.where((winner < N)[:, None], x[winner.clamp(max=N - 1)], 0.0)
+            nearest = torch.minimum(nearest, ((x - centroids[node, j]) ** 2).sum(-1))
+        return centroids
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 tokens in [0, vocab_size) of (N, F) features: the path through the tree."""
+        self._require_fitted()
+        x = self._check_features(features, self.feature_dim).to(self.centroids[0].device)
+        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for level in range(self.levels):
+            node = node * self.branching + self._nearest_child(x, node, level)
+        return node
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, F) leaf centroids of tokens (what a visual word stands for)."""
+        self._require_fitted()
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.numel() and not bool(((tokens >= 0) & (tokens < self.vocab_size)).all()):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
+        return self.centroids[-1].view(self.vocab_size, -1)[tokens.to(self.centroids[-1].device)]
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the settings and centroids to `path` atomically (a temporary file renamed into place)."""
+        self._require_fitted()
+        path = Path(path)
+        state = {"format": FORMAT, "levels": self.levels, "branching": self.branching,
+                 "iterations": self.iterations, "seed": self.seed,
+                 "centroids": [c.detach().cpu() for c in self.centroids]}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "HierarchicalKMeans":
+        """A tokenizer saved by `save`; raises ValueError naming the file when it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"visual tokenizer file {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a visual tokenizer file ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a visual tokenizer file (format {FORMAT} expected)")
+        tok = cls(state["levels"], state["branching"], state["iterations"], state["seed"])
+        centroids = state["centroids"]
+        k = tok.branching
+        if (len(centroids) != tok.levels or
+                any(tuple(c.shape[:2]) != (k ** level, k) for level, c in enumerate(centroids)) or
+                len({c.shape[-1] for c in centroids}) != 1):
+            raise ValueError(f"{path}: centroid shapes do not match levels={tok.levels}, branching={k}")
+        tok.centroids = [c.float().to(device) for c in centroids]
+        return tok
