@@ -1,0 +1,62 @@
+"""Synthetic corpus structure and determinism; WordPiece round trips and config checks."""
+import itertools
+
+import pytest
+
+from videobert.config import VideoBERTConfig
+from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, pair_tokens, synthetic_corpus
+from videobert.text_tokenizer import TextTokenizer
+
+
+def test_synthetic_corpus_is_deterministic_lazy_and_structured():
+    a = list(synthetic_corpus(20, seed=3))
+    b = list(synthetic_corpus(20, seed=3))
+    assert a == b and a != list(synthetic_corpus(20, seed=4))
+    assert next(iter(synthetic_corpus(10**9, seed=0))).video_id == "synthetic-0-000000"  # lazy: no upfront work
+    for video in a:
+        assert video.steps and all(0 <= t < 20736 for t in video.visual_tokens)
+        assert [s.start for s in video.sentences] == sorted(s.start for s in video.sentences)
+        for index, step in enumerate(video.steps):
+            assert step.action in ACTIONS and step.object in OBJECTS
+            assert step.action in step.caption and step.object in step.caption
+            described = [s for s in video.sentences if s.step == index]
+            assert len(described) == 1 and described[0].text == step.caption
+            # the clips in the caption's time span are the step's clips
+            span = video.clips_between(described[0].start, described[0].end)
+            assert span == video.visual_tokens[step.first_clip:step.last_clip + 1]
+            assert abs(described[0].end - (step.last_clip + 1) * CLIP_SECONDS) < 1e-9
+
+
+def test_synthetic_video_tokens_predict_the_step():
+    """Most of a step's clips show one of its pair's tokens, and pairs' token sets rarely collide."""
+    hits = total = 0
+    for video in synthetic_corpus(30, seed=1):
+        for step in video.steps:
+            own = set(pair_tokens(ACTIONS.index(step.action), OBJECTS.index(step.object), 20736))
+            clips = video.visual_tokens[step.first_clip:step.last_clip + 1]
+            hits += sum(t in own for t in clips)
+            total += len(clips)
+    assert hits / total > 0.75
+    sets = [frozenset(pair_tokens(a, o, 20736)) for a, o in itertools.product(range(len(ACTIONS)),
+                                                                              range(len(OBJECTS)))]
+    overlapping = sum(bool(x & y) for x, y in itertools.combinations(sets, 2))
+    assert overlapping / (len(sets) * (len(sets) - 1) / 2) < 0.01
+
+
+def test_wordpiece_trained_on_the_corpus_round_trips_and_matches_a_config(tmp_path):
+    sentences = [s.text for v in synthetic_corpus(50) for s in v.sentences]
+    tok = TextTokenizer.train(sentences, vocab_size=400)
+    assert [tok.token_id(s) for s in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    for text in sentences[:20]:
+        assert tok.decode(tok.encode(text)) == text
+    config = VideoBERTConfig.tiny(**tok.config_overrides())
+    tok.check_config(config)
+    with pytest.raises(ValueError, match="text_vocab_size=30522"):
+        tok.check_config(VideoBERTConfig.tiny())
+    reloaded = TextTokenizer.from_vocab(tok.save(tmp_path))
+    assert reloaded.vocab_size == tok.vocab_size and reloaded.encode(sentences[0]) == tok.encode(sentences[0])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextTokenizer.from_vocab(tmp_path / "missing.txt")
+    (tmp_path / "bad.txt").write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        TextTokenizer.from_vocab(tmp_path / "bad.txt")

@@ -1,0 +1,98 @@
+"""Video-and-text corpora in one shape: per video, a clip-level sequence of visual tokens (one per 1.5 s clip)
+and time-stamped sentences.
+
+`synthetic_corpus` is the embedded default (no download): seeded instructional "cooking videos" made of steps,
+each an (action, object) pair that yields a run of visual tokens (from a small pair-specific set, drifting to
+neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked words are predictable
+from the video and vice versa, and matched vs mismatched pairs are separable; every step keeps its ground truth
+(action, object, caption) for evaluation.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+CLIP_SECONDS = 1.5  # the paper's clips: 30 frames at 20 fps
+
+ACTIONS = ("cut", "pour", "stir", "fry", "bake", "peel", "mix", "boil", "slice", "grate", "whisk", "season")
+OBJECTS = ("onion", "tomato", "egg", "flour", "butter", "garlic", "carrot", "potato", "rice", "milk", "cheese",
+           "pepper", "chicken", "pasta", "sugar", "lemon")
+TEMPLATES = ("now {a} the {o}", "{a} the {o} carefully", "next we {a} some {o}", "then you {a} the {o}",
+             "let me show you how to {a} the {o}", "{a} the {o} for a minute")
+CHATTER = ("thanks for watching", "this is my favourite recipe", "my kitchen is a bit messy today",
+           "do not forget to subscribe", "it smells really good", "i got this pan last week")
+
+
+@dataclass
+class Sentence:
+    """A time-stamped sentence; `step` is the index of the step it describes (-1 for chatter)."""
+
+    start: float
+    end: float
+    text: str
+    step: int = -1
+
+
+@dataclass
+class Step:
+    """Ground truth of one step: what happens in clips [first_clip, last_clip] and the caption saying it."""
+
+    action: str
+    object: str
+    caption: str
+    first_clip: int
+    last_clip: int
+
+
+@dataclass
+class Video:
+    """One video: visual token per clip, sentences in time order, and (synthetic only) its steps."""
+
+    video_id: str
+    visual_tokens: list[int]
+    sentences: list[Sentence]
+    steps: list[Step] = field(default_factory=list)
+
+    def clips_between(self, start: float, end: float) -> list[int]:
+        """Visual tokens of the clips overlapping [start, end) seconds (at least one clip when in range)."""
+        first = int(start // CLIP_SECONDS)
+        last = max(first, int((end - 1e-9) // CLIP_SECONDS))
+        return self.visual_tokens[first:last + 1]
+
+
+def pair_tokens(action: int, obj: int, num_visual_tokens: int, per_pair: int = 4) -> list[int]:
+    """The visual tokens an (action, object) step shows: a fixed, pair-specific set spread over the vocabulary."""
+    rng = random.Random(1_000_003 * (action + 1) + obj)
+    return [rng.randrange(num_visual_tokens) for _ in range(per_pair)]
+
+
+def synthetic_corpus(num_videos: int, seed: int = 0, num_visual_tokens: int = 20736,
+                     chatter_prob: float = 0.2, drift_prob: float = 0.15) -> Iterator[Video]:
+    """`num_videos` synthetic videos, deterministic given `seed`, generated lazily (any size, constant memory)."""
+    if num_videos < 0 or num_visual_tokens < 2:
+        raise ValueError(f"num_videos must be >= 0 and num_visual_tokens >= 2, got {num_videos}, {num_visual_tokens}")
+    for index in range(num_videos):
+        rng = random.Random(f"{seed}/{index}")
+        tokens: list[int] = []
+        sentences: list[Sentence] = []
+        steps: list[Step] = []
+        for step_index in range(rng.randint(3, 8)):
+            a, o = rng.randrange(len(ACTIONS)), rng.randrange(len(OBJECTS))
+            vocabulary = pair_tokens(a, o, num_visual_tokens)
+            n_clips = rng.randint(3, 10)
+            first = len(tokens)
+            for _ in range(n_clips):
+                token = rng.choice(vocabulary)
+                if rng.random() < drift_prob:  # visual drift: a neighbouring visual word
+                    token = (token + rng.choice((-1, 1))) % num_visual_tokens
+                tokens.append(token)
+            caption = rng.choice(TEMPLATES).format(a=ACTIONS[a], o=OBJECTS[o])
+            steps.append(Step(ACTIONS[a], OBJECTS[o], caption, first, len(tokens) - 1))
+            start, end = first * CLIP_SECONDS, len(tokens) * CLIP_SECONDS
+            sentences.append(Sentence(start, end, caption, step_index))
+            if rng.random() < chatter_prob:  # unrelated speech over the end of the step
+                chat_start = start + (end - start) * rng.uniform(0.5, 0.9)
+                sentences.append(Sentence(chat_start, end, rng.choice(CHATTER)))
+        sentences.sort(key=lambda s: (s.start, s.end))
+        yield Video(f"synthetic-{seed}-{index:06d}", tokens, sentences, steps)

@@ -1,0 +1,87 @@
+"""Text tokenizer: BERT WordPiece through Hugging Face `tokenizers`, from a BERT `vocab.txt` or trained on a
+corpus' sentences. Its ids are the joint vocabulary's text ids [0, vocab_size); `config_overrides` and
+`check_config` tie it to a `VideoBERTConfig` (the visual ids and `[>]`/`[FEAT]` follow the text ids there).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Union
+
+from videobert.config import VideoBERTConfig
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_CONFIG_FIELDS = dict(zip(SPECIALS, ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id",
+                                     "mask_token_id")))
+
+
+class TextTokenizer:
+    """Lower-cased BERT WordPiece; `encode` gives word-piece ids without specials."""
+
+    def __init__(self, wordpiece):
+        self._tok = wordpiece
+        missing = [s for s in SPECIALS if wordpiece.token_to_id(s) is None]
+        if missing:
+            raise ValueError(f"the vocabulary lacks the special tokens {missing}")
+
+    @classmethod
+    def from_vocab(cls, path: Union[str, Path]) -> "TextTokenizer":
+        """Load a BERT `vocab.txt` (one word piece per line)."""
+        from tokenizers import BertWordPieceTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocabulary file {path} does not exist")
+        pieces = set(path.read_text(encoding="utf-8").splitlines())
+        missing = [s for s in SPECIALS if s not in pieces]
+        if missing:
+            raise ValueError(f"{path}: the vocabulary lacks the special tokens {missing}")
+        return cls(BertWordPieceTokenizer(str(path), lowercase=True))
+
+    @classmethod
+    def train(cls, sentences: Iterable[str], vocab_size: int = 1000) -> "TextTokenizer":
+        """Train a WordPiece vocabulary of at most `vocab_size` pieces on `sentences` (specials first)."""
+        from tokenizers import BertWordPieceTokenizer
+
+        tok = BertWordPieceTokenizer(lowercase=True)
+        tok.train_from_iterator(sentences, vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=1,
+                                show_progress=False)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of word pieces (specials included)."""
+        return self._tok.get_vocab_size()
+
+    def token_id(self, token: str) -> int:
+        """Id of a word piece or special; KeyError when absent."""
+        index = self._tok.token_to_id(token)
+        if index is None:
+            raise KeyError(token)
+        return index
+
+    def encode(self, text: str) -> list[int]:
+        """Word-piece ids of `text`, without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of word-piece ids (specials dropped, pieces joined)."""
+        return self._tok.decode(list(ids))
+
+    def save(self, folder: Union[str, Path]) -> Path:
+        """Write `vocab.txt` into `folder`; returns its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save_model(str(folder))
+        return folder / "vocab.txt"
+
+    def config_overrides(self) -> dict:
+        """`VideoBERTConfig` fields that make a config's text ids this vocabulary's."""
+        return {"text_vocab_size": self.vocab_size, **{_CONFIG_FIELDS[s]: self.token_id(s) for s in SPECIALS}}
+
+    def check_config(self, config: VideoBERTConfig) -> None:
+        """Raise ValueError unless `config` uses this vocabulary's size and special ids."""
+        wrong = {name: (getattr(config, name), value) for name, value in self.config_overrides().items()
+                 if getattr(config, name) != value}
+        if wrong:
+            details = ", ".join(f"{name}={got} (tokenizer: {want})" for name, (got, want) in sorted(wrong.items()))
+            raise ValueError(f"the model config does not match the text tokenizer: {details}")
