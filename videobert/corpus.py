@@ -67,32 +67,37 @@ def pair_tokens(action: int, obj: int, num_visual_tokens: int, per_pair: int = 4
     return [rng.randrange(num_visual_tokens) for _ in range(per_pair)]
 
 
-def synthetic_corpus(num_videos: int, seed: int = 0, num_visual_tokens: int = 20736,
-                     chatter_prob: float = 0.2, drift_prob: float = 0.15) -> Iterator[Video]:
+def synthetic_video(seed: int, index: int, num_visual_tokens: int = 20736, chatter_prob: float = 0.2,
+                    drift_prob: float = 0.15) -> Video:
+    """Video `index` of the synthetic corpus of `seed` (random access: each video has its own generator)."""
+    if num_visual_tokens < 2:
+        raise ValueError(f"num_visual_tokens must be >= 2, got {num_visual_tokens}")
+    rng = random.Random(f"{seed}/{index}")
+    tokens: list[int] = []
+    sentences: list[Sentence] = []
+    steps: list[Step] = []
+    for step_index in range(rng.randint(3, 8)):
+        a, o = rng.randrange(len(ACTIONS)), rng.randrange(len(OBJECTS))
+        vocabulary = pair_tokens(a, o, num_visual_tokens)
+        first = len(tokens)
+        for _ in range(rng.randint(3, 10)):
+            token = rng.choice(vocabulary)
+            if rng.random() < drift_prob:  # visual drift: a neighbouring visual word
+                token = (token + rng.choice((-1, 1))) % num_visual_tokens
+            tokens.append(token)
+        caption = rng.choice(TEMPLATES).format(a=ACTIONS[a], o=OBJECTS[o])
+        steps.append(Step(ACTIONS[a], OBJECTS[o], caption, first, len(tokens) - 1))
+        start, end = first * CLIP_SECONDS, len(tokens) * CLIP_SECONDS
+        sentences.append(Sentence(start, end, caption, step_index))
+        if rng.random() < chatter_prob:  # unrelated speech over the end of the step
+            sentences.append(Sentence(start + (end - start) * rng.uniform(0.5, 0.9), end, rng.choice(CHATTER)))
+    sentences.sort(key=lambda s: (s.start, s.end))
+    return Video(f"synthetic-{seed}-{index:06d}", tokens, sentences, steps)
+
+
+def synthetic_corpus(num_videos: int, seed: int = 0, **options) -> Iterator[Video]:
     """`num_videos` synthetic videos, deterministic given `seed`, generated lazily (any size, constant memory)."""
-    if num_videos < 0 or num_visual_tokens < 2:
-        raise ValueError(f"num_videos must be >= 0 and num_visual_tokens >= 2, got {num_videos}, {num_visual_tokens}")
+    if num_videos < 0:
+        raise ValueError(f"num_videos must be >= 0, got {num_videos}")
     for index in range(num_videos):
-        rng = random.Random(f"{seed}/{index}")
-        tokens: list[int] = []
-        sentences: list[Sentence] = []
-        steps: list[Step] = []
-        for step_index in range(rng.randint(3, 8)):
-            a, o = rng.randrange(len(ACTIONS)), rng.randrange(len(OBJECTS))
-            vocabulary = pair_tokens(a, o, num_visual_tokens)
-            n_clips = rng.randint(3, 10)
-            first = len(tokens)
-            for _ in range(n_clips):
-                token = rng.choice(vocabulary)
-                if rng.random() < drift_prob:  # visual drift: a neighbouring visual word
-                    token = (token + rng.choice((-1, 1))) % num_visual_tokens
-                tokens.append(token)
-            caption = rng.choice(TEMPLATES).format(a=ACTIONS[a], o=OBJECTS[o])
-            steps.append(Step(ACTIONS[a], OBJECTS[o], caption, first, len(tokens) - 1))
-            start, end = first * CLIP_SECONDS, len(tokens) * CLIP_SECONDS
-            sentences.append(Sentence(start, end, caption, step_index))
-            if rng.random() < chatter_prob:  # unrelated speech over the end of the step
-                chat_start = start + (end - start) * rng.uniform(0.5, 0.9)
-                sentences.append(Sentence(chat_start, end, rng.choice(CHATTER)))
-        sentences.sort(key=lambda s: (s.start, s.end))
-        yield Video(f"synthetic-{seed}-{index:06d}", tokens, sentences, steps)
+        yield synthetic_video(seed, index, **options)

@@ -1,0 +1,96 @@
+"""Samples and the packed-batch stream: layout, VTM labels, masking, packing invariants, determinism, resume,
+sharding."""
+import random
+
+import pytest
+import torch
+
+from videobert.config import VideoBERTConfig
+from videobert.corpus import synthetic_corpus
+from videobert.model import IGNORE_INDEX, VideoBERTForPretraining
+from videobert.samples import PretrainingStream, SampleOptions, build_samples, make_batch, synthetic_videos
+from videobert.text_tokenizer import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer.train((s.text for v in synthetic_corpus(50) for s in v.sentences), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def config(tokenizer):
+    return VideoBERTConfig.tiny(**tokenizer.config_overrides())
+
+
+def stream(tokenizer, config, **kw):
+    return PretrainingStream(synthetic_videos(seed=5, num_visual_tokens=config.num_visual_tokens), 64,
+                             tokenizer.encode, config, **kw)
+
+
+def test_samples_follow_the_paper_layout(tokenizer, config):
+    videos = list(synthetic_corpus(6, seed=2))
+    rng = random.Random(0)
+    samples = [s for v, o in zip(videos, videos[1:] + videos[:1])
+               for s in build_samples(v, o, tokenizer.encode, config, SampleOptions(max_tokens=40), rng)]
+    kinds = set()
+    for ids, types, vtm in samples:
+        assert ids[0] == config.cls_token_id and ids[-1] == config.sep_token_id and ids.numel() <= 40
+        join = (ids == config.join_token_id).nonzero().flatten()
+        assert join.numel() == 1
+        text, video = ids[1:join], ids[join + 1:-1]
+        assert (text < config.text_vocab_size).all() and (video >= config.visual_offset).all()
+        assert (types[:join + 1] == 0).all() and (types[join + 1:] == 1).all()
+        kinds.add(("text" if text.numel() else "") + ("video" if video.numel() else ""))
+        assert vtm in (0, 1, IGNORE_INDEX) and (vtm == IGNORE_INDEX) == (not (text.numel() and video.numel()))
+    assert kinds == {"text", "video", "textvideo"}
+    labels = [v for _, _, v in samples if v != IGNORE_INDEX]
+    assert 0 < sum(labels) < len(labels)  # matched and mismatched pairs both occur
+
+
+def test_batches_pack_every_sample_whole_and_mask_within_bounds(tokenizer, config):
+    videos = list(synthetic_corpus(8, seed=3))
+    batch, stats = make_batch(videos, tokenizer.encode, config, SampleOptions(max_tokens=64), 128, (1, 2))
+    cls = batch.input_ids == config.cls_token_id  # [CLS] is never masked
+    assert stats.samples == int((batch.segment_ids.unsqueeze(-1) == torch.arange(64)).any(1).sum())
+    assert batch.vtm_labels.numel() == stats.samples == int(cls.sum())
+    assert 0.5 < stats.efficiency <= 1 and stats.tokens == int((batch.segment_ids >= 0).sum())
+    for row in batch.segment_ids:  # samples are contiguous runs numbered 0, 1, ... then padding
+        ids = row[row >= 0]
+        assert torch.equal(ids, torch.sort(ids).values) and (row[ids.numel():] == -1).all()
+    masked = batch.mlm_labels != IGNORE_INDEX
+    rate = masked.sum() / (batch.segment_ids >= 0).sum()
+    assert 0.08 < rate < 0.22
+
+
+def test_stream_is_deterministic_resumable_and_sharded(tokenizer, config):
+    first = next(iter(stream(tokenizer, config, videos_per_batch=4)))[0]
+    it = iter(stream(tokenizer, config, videos_per_batch=4))
+    batches = [next(it)[0] for _ in range(5)]
+    assert torch.equal(first.input_ids, batches[0].input_ids)
+    resumed = stream(tokenizer, config, videos_per_batch=4)
+    replay = stream(tokenizer, config, videos_per_batch=4)
+    r = iter(replay)
+    for _ in range(3):
+        next(r)
+    resumed.load_state_dict(replay.state_dict())
+    assert torch.equal(next(iter(resumed))[0].input_ids, batches[3].input_ids)
+    # an epoch visits every run of videos once, split across ranks without overlap
+    runs = []
+    for rank in range(2):
+        s = stream(tokenizer, config, videos_per_batch=4, rank=rank, world_size=2)
+        assert s.batches_per_epoch == 8
+        runs += [(rank, s.batch(0, i)[0].input_ids.sum().item()) for i in range(s.batches_per_epoch)]
+    assert len({v for _, v in runs}) == len(runs)
+    with pytest.raises(ValueError, match="cannot resume: saved rank=1"):
+        stream(tokenizer, config).load_state_dict({"epoch": 0, "position": 1, "seed": 0, "rank": 1,
+                                                   "world_size": 1})
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
+        stream(tokenizer, config, rank=2, world_size=2)
+
+
+def test_a_model_trains_on_the_stream(tokenizer, config):
+    torch.manual_seed(0)
+    model = VideoBERTForPretraining(config)
+    batch, _ = next(iter(stream(tokenizer, config, videos_per_batch=4)))
+    out = model(**batch.model_inputs())
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad

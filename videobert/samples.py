@@ -1,0 +1,204 @@
+"""Training samples from videos, as in the VideoBERT paper, and a deterministic, resumable, sharded stream of
+packed batches.
+
+Per sentence (or a random run of 1 to `max_concat` neighbouring sentences): a joint sample
+`[CLS] text [>] video [SEP]` with the clips of its time span (subsampled with a random stride 1 to
+`max_stride`), matched or, with probability `negative_prob`, paired with a span of another video (VTM label
+0); or a text-only or video-only sample (VTM ignored), in the `mix` proportions. Masking: 15% of word pieces
+and visual tokens, 80/10/10. Batch b of a shard is built from a fixed run of that shard's videos with a
+generator seeded by (seed, epoch, b), so any position can be resumed without replaying the ones before it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from videobert.config import VideoBERTConfig
+from videobert.corpus import CLIP_SECONDS, Video, synthetic_video
+from videobert.data import PackedBatch, encode_sample, mask_tokens, pack_samples
+from videobert.model import IGNORE_INDEX
+
+
+@dataclass
+class SampleOptions:
+    """How samples are drawn from a video."""
+
+    mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # joint, text-only, video-only
+    negative_prob: float = 0.5
+    max_concat: int = 3
+    max_stride: int = 5
+    mask_prob: float = 0.15
+    max_tokens: int = 128  # a sample's budget, specials included; longer text/video is cut
+
+    def __post_init__(self) -> None:
+        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"mix must be three non-negative weights with a positive sum, got {self.mix}")
+        if not 0 <= self.negative_prob <= 1 or self.max_concat < 1 or self.max_stride < 1 or self.max_tokens < 4:
+            raise ValueError("need 0 <= negative_prob <= 1, max_concat >= 1, max_stride >= 1, max_tokens >= 4")
+
+
+def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
+                  options: SampleOptions, rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(input_ids, token_type_ids, vtm_label) of every sample drawn from `video`; `other` supplies negatives."""
+    samples = []
+    i = 0
+    while i < len(video.sentences):
+        run = video.sentences[i:i + rng.randint(1, options.max_concat)]
+        i += len(run)
+        text = [t for s in run for t in encode_text(s.text)]
+        start, end = run[0].start, max(s.end for s in run)
+        kind = rng.choices(("joint", "text", "video"), weights=options.mix)[0]
+        label = IGNORE_INDEX
+        source = video
+        if kind == "joint":
+            label = 1
+            if rng.random() < options.negative_prob and other.visual_tokens:
+                label, source = 0, other
+                shift = rng.uniform(0, max(0.0, len(other.visual_tokens) * CLIP_SECONDS - (end - start)))
+                start, end = shift, shift + (end - start)
+        clips = source.clips_between(start, end)[::rng.randint(1, options.max_stride)]
+        if kind == "text":
+            clips = []
+        if kind == "video":
+            text = []
+        budget = options.max_tokens - 3
+        text = text[:budget // 2] if clips else text[:budget]
+        clips = clips[:budget - len(text)]
+        if not text and not clips:
+            continue
+        ids, types = encode_sample(config, text, clips)
+        samples.append((ids, types, label))
+    return samples
+
+
+@dataclass
+class BatchStats:
+    """What one batch holds: samples, rows, and the share of row positions that are real tokens."""
+
+    samples: int
+    rows: int
+    tokens: int
+    efficiency: float
+
+
+def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
+               options: SampleOptions, row_length: int, seed: Sequence[int]) -> tuple[PackedBatch, BatchStats]:
+    """Pack every sample of `videos` into rows of `row_length` (no sample split, none dropped), masked."""
+    rng = random.Random("/".join(map(str, seed)))
+    samples = []
+    for index, video in enumerate(videos):
+        other = videos[(index + 1) % len(videos)] if len(videos) > 1 else video
+        samples += build_samples(video, other, encode_text, config, options, rng)
+    if not samples:
+        raise ValueError("the videos of this batch yield no samples (no sentences and no clips)")
+    input_ids, token_types, segment_ids = pack_samples([(ids, types) for ids, types, _ in samples], row_length,
+                                                       config.pad_token_id)
+    gen = torch.Generator().manual_seed(rng.getrandbits(62))
+    masked, labels = mask_tokens(config, input_ids, token_types, options.mask_prob, gen)
+    # VTM labels go in [CLS] order, which is row-major over the packed rows.
+    order = _cls_order(segment_ids, samples, row_length)
+    vtm = torch.tensor([samples[i][2] for i in order], dtype=torch.long)
+    tokens = int((segment_ids >= 0).sum())
+    stats = BatchStats(len(samples), input_ids.shape[0], tokens, tokens / max(1, input_ids.numel()))
+    return PackedBatch(masked, token_types, segment_ids, labels, vtm), stats
+
+
+def _cls_order(segment_ids: torch.Tensor, samples, row_length: int) -> list[int]:
+    """Sample indices in row-major [CLS] order, replaying pack_samples' first-fit placement."""
+    room: list[int] = []
+    rows: list[list[int]] = []
+    for index, (ids, _, _) in enumerate(samples):
+        n = ids.numel()
+        target = next((r for r, free in enumerate(room) if free >= n), None)
+        if target is None:
+            rows.append([])
+            room.append(row_length)
+            target = len(rows) - 1
+        rows[target].append(index)
+        room[target] -= n
+    return [index for row in rows for index in row]
+
+
+@dataclass
+class PretrainingStream:
+    """Packed batches from a corpus: deterministic given `seed`, resumable at any batch, sharded by rank.
+
+    `videos(start, stop)` returns the corpus' videos [start, stop) (a synthetic generator or a real loader);
+    shard `rank` of `world_size` takes every world_size-th run of `videos_per_batch` videos.
+    """
+
+    videos: Callable[[int, int], Sequence[Video]]
+    num_videos: int
+    encode_text: Callable[[str], list[int]]
+    config: VideoBERTConfig
+    options: SampleOptions = field(default_factory=SampleOptions)
+    row_length: int = 128
+    videos_per_batch: int = 8
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    position: int = 0  # next batch index within the epoch
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.videos_per_batch < 1 or self.num_videos < 1:
+            raise ValueError("videos_per_batch and num_videos must be >= 1")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this shard yields per epoch (runs of videos beyond an even split across ranks are dropped)."""
+        runs = self.num_videos // self.videos_per_batch
+        return runs // self.world_size
+
+    def batch(self, epoch: int, index: int) -> tuple[PackedBatch, BatchStats]:
+        """Batch `index` of `epoch` of this shard, independent of any other."""
+        order = random.Random(f"{self.seed}/epoch/{epoch}")
+        runs = list(range(self.num_videos // self.videos_per_batch))
+        order.shuffle(runs)
+        run = runs[index * self.world_size + self.rank]
+        start = run * self.videos_per_batch
+        videos = self.videos(start, start + self.videos_per_batch)
+        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length,
+                          (self.seed, epoch, index, self.rank))
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, BatchStats]]:
+        """Batches from the saved position on, epoch after epoch (advancing the position as it goes)."""
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.num_videos} videos make no batch of {self.videos_per_batch} per rank")
+        while True:
+            while self.position < self.batches_per_epoch:
+                item = self.batch(self.epoch, self.position)
+                self.position += 1
+                yield item
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """Where the stream is: enough to resume exactly."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position (the seed and sharding must match)."""
+        for key in ("seed", "rank", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: saved {key}={state[key]}, this stream has {getattr(self, key)}")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def synthetic_videos(seed: int = 0, num_visual_tokens: int = 20736) -> Callable[[int, int], list[Video]]:
+    """`videos(start, stop)` over the embedded synthetic corpus (each video generated on demand)."""
+    def videos(start: int, stop: int) -> list[Video]:
+        return [synthetic_video(seed, i, num_visual_tokens) for i in range(start, stop)]
+    return videos
+
+
+def sentences_of(videos: Iterable[Video]) -> Iterator[str]:
+    """Every sentence text of `videos` (to train a text tokenizer on)."""
+    for video in videos:
+        for sentence in video.sentences:
+            yield sentence.text
