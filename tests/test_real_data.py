@@ -1,0 +1,97 @@
+"""Real-data folder: parsing jsonl/srt/vtt, streaming videos, and an error naming the file for each bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from videobert.real_data import DataError, VideoFolder, read_sentences
+
+SRT = """1
+00:00:01,000 --> 00:00:03,500
+now cut the onion
+
+2
+00:00:04,000 --> 00:00:06,000
+then <i>fry</i> it
+in butter
+"""
+VTT = """WEBVTT
+
+intro
+00:01.000 --> 00:03.500 align:start
+now cut the onion
+
+01:00:04.000 --> 01:00:06.000
+then fry it
+"""
+
+
+def write_video(root, video_id, clips=6, dim=4, sentences=None, tokens=True):
+    (root / "features").mkdir(parents=True, exist_ok=True)
+    (root / "text").mkdir(exist_ok=True)
+    np.save(root / "features" / f"{video_id}.npy", np.random.default_rng(0).normal(size=(clips, dim)).astype("f4"))
+    if tokens:
+        (root / "tokens").mkdir(exist_ok=True)
+        np.save(root / "tokens" / f"{video_id}.npy", np.arange(clips))
+    lines = sentences or [{"start": 0.0, "end": 2.0, "text": "cut the onion"}, {"start": 2.5, "end": 6, "text": "fry"}]
+    (root / "text" / f"{video_id}.jsonl").write_text("\n".join(json.dumps(s) for s in lines) + "\n")
+
+
+def test_subtitles_parse_into_sentences(tmp_path):
+    (tmp_path / "a.srt").write_text(SRT)
+    (tmp_path / "a.vtt").write_text(VTT)
+    srt = read_sentences(tmp_path / "a.srt")
+    assert [(s.start, s.end, s.text) for s in srt] == [(1.0, 3.5, "now cut the onion"), (4.0, 6.0, "then fry it in butter")]
+    vtt = read_sentences(tmp_path / "a.vtt")
+    assert [(s.start, s.end) for s in vtt] == [(1.0, 3.5), (3604.0, 3606.0)]
+
+
+def test_folder_streams_videos(tmp_path):
+    for name in ("b", "a"):
+        write_video(tmp_path, name)
+    folder = VideoFolder(tmp_path)
+    assert folder.ids == ["a", "b"] and len(folder) == 2
+    video = folder.videos(0, 5)[1]
+    assert video.video_id == "b" and video.visual_tokens == list(range(6))
+    assert [s.text for s in video.sentences] == ["cut the onion", "fry"]
+    assert video.clips_between(0.0, 2.0) == [0, 1]
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"start": 0, "end": 1, "text": "a"}\n{"start": 0.5, "end": 2, "text": "b"}', "before the previous sentence ends"),
+    ('{"start": -1, "end": 1, "text": "a"}', "needs 0 <= start < end"),
+    ('{"start": 2, "end": 1, "text": "a"}', "needs 0 <= start < end"),
+    ('{"start": 0, "end": 1, "text": "a"}\n{"start": 2, "end": 3, "text": oops}', r"v\.jsonl:2: expected"),
+    ('{"start": 0, "text": "a"}', r"v\.jsonl:1: expected"),
+])
+def test_bad_sentences_name_file_and_line(tmp_path, content, match):
+    (tmp_path / "v.jsonl").write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_sentences(tmp_path / "v.jsonl")
+
+
+def test_bad_folders_and_features_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="data folder does not exist"):
+        VideoFolder(tmp_path / "nope")
+    with pytest.raises(DataError, match="neither tokens/ nor features/"):
+        VideoFolder(tmp_path)
+    write_video(tmp_path, "a", dim=4, tokens=False)
+    write_video(tmp_path, "b", dim=5, tokens=False)
+    folder = VideoFolder(tmp_path)
+    folder.features("a")
+    with pytest.raises(DataError, match=r"b\.npy: feature dimension 5, expected 4"):
+        folder.features("b")
+    np.save(tmp_path / "features" / "c.npy", np.zeros((3,), "f4"))
+    with pytest.raises(DataError, match=r"c\.npy: expected a non-empty float \(clips, F\) array"):
+        folder.features("c")
+    with pytest.raises(DataError, match="tokenize the features first"):
+        folder.video(0)
+    (tmp_path / "text" / "a.jsonl").unlink()
+    with pytest.raises(DataError, match="no sentence file for video a"):
+        folder.sentence_file("a")
+    with pytest.raises(DataError, match="unknown sentence format"):
+        (tmp_path / "x.txt").write_text("hi")
+        read_sentences(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="bad timestamp"):
+        (tmp_path / "y.srt").write_text("1\n00:00:xx,000 --> 00:00:01,000\nhi\n")
+        read_sentences(tmp_path / "y.srt")

@@ -1,0 +1,151 @@
+"""Real videos on disk, as the paper prepared them: clip features (one vector per 1.5 s clip) or visual tokens,
+and time-stamped sentences. Streams one video at a time; never holds the corpus in memory.
+
+Layout of a data folder:
+
+    features/<id>.npy   float32 (clips, F) clip features (from `videobert extract-features`)
+    tokens/<id>.npy     int64 (clips,) visual tokens (from `videobert tokenize-video`); preferred when present
+    text/<id>.jsonl     one {"start": s, "end": s, "text": "..."} per line, or text/<id>.srt / text/<id>.vtt
+
+Video ids are the stems under `tokens/` (else `features/`), sorted. Every error names the file (and line).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from videobert.corpus import Sentence, Video
+
+_TIME = re.compile(r"(?:(\d+):)?(\d{1,2}):(\d{2})[.,](\d{3})")
+
+
+class DataError(ValueError):
+    """Bad data on disk; the message names the file (and line)."""
+
+
+def _seconds(stamp: str, where: str) -> float:
+    match = _TIME.fullmatch(stamp.strip())
+    if match is None:
+        raise DataError(f"{where}: bad timestamp {stamp.strip()!r} (expected [hh:]mm:ss.mmm)")
+    hours, minutes, seconds, millis = match.groups()
+    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
+
+
+def _check_times(sentences: list[Sentence], path: Path) -> list[Sentence]:
+    previous_end = 0.0
+    for index, s in enumerate(sentences):
+        where = f"{path}: sentence {index + 1} ({s.text[:30]!r})"
+        if s.start < 0 or s.end <= s.start:
+            raise DataError(f"{where}: needs 0 <= start < end, got start={s.start}, end={s.end}")
+        if s.start < previous_end - 1e-6:
+            raise DataError(f"{where}: starts at {s.start}, before the previous sentence ends ({previous_end})")
+        previous_end = s.end
+    return sentences
+
+
+def read_sentences(path: Union[str, Path]) -> list[Sentence]:
+    """Time-stamped sentences of a `.jsonl`, `.srt` or `.vtt` file, in time order, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: sentence file does not exist")
+    text = path.read_text(encoding="utf-8")
+    sentences: list[Sentence] = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                sentences.append(Sentence(float(record["start"]), float(record["end"]), str(record["text"]).strip()))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{path}:{number}: expected {{\"start\": s, \"end\": s, \"text\": ...}} "
+                                f"({type(exc).__name__}: {exc})") from exc
+    elif path.suffix in (".srt", ".vtt"):
+        lines = text.splitlines()
+        for number, line in enumerate(lines, 1):
+            if "-->" not in line:
+                continue
+            left, right = line.split("-->", 1)
+            where = f"{path}:{number}"
+            start, end = _seconds(left, where), _seconds(right.split()[0] if right.split() else "", where)
+            cue = []
+            for following in lines[number:]:
+                if not following.strip():
+                    break
+                cue.append(re.sub(r"<[^>]+>", "", following).strip())
+            if cue:
+                sentences.append(Sentence(start, end, " ".join(cue)))
+    else:
+        raise DataError(f"{path}: unknown sentence format (use .jsonl, .srt or .vtt)")
+    return _check_times(sentences, path)
+
+
+class VideoFolder:
+    """The videos of a data folder (layout in the module docstring), loaded one at a time."""
+
+    def __init__(self, root: Union[str, Path], feature_dim: Optional[int] = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: data folder does not exist")
+        source = self.root / "tokens" if (self.root / "tokens").is_dir() else self.root / "features"
+        if not source.is_dir():
+            raise DataError(f"{self.root}: neither tokens/ nor features/ exists")
+        self.uses_tokens = source.name == "tokens"
+        self.ids = sorted(p.stem for p in source.glob("*.npy"))
+        if not self.ids:
+            raise DataError(f"{source}: no .npy files")
+        self.feature_dim = feature_dim
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sentence_file(self, video_id: str) -> Path:
+        """The sentence file of a video (jsonl, srt or vtt)."""
+        for suffix in (".jsonl", ".srt", ".vtt"):
+            path = self.root / "text" / f"{video_id}{suffix}"
+            if path.is_file():
+                return path
+        raise DataError(f"{self.root / 'text' / video_id}.{{jsonl,srt,vtt}}: no sentence file for video {video_id}")
+
+    def features(self, video_id: str) -> np.ndarray:
+        """(clips, F) float32 features of a video, checked against the folder's feature dimension."""
+        path = self.root / "features" / f"{video_id}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: feature file does not exist")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+        if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.floating):
+            raise DataError(f"{path}: expected a non-empty float (clips, F) array, got {array.dtype} {array.shape}")
+        if self.feature_dim is None:
+            self.feature_dim = array.shape[1]
+        elif array.shape[1] != self.feature_dim:
+            raise DataError(f"{path}: feature dimension {array.shape[1]}, expected {self.feature_dim} "
+                            "(as the other videos / the visual tokenizer)")
+        return array.astype(np.float32, copy=False)
+
+    def tokens(self, video_id: str) -> list[int]:
+        """Visual tokens of a video (from tokens/)."""
+        path = self.root / "tokens" / f"{video_id}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: token file does not exist (run `videobert tokenize-video`)")
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or (array < 0).any():
+            raise DataError(f"{path}: expected a 1-D array of non-negative integers, got {array.dtype} {array.shape}")
+        return array.astype(np.int64).tolist()
+
+    def video(self, index: int) -> Video:
+        """Video `index` with its visual tokens and sentences."""
+        video_id = self.ids[index]
+        if not self.uses_tokens:
+            raise DataError(f"{self.root}: tokens/ is missing; tokenize the features first (videobert tokenize-video)")
+        return Video(video_id, self.tokens(video_id), read_sentences(self.sentence_file(video_id)))
+
+    def videos(self, start: int, stop: int) -> list[Video]:
+        """Videos [start, stop) (the `videos` callable of `PretrainingStream`)."""
+        return [self.video(i) for i in range(start, min(stop, len(self.ids)))]
