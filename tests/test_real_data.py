@@ -95,3 +95,23 @@ def test_bad_folders_and_features_name_the_file(tmp_path):
     with pytest.raises(DataError, match="bad timestamp"):
         (tmp_path / "y.srt").write_text("1\n00:00:xx,000 --> 00:00:01,000\nhi\n")
         read_sentences(tmp_path / "y.srt")
+
+
+def test_tokenize_video_command_writes_tokens_and_reuses_the_tokenizer(tmp_path):
+    from videobert.cli import main
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 6)) * 20
+    for index in range(5):
+        write_video(tmp_path, f"v{index}", tokens=False)
+        clips = centres[rng.integers(0, 4, size=12)] + 0.01 * rng.normal(size=(12, 6))
+        np.save(tmp_path / "features" / f"v{index}.npy", clips.astype("f4"))
+    args = ["tokenize-video", str(tmp_path), "--levels", "2", "--branching", "2", "--iterations", "5"]
+    assert main(args) == 0
+    first = {p.name: np.load(p) for p in (tmp_path / "tokens").glob("*.npy")}
+    assert sorted(first) == [f"v{i}.npy" for i in range(5)] and (tmp_path / "visual_tokenizer.pt").exists()
+    assert all(a.dtype == np.int64 and a.shape == (12,) and a.max() < 4 for a in first.values())
+    assert main(args) == 0  # loads the saved tokenizer: same tokens
+    assert all(np.array_equal(np.load(tmp_path / "tokens" / name), a) for name, a in first.items())
+    video = VideoFolder(tmp_path).video(0)
+    assert video.visual_tokens == first["v0.npy"].tolist()

@@ -1,9 +1,11 @@
-"""The `videobert` command line: `info` (backends and versions) and `demo` (the encoder end to end)."""
+"""The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end) and
+`tokenize-video` (clip features to visual tokens)."""
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,6 +62,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize_video(args: argparse.Namespace) -> int:
+    from videobert.visual_tokenizer import tokenize_folder
+
+    tokenizer = args.tokenizer or str(Path(args.data_dir) / "visual_tokenizer.pt")
+    tokenize_folder(args.data_dir, tokenizer, fit=args.fit, max_fit_clips=args.max_fit_clips, levels=args.levels,
+                    branching=args.branching, iterations=args.iterations, seed=args.seed)
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `videobert` command."""
     parser = argparse.ArgumentParser(prog="videobert", description=__doc__)
@@ -73,6 +84,17 @@ def main(argv=None) -> int:
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    tok = sub.add_parser("tokenize-video", help="turn DATA_DIR/features/*.npy into DATA_DIR/tokens/*.npy with "
+                                                 "hierarchical k-means (fitted first if needed)")
+    tok.add_argument("data_dir")
+    tok.add_argument("--tokenizer", help="tokenizer file (default DATA_DIR/visual_tokenizer.pt)")
+    tok.add_argument("--fit", action="store_true", help="fit (and overwrite) the tokenizer even if it exists")
+    tok.add_argument("--max-fit-clips", type=int, default=200_000)
+    tok.add_argument("--levels", type=int, default=4)
+    tok.add_argument("--branching", type=int, default=12)
+    tok.add_argument("--iterations", type=int, default=20)
+    tok.add_argument("--seed", type=int, default=0)
+    tok.set_defaults(func=_tokenize_video)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -84,6 +84,22 @@ def read_sentences(path: Union[str, Path]) -> list[Sentence]:
     return _check_times(sentences, path)
 
 
+def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
+    """(clips, F) float32 clip features of a .npy file; F must equal `feature_dim` when given."""
+    if not path.is_file():
+        raise DataError(f"{path}: feature file does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+    if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{path}: expected a non-empty float (clips, F) array, got {array.dtype} {array.shape}")
+    if feature_dim is not None and array.shape[1] != feature_dim:
+        raise DataError(f"{path}: feature dimension {array.shape[1]}, expected {feature_dim} "
+                        "(as the other videos / the visual tokenizer)")
+    return array.astype(np.float32, copy=False)
+
+
 class VideoFolder:
     """The videos of a data folder (layout in the module docstring), loaded one at a time."""
 
@@ -113,21 +129,9 @@ class VideoFolder:
 
     def features(self, video_id: str) -> np.ndarray:
         """(clips, F) float32 features of a video, checked against the folder's feature dimension."""
-        path = self.root / "features" / f"{video_id}.npy"
-        if not path.is_file():
-            raise DataError(f"{path}: feature file does not exist")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
-        if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.floating):
-            raise DataError(f"{path}: expected a non-empty float (clips, F) array, got {array.dtype} {array.shape}")
-        if self.feature_dim is None:
-            self.feature_dim = array.shape[1]
-        elif array.shape[1] != self.feature_dim:
-            raise DataError(f"{path}: feature dimension {array.shape[1]}, expected {self.feature_dim} "
-                            "(as the other videos / the visual tokenizer)")
-        return array.astype(np.float32, copy=False)
+        array = read_features(self.root / "features" / f"{video_id}.npy", self.feature_dim)
+        self.feature_dim = array.shape[1]
+        return array
 
     def tokens(self, video_id: str) -> list[int]:
         """Visual tokens of a video (from tokens/)."""

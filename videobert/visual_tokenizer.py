@@ -167,3 +167,54 @@ class HierarchicalKMeans:
             raise ValueError(f"{path}: centroid shapes do not match levels={tok.levels}, branching={k}")
         tok.centroids = [c.float().to(device) for c in centroids]
         return tok
+
+
+def tokenize_folder(root: Union[str, Path], tokenizer_path: Union[str, Path], fit: bool = False,
+                    max_fit_clips: int = 200_000, levels: int = 4, branching: int = 12, iterations: int = 20,
+                    seed: int = 0, log=print) -> HierarchicalKMeans:
+    """Write tokens/<id>.npy for every features/<id>.npy of a data folder (see `videobert.real_data`), with the
+    tokenizer at `tokenizer_path`, fitted first (on up to `max_fit_clips` clips, spread over the videos, and
+    saved there) when `fit` or when the file does not exist."""
+    import numpy as np
+
+    from videobert.real_data import DataError, read_features
+
+    root, tokenizer_path = Path(root), Path(tokenizer_path)
+    features_dir = root / "features"
+    ids = sorted(p.stem for p in features_dir.glob("*.npy"))
+    if not ids:
+        raise DataError(f"{features_dir}: no .npy feature files")
+    dim = None
+
+    def features(video_id: str) -> torch.Tensor:
+        nonlocal dim
+        array = read_features(features_dir / f"{video_id}.npy", dim)
+        dim = array.shape[1]
+        return torch.from_numpy(array)
+
+    if fit or not tokenizer_path.exists():
+        per_video = max(1, max_fit_clips // len(ids))
+        gen = torch.Generator().manual_seed(seed)
+        parts = []
+        for video_id in ids:
+            x = features(video_id)
+            keep = torch.randperm(x.shape[0], generator=gen)[:per_video]
+            parts.append(x[keep.sort().values])
+        fit_on = torch.cat(parts)
+        log(f"fitting {levels} x {branching} hierarchical k-means on {fit_on.shape[0]} clips of {len(ids)} videos")
+        tokenizer = HierarchicalKMeans(levels, branching, iterations, seed).fit(fit_on)
+        tokenizer.save(tokenizer_path)
+    else:
+        tokenizer = HierarchicalKMeans.load(tokenizer_path)
+        dim = tokenizer.feature_dim
+    out_dir = root / "tokens"
+    out_dir.mkdir(exist_ok=True)
+    for count, video_id in enumerate(ids, 1):
+        tokens = tokenizer.encode(features(video_id)).cpu().numpy()
+        tmp = out_dir / f".{video_id}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+        os.replace(tmp, out_dir / f"{video_id}.npy")
+        if count % 100 == 0 or count == len(ids):
+            log(f"tokenized {count}/{len(ids)} videos")
+    return tokenizer
