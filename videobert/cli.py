@@ -1,5 +1,5 @@
 """The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end) and
-`tokenize-video` (clip features to visual tokens)."""
+`extract-features` (raw video to clip features) and `tokenize-video` (clip features to visual tokens)."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,15 @@ def _tokenize_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_features(args: argparse.Namespace) -> int:
+    from videobert.features import extract_features, load_backbone
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    extract_features(args.video_dir, args.out, load_backbone(args.backbone), size=args.size,
+                     batch_size=args.batch_size, device=device)
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `videobert` command."""
     parser = argparse.ArgumentParser(prog="videobert", description=__doc__)
@@ -95,6 +104,15 @@ def main(argv=None) -> int:
     tok.add_argument("--iterations", type=int, default=20)
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_tokenize_video)
+    ext = sub.add_parser("extract-features", help="decode VIDEO_DIR's videos at 20 fps into 1.5 s clips and write "
+                                                   "one (clips, F) .npy of backbone features per video")
+    ext.add_argument("video_dir")
+    ext.add_argument("--out", required=True)
+    ext.add_argument("--backbone", default="s3d", help="'s3d' (torchvision) or package.module:factory")
+    ext.add_argument("--size", type=int, default=224)
+    ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--device", default="auto")
+    ext.set_defaults(func=_extract_features)
     args = parser.parse_args(argv)
     return args.func(args)
 
