@@ -1,4 +1,4 @@
-"""The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end) and
+"""The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end),
 `extract-features` (raw video to clip features) and `tokenize-video` (clip features to visual tokens)."""
 from __future__ import annotations
 
