@@ -94,3 +94,15 @@ def test_a_model_trains_on_the_stream(tokenizer, config):
     batch, _ = next(iter(stream(tokenizer, config, videos_per_batch=4)))
     out = model(**batch.model_inputs())
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+
+
+def test_dataloader_workers_yield_the_stream_in_order(tokenizer, config):
+    from videobert.samples import BatchDataset
+
+    s = stream(tokenizer, config, videos_per_batch=4)
+    s.load_state_dict({**s.state_dict(), "epoch": 0, "position": 14})  # spans the epoch boundary (16 per epoch)
+    loader = torch.utils.data.DataLoader(BatchDataset(s, num_batches=5), batch_size=None, num_workers=2)
+    got = [(epoch, index, batch.input_ids) for epoch, index, batch, _ in loader]
+    assert [(e, i) for e, i, _ in got] == [(0, 14), (0, 15), (1, 0), (1, 1), (1, 2)]
+    for epoch, index, ids in got:
+        assert torch.equal(ids, s.batch(epoch, index)[0].input_ids)

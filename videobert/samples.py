@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -188,6 +188,29 @@ class PretrainingStream:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: saved {key}={state[key]}, this stream has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+class BatchDataset(torch.utils.data.IterableDataset):
+    """A stream's batches for a `torch.utils.data.DataLoader(batch_size=None, num_workers=W)`: from the stream's
+    saved position on, worker w builds every W-th batch, so the loader yields them in stream order. Items are
+    (epoch, index, batch, stats): the consumer saves (epoch, index + 1) as the position to resume from."""
+
+    def __init__(self, stream: PretrainingStream, num_batches: Optional[int] = None):
+        super().__init__()
+        self.stream, self.num_batches = stream, num_batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        per_epoch = self.stream.batches_per_epoch
+        if per_epoch == 0:
+            raise ValueError("the stream has no batch per epoch on this rank")
+        start = self.stream.epoch * per_epoch + self.stream.position
+        step = worker
+        while self.num_batches is None or step < self.num_batches:
+            epoch, index = divmod(start + step, per_epoch)
+            yield (epoch, index, *self.stream.batch(epoch, index))
+            step += workers
 
 
 def synthetic_videos(seed: int = 0, num_visual_tokens: int = 20736) -> Callable[[int, int], list[Video]]:
