@@ -115,3 +115,9 @@ def test_tokenize_video_command_writes_tokens_and_reuses_the_tokenizer(tmp_path)
     assert all(np.array_equal(np.load(tmp_path / "tokens" / name), a) for name, a in first.items())
     video = VideoFolder(tmp_path).video(0)
     assert video.visual_tokens == first["v0.npy"].tolist()
+
+
+def test_folder_with_features_for_the_continuous_mode(tmp_path):
+    write_video(tmp_path, "a", clips=5, dim=3, tokens=False)
+    video = VideoFolder(tmp_path, with_features=True).video(0)
+    assert video.features.shape == (5, 3) and len(video.visual_tokens) == 5

@@ -33,7 +33,7 @@ def test_samples_follow_the_paper_layout(tokenizer, config):
     samples = [s for v, o in zip(videos, videos[1:] + videos[:1])
                for s in build_samples(v, o, tokenizer.encode, config, SampleOptions(max_tokens=40), rng)]
     kinds = set()
-    for ids, types, vtm in samples:
+    for ids, types, vtm, _ in samples:
         assert ids[0] == config.cls_token_id and ids[-1] == config.sep_token_id and ids.numel() <= 40
         join = (ids == config.join_token_id).nonzero().flatten()
         assert join.numel() == 1
@@ -43,7 +43,7 @@ def test_samples_follow_the_paper_layout(tokenizer, config):
         kinds.add(("text" if text.numel() else "") + ("video" if video.numel() else ""))
         assert vtm in (0, 1, IGNORE_INDEX) and (vtm == IGNORE_INDEX) == (not (text.numel() and video.numel()))
     assert kinds == {"text", "video", "textvideo"}
-    labels = [v for _, _, v in samples if v != IGNORE_INDEX]
+    labels = [s[2] for s in samples if s[2] != IGNORE_INDEX]
     assert 0 < sum(labels) < len(labels)  # matched and mismatched pairs both occur
 
 
@@ -106,3 +106,22 @@ def test_dataloader_workers_yield_the_stream_in_order(tokenizer, config):
     assert [(e, i) for e, i, _ in got] == [(0, 14), (0, 15), (1, 0), (1, 1), (1, 2)]
     for epoch, index, ids in got:
         assert torch.equal(ids, s.batch(epoch, index)[0].input_ids)
+
+
+def test_continuous_feature_mode(tokenizer):
+    config = VideoBERTConfig.tiny(**tokenizer.config_overrides(), video_feature_dim=12)
+    s = PretrainingStream(synthetic_videos(seed=5, num_visual_tokens=config.num_visual_tokens, feature_dim=12), 16,
+                          tokenizer.encode, config, options=SampleOptions(continuous=True), videos_per_batch=4)
+    batch, _ = s.batch(0, 0)
+    feat = batch.input_ids == config.feature_token_id
+    assert feat.any() and not (batch.input_ids >= config.visual_offset).any()  # no visual tokens, only [FEAT]
+    assert batch.video_features.shape == (*batch.input_ids.shape, 12)
+    assert (batch.video_features[feat].abs().sum(-1) > 0).all() and (batch.video_features[~feat] == 0).all()
+    masked = batch.mlm_labels != IGNORE_INDEX
+    assert masked.any() and (batch.token_type_ids[masked] == 0).all()  # text masking only
+    torch.manual_seed(0)
+    out = VideoBERTForPretraining(config)(**batch.model_inputs())
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="has no clip features; continuous mode needs them"):
+        PretrainingStream(synthetic_videos(seed=5), 16, tokenizer.encode, config,
+                          options=SampleOptions(continuous=True), videos_per_batch=4).batch(0, 0)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
+
+import torch
 
 CLIP_SECONDS = 1.5  # the paper's clips: 30 frames at 20 fps
 
@@ -47,18 +49,32 @@ class Step:
 
 @dataclass
 class Video:
-    """One video: visual token per clip, sentences in time order, and (synthetic only) its steps."""
+    """One video: visual token per clip, sentences in time order, (synthetic only) its steps, and (continuous-
+    feature mode only) a (clips, F) feature tensor."""
 
     video_id: str
     visual_tokens: list[int]
     sentences: list[Sentence]
     steps: list[Step] = field(default_factory=list)
+    features: Optional[torch.Tensor] = None
 
-    def clips_between(self, start: float, end: float) -> list[int]:
-        """Visual tokens of the clips overlapping [start, end) seconds (at least one clip when in range)."""
+    def clip_range(self, start: float, end: float) -> range:
+        """Indices of the clips overlapping [start, end) seconds (at least one clip when in range)."""
         first = int(start // CLIP_SECONDS)
         last = max(first, int((end - 1e-9) // CLIP_SECONDS))
-        return self.visual_tokens[first:last + 1]
+        return range(first, min(last + 1, len(self.visual_tokens)))
+
+    def clips_between(self, start: float, end: float) -> list[int]:
+        """Visual tokens of the clips overlapping [start, end) seconds."""
+        return [self.visual_tokens[i] for i in self.clip_range(start, end)]
+
+
+def token_features(tokens: list[int], dim: int, noise: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """(clips, dim) clip features for synthetic tokens: a fixed random vector per token plus noise, so that the
+    continuous-feature mode sees the same structure as the token mode."""
+    table = {t: torch.randn(dim, generator=torch.Generator().manual_seed(t)) for t in set(tokens)}
+    base = torch.stack([table[t] for t in tokens]) if tokens else torch.zeros(0, dim)
+    return base + noise * torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
 
 
 def pair_tokens(action: int, obj: int, num_visual_tokens: int, per_pair: int = 4) -> list[int]:

@@ -23,21 +23,27 @@ class PackedBatch:
     segment_ids: torch.Tensor
     mlm_labels: torch.Tensor
     vtm_labels: torch.Tensor
+    video_features: Optional[torch.Tensor] = None  # (B, L, F), read at [FEAT] positions (continuous mode)
 
     def to(self, device) -> "PackedBatch":
         """The same batch on `device`."""
-        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
-                                                    self.mlm_labels, self.vtm_labels)))
+        return PackedBatch(*(None if t is None else t.to(device) for t in (
+            self.input_ids, self.token_type_ids, self.segment_ids, self.mlm_labels, self.vtm_labels,
+            self.video_features)))
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""
-        return dict(input_ids=self.input_ids, token_type_ids=self.token_type_ids, segment_ids=self.segment_ids,
-                    mlm_labels=self.mlm_labels, vtm_labels=self.vtm_labels)
+        inputs = dict(input_ids=self.input_ids, token_type_ids=self.token_type_ids, segment_ids=self.segment_ids,
+                      mlm_labels=self.mlm_labels, vtm_labels=self.vtm_labels)
+        if self.video_features is not None:
+            inputs["video_features"] = self.video_features
+        return inputs
 
 
-def encode_sample(config: VideoBERTConfig, text_ids: Sequence[int],
-                  visual_tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, token_type_ids) of `[CLS] text [>] video [SEP]`; visual_tokens are in [0, num_visual_tokens)."""
+def encode_sample(config: VideoBERTConfig, text_ids: Sequence[int], visual_tokens: Sequence[int],
+                  as_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, token_type_ids) of `[CLS] text [>] video [SEP]`; visual_tokens are in [0, num_visual_tokens).
+    With `as_features`, each clip is a `[FEAT]` position instead (its feature vector goes in separately)."""
     text = torch.as_tensor(list(text_ids), dtype=torch.long)
     video = torch.as_tensor(list(visual_tokens), dtype=torch.long)
     if text.numel() and not bool(((text >= 0) & (text < config.text_vocab_size)).all()):
@@ -45,7 +51,8 @@ def encode_sample(config: VideoBERTConfig, text_ids: Sequence[int],
     if video.numel() and not bool(((video >= 0) & (video < config.num_visual_tokens)).all()):
         raise ValueError(f"visual_tokens must lie in [0, {config.num_visual_tokens})")
     ids = torch.cat([torch.tensor([config.cls_token_id]), text, torch.tensor([config.join_token_id]),
-                     video + config.visual_offset, torch.tensor([config.sep_token_id])])
+                     torch.full_like(video, config.feature_token_id) if as_features else video + config.visual_offset,
+                     torch.tensor([config.sep_token_id])])
     types = torch.zeros_like(ids)
     types[text.numel() + 2:] = 1
     return ids, types

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 from videobert.corpus import Sentence, Video
 
@@ -103,8 +104,9 @@ def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
 class VideoFolder:
     """The videos of a data folder (layout in the module docstring), loaded one at a time."""
 
-    def __init__(self, root: Union[str, Path], feature_dim: Optional[int] = None):
+    def __init__(self, root: Union[str, Path], feature_dim: Optional[int] = None, with_features: bool = False):
         self.root = Path(root)
+        self.with_features = with_features  # attach clip features (the continuous-feature mode)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data folder does not exist")
         source = self.root / "tokens" if (self.root / "tokens").is_dir() else self.root / "features"
@@ -144,11 +146,17 @@ class VideoFolder:
         return array.astype(np.int64).tolist()
 
     def video(self, index: int) -> Video:
-        """Video `index` with its visual tokens and sentences."""
+        """Video `index` with its visual tokens (or, with_features, its clip features) and sentences."""
         video_id = self.ids[index]
+        sentences = read_sentences(self.sentence_file(video_id))
+        if self.with_features:
+            features = torch.from_numpy(self.features(video_id))
+            # The continuous mode reads no visual tokens; the clip count is what the samples use.
+            tokens = self.tokens(video_id) if self.uses_tokens else [0] * features.shape[0]
+            return Video(video_id, tokens, sentences, features=features)
         if not self.uses_tokens:
             raise DataError(f"{self.root}: tokens/ is missing; tokenize the features first (videobert tokenize-video)")
-        return Video(video_id, self.tokens(video_id), read_sentences(self.sentence_file(video_id)))
+        return Video(video_id, self.tokens(video_id), sentences)
 
     def videos(self, start: int, stop: int) -> list[Video]:
         """Videos [start, stop) (the `videos` callable of `PretrainingStream`)."""

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from videobert.config import VideoBERTConfig
-from videobert.corpus import CLIP_SECONDS, Video, synthetic_video
+from videobert.corpus import CLIP_SECONDS, Video, synthetic_video, token_features
 from videobert.data import PackedBatch, encode_sample, mask_tokens, pack_samples
 from videobert.model import IGNORE_INDEX
 
@@ -32,6 +32,7 @@ class SampleOptions:
     max_stride: int = 5
     mask_prob: float = 0.15
     max_tokens: int = 128  # a sample's budget, specials included; longer text/video is cut
+    continuous: bool = False  # clips go in as [FEAT] positions with their feature vectors (text MLM and VTM only)
 
     def __post_init__(self) -> None:
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
@@ -41,8 +42,9 @@ class SampleOptions:
 
 
 def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
-                  options: SampleOptions, rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(input_ids, token_type_ids, vtm_label) of every sample drawn from `video`; `other` supplies negatives."""
+                  options: SampleOptions, rng: random.Random) -> list[tuple]:
+    """(input_ids, token_type_ids, vtm_label, clip features or None) of every sample drawn from `video`;
+    `other` supplies negatives."""
     samples = []
     i = 0
     while i < len(video.sentences):
@@ -59,18 +61,23 @@ def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[
                 label, source = 0, other
                 shift = rng.uniform(0, max(0.0, len(other.visual_tokens) * CLIP_SECONDS - (end - start)))
                 start, end = shift, shift + (end - start)
-        clips = source.clips_between(start, end)[::rng.randint(1, options.max_stride)]
+        indices = list(source.clip_range(start, end))[::rng.randint(1, options.max_stride)]
         if kind == "text":
-            clips = []
+            indices = []
         if kind == "video":
             text = []
         budget = options.max_tokens - 3
-        text = text[:budget // 2] if clips else text[:budget]
-        clips = clips[:budget - len(text)]
-        if not text and not clips:
+        text = text[:budget // 2] if indices else text[:budget]
+        indices = indices[:budget - len(text)]
+        if not text and not indices:
             continue
-        ids, types = encode_sample(config, text, clips)
-        samples.append((ids, types, label))
+        features = None
+        if options.continuous:
+            if source.features is None:
+                raise ValueError(f"video {source.video_id} has no clip features; continuous mode needs them")
+            features = source.features[indices]
+        ids, types = encode_sample(config, text, [source.visual_tokens[i] for i in indices], options.continuous)
+        samples.append((ids, types, label, features))
     return samples
 
 
@@ -94,24 +101,35 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
         samples += build_samples(video, other, encode_text, config, options, rng)
     if not samples:
         raise ValueError("the videos of this batch yield no samples (no sentences and no clips)")
-    input_ids, token_types, segment_ids = pack_samples([(ids, types) for ids, types, _ in samples], row_length,
+    input_ids, token_types, segment_ids = pack_samples([(sample[0], sample[1]) for sample in samples], row_length,
                                                        config.pad_token_id)
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
     masked, labels = mask_tokens(config, input_ids, token_types, options.mask_prob, gen)
+    rows = _placement(samples, row_length)
     # VTM labels go in [CLS] order, which is row-major over the packed rows.
-    order = _cls_order(segment_ids, samples, row_length)
-    vtm = torch.tensor([samples[i][2] for i in order], dtype=torch.long)
+    vtm = torch.tensor([samples[i][2] for row in rows for i in row], dtype=torch.long)
+    video_features = None
+    if options.continuous:
+        dim = next(s[3].shape[-1] for s in samples if s[3] is not None and s[3].numel())
+        video_features = torch.zeros(*input_ids.shape, dim)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                ids, features = samples[i][0], samples[i][3]
+                positions = start + (ids == config.feature_token_id).nonzero().flatten()
+                video_features[r, positions] = features.float()
+                start += ids.numel()
     tokens = int((segment_ids >= 0).sum())
     stats = BatchStats(len(samples), input_ids.shape[0], tokens, tokens / max(1, input_ids.numel()))
-    return PackedBatch(masked, token_types, segment_ids, labels, vtm), stats
+    return PackedBatch(masked, token_types, segment_ids, labels, vtm, video_features), stats
 
 
-def _cls_order(segment_ids: torch.Tensor, samples, row_length: int) -> list[int]:
-    """Sample indices in row-major [CLS] order, replaying pack_samples' first-fit placement."""
+def _placement(samples, row_length: int) -> list[list[int]]:
+    """Sample indices of each packed row in order, replaying pack_samples' first-fit placement."""
     room: list[int] = []
     rows: list[list[int]] = []
-    for index, (ids, _, _) in enumerate(samples):
-        n = ids.numel()
+    for index, sample in enumerate(samples):
+        n = sample[0].numel()
         target = next((r for r, free in enumerate(room) if free >= n), None)
         if target is None:
             rows.append([])
@@ -119,7 +137,7 @@ def _cls_order(segment_ids: torch.Tensor, samples, row_length: int) -> list[int]
             target = len(rows) - 1
         rows[target].append(index)
         room[target] -= n
-    return [index for row in rows for index in row]
+    return rows
 
 
 @dataclass
@@ -213,10 +231,16 @@ class BatchDataset(torch.utils.data.IterableDataset):
             step += workers
 
 
-def synthetic_videos(seed: int = 0, num_visual_tokens: int = 20736) -> Callable[[int, int], list[Video]]:
-    """`videos(start, stop)` over the embedded synthetic corpus (each video generated on demand)."""
+def synthetic_videos(seed: int = 0, num_visual_tokens: int = 20736,
+                     feature_dim: Optional[int] = None) -> Callable[[int, int], list[Video]]:
+    """`videos(start, stop)` over the embedded synthetic corpus (each video generated on demand), with clip
+    features of `feature_dim` for the continuous mode when given."""
     def videos(start: int, stop: int) -> list[Video]:
-        return [synthetic_video(seed, i, num_visual_tokens) for i in range(start, stop)]
+        out = [synthetic_video(seed, i, num_visual_tokens) for i in range(start, stop)]
+        if feature_dim is not None:
+            for i, video in zip(range(start, stop), out):
+                video.features = token_features(video.visual_tokens, feature_dim, seed=seed * 1_000_003 + i)
+        return out
     return videos
 
 
