@@ -15,11 +15,14 @@ def planted(gen, groups=3, subgroups=3, per=40, dim=8):
     return points.reshape(-1, dim)[perm], leaf[perm]
 
 
+@pytest.mark.parametrize("engine", ["torch", "faiss"])
 @pytest.mark.parametrize("seed", range(5))
-def test_planted_clusters_are_recovered_as_paths(seed):
+def test_planted_clusters_are_recovered_as_paths(seed, engine):
+    if engine == "faiss":
+        pytest.importorskip("faiss", reason="faiss is not installed (pip install faiss-cpu)")
     gen = torch.Generator().manual_seed(seed)
     x, leaf = planted(gen)
-    tok = HierarchicalKMeans(levels=2, branching=3, iterations=10, seed=seed).fit(x)
+    tok = HierarchicalKMeans(levels=2, branching=3, iterations=10, seed=seed, engine=engine).fit(x)
     tokens = tok.encode(x)
     assert tok.vocab_size == 9 and tokens.min() >= 0 and tokens.max() < 9
     # one token per planted leaf, and different leaves get different tokens
@@ -33,8 +36,8 @@ def test_planted_clusters_are_recovered_as_paths(seed):
 def test_fit_and_encode_are_deterministic_and_decode_gives_leaf_centroids():
     gen = torch.Generator().manual_seed(2)
     x, _ = planted(gen, groups=2, subgroups=2, per=10)
-    a = HierarchicalKMeans(levels=3, branching=2, iterations=5, seed=7).fit(x)
-    b = HierarchicalKMeans(levels=3, branching=2, iterations=5, seed=7).fit(x)
+    a = HierarchicalKMeans(levels=3, branching=2, iterations=5, seed=7, engine="torch").fit(x)
+    b = HierarchicalKMeans(levels=3, branching=2, iterations=5, seed=7, engine="torch").fit(x)
     for ca, cb in zip(a.centroids, b.centroids):
         assert torch.equal(ca, cb)
     assert torch.equal(a.encode(x), b.encode(x))

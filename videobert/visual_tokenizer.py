@@ -3,9 +3,10 @@ clusters = 20736 visual words by default).
 
 Level l splits every node of level l - 1 into `branching` clusters by k-means over the features routed to it;
 a feature's token is its path through the tree read as a number in base `branching` (so tokens that share a
-prefix are near in feature space). Fitting runs all nodes of a level together in batched torch ops (on the
-features' device: a GPU when given CUDA tensors), chunked so memory stays bounded. Deterministic given the
-seed. Saved as one file holding the centroids and the settings.
+prefix are near in feature space). Engines: faiss' k-means per node for CPU features when faiss is installed,
+else (and for CUDA features) a torch implementation that runs all nodes of a level together in batched ops,
+chunked so memory stays bounded, with k-means++ seeding. Deterministic given the seed (the torch engine
+bit for bit). Saved as one file holding the centroids and the settings.
 """
 from __future__ import annotations
 
@@ -19,17 +20,28 @@ import torch
 FORMAT = "videobert.visual_tokenizer/1"
 
 
+def _faiss():
+    """The faiss module, or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 class HierarchicalKMeans:
     """A fitted or empty tree of `levels` x `branching` clusters; `fit`, `encode`, `save`, `load`."""
 
     def __init__(self, levels: int = 4, branching: int = 12, iterations: int = 20, seed: int = 0,
-                 chunk_size: int = 8192):
+                 chunk_size: int = 8192, engine: str = "auto"):
         for name, value, low in (("levels", levels, 1), ("branching", branching, 2), ("iterations", iterations, 1),
                                  ("chunk_size", chunk_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if engine not in ("auto", "torch", "faiss"):
+            raise ValueError(f"engine must be 'auto', 'torch' or 'faiss', got {engine!r}")
         self.levels, self.branching, self.iterations, self.seed = levels, branching, iterations, seed
-        self.chunk_size = chunk_size
+        self.chunk_size, self.engine = chunk_size, engine
         # centroids[l]: (branching ** l, branching, F), the children of every node of level l
         self.centroids: list[torch.Tensor] = []
 
@@ -76,9 +88,16 @@ class HierarchicalKMeans:
         gen = torch.Generator().manual_seed(self.seed)
         k, N = self.branching, x.shape[0]
         node = torch.zeros(N, dtype=torch.long, device=x.device)
+        faiss = _faiss() if self.engine != "torch" and x.device.type == "cpu" else None
+        if self.engine == "faiss" and faiss is None:
+            raise ImportError("engine='faiss' needs faiss on CPU features: pip install faiss-cpu")
         self.centroids = []
         for level in range(self.levels):
             nodes = k ** level
+            if faiss is not None:
+                self.centroids.append(self._fit_level_faiss(faiss, x, node, nodes))
+                node = node * k + self._nearest_child(x, node, level)
+                continue
             centroids = self._init(x, node, nodes, gen)
             self.centroids.append(centroids)
             for _ in range(self.iterations):
@@ -92,6 +111,28 @@ class HierarchicalKMeans:
                 flat.copy_(torch.where(counts[:, None] > 0, updated, flat))
             node = node * k + self._nearest_child(x, node, level)
         return self
+
+    def _fit_level_faiss(self, faiss, x: torch.Tensor, node: torch.Tensor, nodes: int) -> torch.Tensor:
+        """(nodes, k, F) centroids of one level with faiss' k-means per node (CPU)."""
+        k = self.branching
+        centroids = torch.zeros(nodes, k, x.shape[1])
+        order = torch.argsort(node, stable=True)
+        counts = torch.bincount(node, minlength=nodes).tolist()
+        start = 0
+        for index, count in enumerate(counts):
+            members = x[order[start:start + count]]
+            start += count
+            if count == 0:
+                continue
+            if count <= k:  # too few points to cluster: each is a centroid (cycled)
+                centroids[index] = members[torch.arange(k) % count]
+                continue
+            # Several restarts, keeping the best: faiss seeds at random (no k-means++).
+            km = faiss.Kmeans(x.shape[1], k, niter=self.iterations, seed=self.seed + index, nredo=5, verbose=False,
+                              min_points_per_centroid=1)
+            km.train(members.numpy())
+            centroids[index] = torch.from_numpy(km.centroids)
+        return centroids
 
     def _init(self, x: torch.Tensor, node: torch.Tensor, nodes: int, gen: torch.Generator) -> torch.Tensor:
         """(nodes, k, F) initial centroids by k-means++ within every node at once: each next centre is a member
