@@ -125,3 +125,22 @@ def test_continuous_feature_mode(tokenizer):
     with pytest.raises(ValueError, match="has no clip features; continuous mode needs them"):
         PretrainingStream(synthetic_videos(seed=5), 16, tokenizer.encode, config,
                           options=SampleOptions(continuous=True), videos_per_batch=4).batch(0, 0)
+
+
+def test_an_epoch_uses_every_video_run_once_and_padded_mode_holds_one_sample_per_row(tokenizer, config):
+    requested = []
+    source = synthetic_videos(seed=5, num_visual_tokens=config.num_visual_tokens)
+
+    def videos(start, stop):
+        requested.append((start, stop))
+        return source(start, stop)
+    for rank in range(2):
+        s = PretrainingStream(videos, 64, tokenizer.encode, config, videos_per_batch=4, rank=rank, world_size=2)
+        for index in range(s.batches_per_epoch):
+            s.batch(0, index)
+    assert sorted(requested) == [(start, start + 4) for start in range(0, 64, 4)]
+    packed, packed_stats = PretrainingStream(source, 64, tokenizer.encode, config, videos_per_batch=4).batch(0, 0)
+    padded, padded_stats = PretrainingStream(source, 64, tokenizer.encode, config, videos_per_batch=4,
+                                             packed=False).batch(0, 0)
+    assert padded.input_ids.shape[0] == padded_stats.samples == packed_stats.samples > packed.input_ids.shape[0]
+    assert (padded.segment_ids <= 0).all() and padded_stats.efficiency < packed_stats.efficiency

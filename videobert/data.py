@@ -78,23 +78,30 @@ def mask_tokens(config: VideoBERTConfig, input_ids: torch.Tensor, token_type_ids
     return masked, labels
 
 
-def pack_samples(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], row_length: int,
-                 pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First-fit packing of (input_ids, token_type_ids) samples into rows of `row_length`, in sample order
-    within each row. Returns (input_ids, token_type_ids, segment_ids) of shape (rows, row_length)."""
+def plan_rows(lengths: Sequence[int], row_length: int, packed: bool = True) -> list[list[int]]:
+    """Sample indices per row: first-fit into rows of `row_length` keeping sample order within each row
+    (never splitting a sample), or one sample per row when not `packed` (the padded layout)."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for index, (ids, _) in enumerate(samples):
-        n = ids.numel()
+    for index, n in enumerate(lengths):
         if n > row_length:
             raise ValueError(f"sample {index} has {n} tokens, more than row_length ({row_length})")
-        target = next((r for r, free in enumerate(room) if free >= n), None)
+        target = next((r for r, free in enumerate(room) if free >= n), None) if packed else None
         if target is None:
             rows.append([])
             room.append(row_length)
             target = len(rows) - 1
         rows[target].append(index)
         room[target] -= n
+    return rows
+
+
+def pack_samples(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], row_length: int, pad_token_id: int = 0,
+                 rows: Optional[list[list[int]]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, token_type_ids) samples laid out in rows of `row_length` as `rows` says (default: first-fit
+    `plan_rows`). Returns (input_ids, token_type_ids, segment_ids) of shape (rows, row_length)."""
+    if rows is None:
+        rows = plan_rows([ids.numel() for ids, _ in samples], row_length)
     input_ids = torch.full((len(rows), row_length), pad_token_id, dtype=torch.long)
     token_types = torch.zeros_like(input_ids)
     segment_ids = torch.full_like(input_ids, -1)

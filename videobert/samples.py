@@ -18,7 +18,7 @@ import torch
 
 from videobert.config import VideoBERTConfig
 from videobert.corpus import CLIP_SECONDS, Video, synthetic_video, token_features
-from videobert.data import PackedBatch, encode_sample, mask_tokens, pack_samples
+from videobert.data import PackedBatch, encode_sample, mask_tokens, pack_samples, plan_rows
 from videobert.model import IGNORE_INDEX
 
 
@@ -92,8 +92,10 @@ class BatchStats:
 
 
 def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
-               options: SampleOptions, row_length: int, seed: Sequence[int]) -> tuple[PackedBatch, BatchStats]:
-    """Pack every sample of `videos` into rows of `row_length` (no sample split, none dropped), masked."""
+               options: SampleOptions, row_length: int, seed: Sequence[int],
+               packed: bool = True) -> tuple[PackedBatch, BatchStats]:
+    """Every sample of `videos` in rows of `row_length` (no sample split, none dropped), masked: packed
+    first-fit, or one sample per row (the padded layout, for comparisons)."""
     rng = random.Random("/".join(map(str, seed)))
     samples = []
     for index, video in enumerate(videos):
@@ -101,11 +103,11 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
         samples += build_samples(video, other, encode_text, config, options, rng)
     if not samples:
         raise ValueError("the videos of this batch yield no samples (no sentences and no clips)")
+    rows = plan_rows([sample[0].numel() for sample in samples], row_length, packed)
     input_ids, token_types, segment_ids = pack_samples([(sample[0], sample[1]) for sample in samples], row_length,
-                                                       config.pad_token_id)
+                                                       config.pad_token_id, rows)
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
     masked, labels = mask_tokens(config, input_ids, token_types, options.mask_prob, gen)
-    rows = _placement(samples, row_length)
     # VTM labels go in [CLS] order, which is row-major over the packed rows.
     vtm = torch.tensor([samples[i][2] for row in rows for i in row], dtype=torch.long)
     video_features = None
@@ -124,22 +126,6 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
     return PackedBatch(masked, token_types, segment_ids, labels, vtm, video_features), stats
 
 
-def _placement(samples, row_length: int) -> list[list[int]]:
-    """Sample indices of each packed row in order, replaying pack_samples' first-fit placement."""
-    room: list[int] = []
-    rows: list[list[int]] = []
-    for index, sample in enumerate(samples):
-        n = sample[0].numel()
-        target = next((r for r, free in enumerate(room) if free >= n), None)
-        if target is None:
-            rows.append([])
-            room.append(row_length)
-            target = len(rows) - 1
-        rows[target].append(index)
-        room[target] -= n
-    return rows
-
-
 @dataclass
 class PretrainingStream:
     """Packed batches from a corpus: deterministic given `seed`, resumable at any batch, sharded by rank.
@@ -154,6 +140,7 @@ class PretrainingStream:
     config: VideoBERTConfig
     options: SampleOptions = field(default_factory=SampleOptions)
     row_length: int = 128
+    packed: bool = True  # False: one sample per row (padded), for comparisons
     videos_per_batch: int = 8
     seed: int = 0
     rank: int = 0
@@ -182,7 +169,7 @@ class PretrainingStream:
         start = run * self.videos_per_batch
         videos = self.videos(start, start + self.videos_per_batch)
         return make_batch(videos, self.encode_text, self.config, self.options, self.row_length,
-                          (self.seed, epoch, index, self.rank))
+                          (self.seed, epoch, index, self.rank), self.packed)
 
     def __iter__(self) -> Iterator[tuple[PackedBatch, BatchStats]]:
         """Batches from the saved position on, epoch after epoch (advancing the position as it goes)."""
