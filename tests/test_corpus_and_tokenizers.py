@@ -60,3 +60,27 @@ def test_wordpiece_trained_on_the_corpus_round_trips_and_matches_a_config(tmp_pa
     (tmp_path / "bad.txt").write_text("hello\nworld\n")
     with pytest.raises(ValueError, match="lacks the special tokens"):
         TextTokenizer.from_vocab(tmp_path / "bad.txt")
+
+
+def test_synthetic_corpus_is_learnable_by_a_count_model():
+    """Words are predictable from the video and video from the words: a lookup table fitted on one part of the
+    corpus names the object of held-out steps from their clips, and tells matched from mismatched pairs."""
+    from collections import Counter, defaultdict
+
+    votes = defaultdict(Counter)
+    for video in synthetic_corpus(200, seed=11):
+        for step in video.steps:
+            for token in video.visual_tokens[step.first_clip:step.last_clip + 1]:
+                votes[token][step.object] += 1
+    right = total = separable = 0
+    held_out = list(synthetic_corpus(40, seed=12))
+    for video, other in zip(held_out, held_out[1:]):
+        for step, wrong in zip(video.steps, other.steps):
+            clips = video.visual_tokens[step.first_clip:step.last_clip + 1]
+            guess = sum((votes[t] for t in clips), Counter()).most_common(1)
+            right += bool(guess) and guess[0][0] == step.object
+            total += 1
+            wrong_clips = other.visual_tokens[wrong.first_clip:wrong.last_clip + 1]
+            score = lambda c: sum(votes[t][step.object] for t in c)  # noqa: E731
+            separable += wrong.object == step.object or score(clips) > score(wrong_clips)
+    assert right / total > 0.9 and separable / total > 0.9

@@ -63,6 +63,11 @@ def test_save_load_round_trip_and_errors(tmp_path):
     assert (loaded.levels, loaded.branching, loaded.feature_dim) == (2, 2, 8)
     assert torch.equal(loaded.encode(x), tok.encode(x))
     assert [p.name for p in tmp_path.iterdir()] == ["visual.pt"]  # no temporary left behind
+    from videobert.config import VideoBERTConfig
+
+    loaded.check_config(VideoBERTConfig.tiny(num_visual_tokens=4))
+    with pytest.raises(ValueError, match="num_visual_tokens=20736, the visual tokenizer 4"):
+        loaded.check_config(VideoBERTConfig.tiny())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HierarchicalKMeans.load(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_text("not a tokenizer")

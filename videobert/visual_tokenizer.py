@@ -163,6 +163,12 @@ class HierarchicalKMeans:
             node = node * self.branching + self._nearest_child(x, node, level)
         return node
 
+    def check_config(self, config) -> None:
+        """Raise ValueError unless the model config's visual vocabulary is this tokenizer's."""
+        if config.num_visual_tokens != self.vocab_size:
+            raise ValueError(f"the model config has num_visual_tokens={config.num_visual_tokens}, the visual "
+                             f"tokenizer {self.vocab_size} ({self.levels} levels x {self.branching})")
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, F) leaf centroids of tokens (what a visual word stands for)."""
         self._require_fitted()
