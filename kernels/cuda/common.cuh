@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "videobert_kernels.h"
+
 namespace vb {
 
 constexpr int kWarp = 32;
@@ -79,6 +81,17 @@ inline bool aligned16(std::initializer_list<const void*> pointers) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
+}
+
+// f(T{}) for the element type named by a VbDtype code (videobert_kernels.h), or cudaErrorInvalidValue.
+template <typename F>
+int by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case VB_FLOAT32: return f(float{});
+    case VB_FLOAT16: return f(__half{});
+    case VB_BFLOAT16: return f(__nv_bfloat16{});
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 // Makes `device` current for its lifetime (kernels launch on the current device), restoring the previous one.

@@ -160,16 +160,10 @@ int vb_softmax_cross_entropy_fwd(const void* logits, const int64_t* labels, floa
   if (rows == 0) return 0;
   DeviceScope scope(device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case VB_FLOAT32: return launch_fwd<float>(logits, labels, loss, lse, correct, rows, v, stride, ignore_index,
-                                              label_smoothing, s);
-    case VB_FLOAT16: return launch_fwd<__half>(logits, labels, loss, lse, correct, rows, v, stride, ignore_index,
-                                               label_smoothing, s);
-    case VB_BFLOAT16: return launch_fwd<__nv_bfloat16>(logits, labels, loss, lse, correct, rows, v, stride,
-                                                       ignore_index, label_smoothing, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_fwd<decltype(tag)>(logits, labels, loss, lse, correct, rows, v, stride, ignore_index,
+                                     label_smoothing, static_cast<cudaStream_t>(stream));
+  });
 }
 
 int vb_softmax_cross_entropy_bwd(const void* logits, const int64_t* labels, const float* lse, const float* dloss,
@@ -182,16 +176,10 @@ int vb_softmax_cross_entropy_bwd(const void* logits, const int64_t* labels, cons
   if (rows == 0) return 0;
   DeviceScope scope(device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case VB_FLOAT32: return launch_bwd<float>(logits, labels, lse, dloss, dlse, grad, rows, v, stride, grad_stride,
-                                              ignore_index, label_smoothing, s);
-    case VB_FLOAT16: return launch_bwd<__half>(logits, labels, lse, dloss, dlse, grad, rows, v, stride,
-                                               grad_stride, ignore_index, label_smoothing, s);
-    case VB_BFLOAT16: return launch_bwd<__nv_bfloat16>(logits, labels, lse, dloss, dlse, grad, rows, v, stride,
-                                                       grad_stride, ignore_index, label_smoothing, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return by_dtype(dtype, [&](auto tag) {
+    return launch_bwd<decltype(tag)>(logits, labels, lse, dloss, dlse, grad, rows, v, stride, grad_stride,
+                                     ignore_index, label_smoothing, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // extern "C"
