@@ -31,12 +31,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _umul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit halves of a * b for a 32-bit constant and uint32 values held in int64."""
-    # int64 cannot hold a full 64-bit product, so multiply by 16-bit halves of b.
-    lo_part = a * (b & 0xFFFF)          # < 2**48
-    hi_part = a * (b >> 16)             # < 2**48
-    high = (hi_part + (lo_part >> 16)) >> 16
-    low = (lo_part + ((hi_part & 0xFFFF) << 16)) & MASK32
-    return high & MASK32, low
+    # The int64 product wraps modulo 2**64 (two's complement), which keeps the full unsigned product's
+    # low 64 bits; an arithmetic shift then masking recovers its high word exactly.
+    product = b * a
+    return (product >> 32) & MASK32, product & MASK32
 
 
 def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,

@@ -51,3 +51,15 @@ def test_mask_tokens_never_masks_specials_and_hits_the_rate():
 def test_random_batch_has_one_vtm_label_per_sample():
     batch = random_pretraining_batch(CONFIG, 10, 64, seed=3)
     assert batch.vtm_labels.numel() == 10 == int((batch.input_ids == CONFIG.cls_token_id).sum())
+
+
+def test_random_replacements_never_create_special_tokens():
+    from videobert.data import mask_tokens
+
+    config = VideoBERTConfig.tiny(text_vocab_size=8, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3,
+                                  mask_token_id=4)
+    ids = torch.full((64, 64), 6)
+    types = torch.zeros_like(ids)
+    masked, labels = mask_tokens(config, ids, types, mask_prob=0.9, generator=torch.Generator().manual_seed(0))
+    assert not torch.isin(masked, torch.tensor([0, 2, 3, config.join_token_id, config.feature_token_id])).any()
+    assert (masked == 4).any() and ((masked != 4) & (masked != 6)).any()  # [MASK] and random words both occur

@@ -1,5 +1,6 @@
 """The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end),
-`extract-features` (raw video to clip features) and `tokenize-video` (clip features to visual tokens)."""
+`pretrain` (the main job), `extract-features` (raw video to clip features) and `tokenize-video` (clip features to
+visual tokens)."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +94,12 @@ def main(argv=None) -> int:
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    from videobert import train
+
+    pre = sub.add_parser("pretrain", help="pretrain VideoBERT (the main job): synthetic or real data, checkpoints, "
+                                          "metrics.jsonl and curves.png in --out")
+    train.add_arguments(pre)
+    pre.set_defaults(func=train.main)
     tok = sub.add_parser("tokenize-video", help="turn DATA_DIR/features/*.npy into DATA_DIR/tokens/*.npy with "
                                                  "hierarchical k-means (fitted first if needed)")
     tok.add_argument("data_dir")

@@ -73,6 +73,8 @@ def mask_tokens(config: VideoBERTConfig, input_ids: torch.Tensor, token_type_ids
     random_video = config.visual_offset + torch.randint(0, max(config.num_visual_tokens, 1), input_ids.shape,
                                                         generator=generator)
     random_ids = torch.where(token_type_ids == 0, random_text, random_video)
+    # A random special would change the sample layout (a stray [CLS] starts a "sample"): keep the token then.
+    random_ids = torch.where(torch.isin(random_ids, specials), input_ids, random_ids)
     masked = torch.where(chosen & (roll < 0.8), torch.full_like(input_ids, config.mask_token_id), input_ids)
     masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
     return masked, labels

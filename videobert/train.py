@@ -1,0 +1,427 @@
+"""The compact pretraining loop: `videobert pretrain`.
+
+One step: a packed batch from the data stream (see `videobert.samples`), forward under bf16 autocast on a GPU
+(fp32 on the CPU), backward, gradient clipping, AdamW (fused on a GPU) with no weight decay on biases and
+LayerNorm weights, linear warmup then linear decay. Every `log_every` steps (and the last) a line of metrics goes
+to `OUT/metrics.jsonl` and the terminal; every `eval_every` steps a held-out split is scored. Checkpoints (model and
+optimizer tensors as safetensors, everything else as JSON: nothing is unpickled) are written to a temporary
+folder renamed into place, the last `keep` kept, always one at the end, and on SIGINT/SIGTERM before exiting.
+`--resume` continues from the newest one and reproduces the uninterrupted run exactly on the CPU. Several
+processes (torchrun) train with DDP, each rank on its own shard of batches; rank 0 logs and checkpoints.
+MFU counts 6 x (non-embedding parameters) + 12 x layers x hidden x (mean attended keys) FLOPs per real token.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from videobert.config import VideoBERTConfig
+from videobert.model import VideoBERTForPretraining
+from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
+from videobert.text_tokenizer import TextTokenizer
+
+OBJECTIVES = ("text_mlm", "visual_mlm", "vtm")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GPU name
+
+
+@dataclass
+class TrainArgs:
+    """Everything a run is configured by (saved as OUT/run.json)."""
+
+    preset: str = "tiny"
+    data: str = "synthetic"
+    out: str = "runs/demo"
+    steps: int = 300
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    grad_accum: int = 1
+    videos_per_batch: int = 8
+    row_length: int = 128
+    num_videos: int = 4000
+    eval_videos: int = 64
+    log_every: int = 10
+    eval_every: int = 100
+    keep: int = 2
+    vocab_size: int = 400
+    text_mlm_weight: float = 1.0
+    visual_mlm_weight: float = 1.0
+    vtm_weight: float = 1.0
+    on_nan: str = "stop"  # or "skip"
+    compile: bool = False
+    resume: bool = False
+    init_from_bert: Optional[str] = None
+    profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
+
+
+# ------------------------------------------------------------------------------------------- data and model
+
+def build(args: TrainArgs, out: Path, rank: int, world: int):
+    """(model config, tokenizer, train stream, eval stream) for the run's data."""
+    options = SampleOptions(max_tokens=min(args.row_length, 128))
+    if args.data == "synthetic":
+        vocab = out / "vocab.txt"
+        if vocab.exists():
+            tokenizer = TextTokenizer.from_vocab(vocab)
+        else:
+            from videobert.corpus import synthetic_corpus
+
+            tokenizer = TextTokenizer.train((s.text for v in synthetic_corpus(200, seed=args.seed)
+                                             for s in v.sentences), vocab_size=args.vocab_size)
+            if rank == 0:
+                tokenizer.save(out)
+        train_videos, eval_videos = synthetic_videos(args.seed), synthetic_videos(args.seed + 1_000_003)
+        num_train = args.num_videos
+    else:
+        from videobert.real_data import VideoFolder
+
+        folder = VideoFolder(args.data)
+        tokenizer = TextTokenizer.from_vocab(Path(args.data) / "vocab.txt")
+        num_train = len(folder) - args.eval_videos
+        if num_train < args.videos_per_batch * world:
+            raise ValueError(f"{args.data}: {len(folder)} videos leave too few for training after "
+                             f"{args.eval_videos} held out")
+        train_videos = folder.videos
+        eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
+    weights = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
+                   vtm_weight=args.vtm_weight)
+    config = VideoBERTConfig.preset(args.preset, **tokenizer.config_overrides(), **weights)
+    common = dict(encode_text=tokenizer.encode, config=config, options=options, row_length=args.row_length,
+                  videos_per_batch=args.videos_per_batch, seed=args.seed)
+    train = PretrainingStream(train_videos, num_train, rank=rank, world_size=world, **common)
+    held_out = PretrainingStream(eval_videos, args.eval_videos, **common)
+    return config, tokenizer, train, held_out
+
+
+def make_model(args: TrainArgs, config: VideoBERTConfig) -> VideoBERTForPretraining:
+    """A fresh model, or one initialised from a Hugging Face BERT checkpoint (word table grown)."""
+    if args.init_from_bert is None:
+        return VideoBERTForPretraining(config)
+    from transformers import BertForPreTraining
+
+    return VideoBERTForPretraining.from_bert(BertForPreTraining.from_pretrained(args.init_from_bert), config)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, LayerNorm weights and 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def flops_per_token(config: VideoBERTConfig, model: torch.nn.Module, mean_keys: float) -> float:
+    """Training FLOPs per real token: 6 x non-embedding parameters + attention (12 x layers x hidden x keys)."""
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    dense = sum(p.numel() for p in model.parameters()) - embedding
+    return 6.0 * dense + 12.0 * config.num_layers * config.hidden_size * mean_keys
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["state"][str(index)][key] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {int(i): dict(entry) for i, entry in meta["state"].items()}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, stream: PretrainingStream, keep: int) -> Path:
+    """Write OUT/checkpoints/step-N atomically (temporary folder, then rename) and keep the newest `keep`."""
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file({**{f"opt.{k}": v for k, v in tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
+              tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "data": stream.state_dict()}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, stream: PretrainingStream) -> int:
+    """Restore a checkpoint written by `save_checkpoint` (no unpickling); returns its step."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    state = load_file(path / "state.safetensors")
+    info = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(
+        {k[4:]: v for k, v in state.items() if k.startswith("opt.")}, info["optimizer"]))
+    torch.set_rng_state(state["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda{i}" in state])
+    stream.load_state_dict(info["data"])
+    return int(info["step"])
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    """The newest complete checkpoint under OUT/checkpoints, if any."""
+    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+def _phase(name: str):
+    """An NVTX range in Nsight's timeline on a GPU; nothing otherwise."""
+    return torch.cuda.nvtx.range(f"videobert.{name}") if torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def _metrics(out: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": float(v.detach()) for k, v in out.items()
+            if k == "loss" or k.endswith("_loss") or k.endswith("_acc")}
+
+
+@torch.no_grad()
+def evaluate(model, stream: PretrainingStream, device) -> dict:
+    """Mean held-out metrics over one pass of the held-out stream (weighted by objective counts)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for index in range(stream.batches_per_epoch):
+        batch, _ = stream.batch(0, index)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**batch.to(device).model_inputs())
+        for name in OBJECTIVES:
+            count = float(out[f"{name}_count"])
+            sums[f"{name}_acc"] = sums.get(f"{name}_acc", 0.0) + float(out[f"{name}_acc"]) * count
+            sums[f"{name}_n"] = sums.get(f"{name}_n", 0.0) + count
+        sums["loss"] = sums.get("loss", 0.0) + float(out["loss"])
+    model.train()
+    result = {"eval_loss": sums["loss"] / max(1, stream.batches_per_epoch)}
+    for name in OBJECTIVES:
+        result[f"eval_{name}_acc"] = sums[f"{name}_acc"] / max(1.0, sums[f"{name}_n"])
+    return result
+
+
+def plot_curves(out: Path) -> Optional[Path]:
+    """OUT/curves.png from OUT/metrics.jsonl (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "eval_loss"):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            left.plot(*zip(*points), label=key, marker="." if key.startswith("eval") else None)
+    for key in ("text_mlm_acc", "visual_mlm_acc", "vtm_acc", "eval_text_mlm_acc", "eval_vtm_acc"):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            right.plot(*zip(*points), label=key)
+    for ax, title in ((left, "loss"), (right, "accuracy")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (to checkpoint and exit cleanly)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(args: TrainArgs, log=print) -> dict:
+    """Run (or resume) pretraining; returns the last logged metrics. Raises RuntimeError on a non-finite loss
+    (with on_nan="stop"); returns early with "interrupted" set after a signal (a checkpoint is written)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()  # rank 0 may write the vocabulary the others read
+    torch.manual_seed(args.seed)
+    config, _, stream, held_out = build(args, out, rank, world)
+    if world > 1:
+        dist.barrier()
+    model = make_model(args, config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  fused=device.type == "cuda")
+    step = 0
+    checkpoint = latest_checkpoint(out) if args.resume else None
+    if checkpoint is not None:
+        step = load_checkpoint(checkpoint, model, optimizer, stream)
+        log(f"resumed from {checkpoint} at step {step}")
+    elif rank == 0:
+        (out / "metrics.jsonl").write_text("")
+        (out / "run.json").write_text(json.dumps({"args": asdict(args), "config": config.to_dict()}, indent=2))
+    runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    runner = torch.compile(runner) if args.compile else runner
+    profile = tuple(int(x) for x in args.profile_steps.split(":")) if args.profile_steps else None
+    per_token = None
+    last: dict = {}
+    batches = iter(stream)
+    window_tokens, window_start = 0, time.perf_counter()
+    with _Signals() as signals:
+        while step < args.steps:
+            if profile and step == profile[0] and torch.cuda.is_available():
+                torch.cuda.profiler.start()
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps)
+            totals: dict[str, float] = {}
+            finite = True
+            for micro in range(args.grad_accum):
+                with _phase("data"):
+                    batch, stats = next(batches)
+                    batch = batch.to(device)
+                window_tokens += stats.tokens
+                with _phase("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    output = runner(**batch.model_inputs())
+                loss = output["loss"] / args.grad_accum
+                finite &= bool(torch.isfinite(loss))
+                with _phase("backward"):
+                    loss.backward()
+                for key, value in _metrics(output).items():
+                    totals[key] = totals.get(key, 0.0) + value / args.grad_accum
+                if per_token is None:
+                    seg = batch.segment_ids
+                    keys = float(sum(torch.bincount(r[r >= 0]).pow(2).sum() for r in seg.cpu())) / stats.tokens
+                    per_token = flops_per_token(config, model, keys)
+            if world > 1:
+                flag = torch.tensor([float(finite)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                if args.on_nan == "skip":
+                    log(f"step {step + 1}: non-finite loss, step skipped")
+                    step += 1
+                    continue
+                raise RuntimeError(f"step {step + 1}: the loss is not finite ({totals.get('loss')}); stopping "
+                                   "without a checkpoint (use --on-nan skip to skip such steps)")
+            with _phase("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if profile and step == profile[1] and torch.cuda.is_available():
+                torch.cuda.profiler.stop()
+            final = step == args.steps or signals.received is not None
+            if rank == 0 and (step % args.log_every == 0 or final):
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, **totals, "lr": optimizer.param_groups[0]["lr"],
+                       "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
+                if device.type == "cuda":
+                    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+                    if peak:
+                        row["mfu"] = row["tokens_per_s"] * per_token / (peak * 1e12)
+                if step % args.eval_every == 0 or final:
+                    row.update(evaluate(model, held_out, device))
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"step {step:5d}  loss {row['loss']:.4f}  text {row['text_mlm_acc']:.3f}  "
+                    f"visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+                    + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
+                last = row
+                window_tokens, window_start = 0, time.perf_counter()
+            if rank == 0 and (final or step % (args.eval_every or args.steps) == 0):
+                save_checkpoint(out, step, model, optimizer, stream, args.keep)
+            if signals.received is not None:
+                log(f"signal {signals.received}: checkpoint written at step {step}; exiting")
+                last["interrupted"] = signals.received
+                break
+    if rank == 0:
+        curves = plot_curves(out)
+        log(f"metrics in {out / 'metrics.jsonl'}" + (f", curves in {curves}" if curves else ""))
+    if world > 1:
+        dist.destroy_process_group()
+    return last
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `videobert pretrain` flags, one per TrainArgs field."""
+    for name, default in asdict(TrainArgs()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true")
+        elif name == "preset":
+            parser.add_argument(flag, default=default, choices=("tiny", "base", "large"))
+        elif name == "on_nan":
+            parser.add_argument(flag, default=default, choices=("stop", "skip"))
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`videobert pretrain`: exit status 0 when done, 128 + signal when interrupted, 1 on a non-finite loss."""
+    train_args = TrainArgs(**{k: getattr(args, k) for k in asdict(TrainArgs())})
+    try:
+        last = train(train_args)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 128 + last["interrupted"] if "interrupted" in last else 0
+
