@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/videobert demo
+	$(VENV)/bin/videobert pretrain --preset tiny --data synthetic --steps 300 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

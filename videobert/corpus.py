@@ -2,8 +2,8 @@
 and time-stamped sentences.
 
 `synthetic_corpus` is the embedded default (no download): seeded instructional "cooking videos" made of steps,
-each an (action, object) pair that yields a run of visual tokens (from a small pair-specific set, drifting to
-neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked words are predictable
+each an (action, object) pair that yields a run of visual tokens (drawn from the action's and the object's small
+token sets, drifting to neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked words are predictable
 from the video and vice versa, and matched vs mismatched pairs are separable; every step keeps its ground truth
 (action, object, caption) for evaluation.
 """
@@ -77,10 +77,14 @@ def token_features(tokens: list[int], dim: int, noise: float = 0.1, seed: int = 
     return base + noise * torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def pair_tokens(action: int, obj: int, num_visual_tokens: int, per_pair: int = 4) -> list[int]:
-    """The visual tokens an (action, object) step shows: a fixed, pair-specific set spread over the vocabulary."""
-    rng = random.Random(1_000_003 * (action + 1) + obj)
-    return [rng.randrange(num_visual_tokens) for _ in range(per_pair)]
+def concept_tokens(kind: str, index: int, num_visual_tokens: int, per_concept: int = 3) -> list[int]:
+    """The visual tokens that show an action or an object ("action" / "object", its index): fixed sets, disjoint
+    across concepts (while the vocabulary is large enough), spread over the vocabulary, so a step's clips show
+    both what is done and what it is done to."""
+    concepts = len(ACTIONS) + len(OBJECTS)
+    spread = random.Random("concepts").sample(range(num_visual_tokens), min(num_visual_tokens, concepts * per_concept))
+    slot = index if kind == "action" else len(ACTIONS) + index
+    return [spread[(slot * per_concept + j) % len(spread)] for j in range(per_concept)]
 
 
 def synthetic_video(seed: int, index: int, num_visual_tokens: int = 20736, chatter_prob: float = 0.2,
@@ -94,7 +98,7 @@ def synthetic_video(seed: int, index: int, num_visual_tokens: int = 20736, chatt
     steps: list[Step] = []
     for step_index in range(rng.randint(3, 8)):
         a, o = rng.randrange(len(ACTIONS)), rng.randrange(len(OBJECTS))
-        vocabulary = pair_tokens(a, o, num_visual_tokens)
+        vocabulary = concept_tokens("action", a, num_visual_tokens) + concept_tokens("object", o, num_visual_tokens)
         first = len(tokens)
         for _ in range(rng.randint(3, 10)):
             token = rng.choice(vocabulary)

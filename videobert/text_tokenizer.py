@@ -39,13 +39,27 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, sentences: Iterable[str], vocab_size: int = 1000) -> "TextTokenizer":
-        """Train a WordPiece vocabulary of at most `vocab_size` pieces on `sentences` (specials first)."""
-        from tokenizers import BertWordPieceTokenizer
+        """A WordPiece vocabulary of at most `vocab_size` pieces from `sentences`, deterministically: the specials,
+        every character seen (alone and as a "##" continuation, so any word stays encodable), then whole words
+        by falling frequency (ties alphabetical). Hugging Face's trainer is not used: its merges break ties
+        differently from run to run, and the ids must not change between runs of the same seed."""
+        from collections import Counter
 
-        tok = BertWordPieceTokenizer(lowercase=True)
-        tok.train_from_iterator(sentences, vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=1,
-                                show_progress=False)
-        return cls(tok)
+        from tokenizers import BertWordPieceTokenizer
+        from tokenizers.normalizers import BertNormalizer
+        from tokenizers.pre_tokenizers import BertPreTokenizer
+
+        normalizer, pre = BertNormalizer(lowercase=True), BertPreTokenizer()
+        words: Counter = Counter()
+        for sentence in sentences:
+            words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(sentence)))
+        chars = sorted({c for w in words for c in w})
+        pieces = list(SPECIALS) + chars + [f"##{c}" for c in chars]
+        if len(pieces) > vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(pieces)} specials and characters")
+        ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+        pieces += ranked[:vocab_size - len(pieces)]
+        return cls(BertWordPieceTokenizer({p: i for i, p in enumerate(pieces)}, lowercase=True))
 
     @property
     def vocab_size(self) -> int:

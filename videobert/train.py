@@ -73,33 +73,41 @@ class TrainArgs:
 def build(args: TrainArgs, out: Path, rank: int, world: int):
     """(model config, tokenizer, train stream, eval stream) for the run's data."""
     options = SampleOptions(max_tokens=min(args.row_length, 128))
-    if args.data == "synthetic":
-        vocab = out / "vocab.txt"
-        if vocab.exists():
-            tokenizer = TextTokenizer.from_vocab(vocab)
-        else:
-            from videobert.corpus import synthetic_corpus
+    bert_dir = Path(args.init_from_bert) if args.init_from_bert else None
+    if bert_dir is not None:  # BERT's own word pieces, as the paper started from BERT-large
+        tokenizer = TextTokenizer.from_vocab(bert_dir / "vocab.txt")
+    elif args.data != "synthetic":
+        tokenizer = TextTokenizer.from_vocab(Path(args.data) / "vocab.txt")
+    elif (out / "vocab.txt").exists():
+        tokenizer = TextTokenizer.from_vocab(out / "vocab.txt")
+    else:
+        from videobert.corpus import synthetic_corpus
 
-            tokenizer = TextTokenizer.train((s.text for v in synthetic_corpus(200, seed=args.seed)
-                                             for s in v.sentences), vocab_size=args.vocab_size)
-            if rank == 0:
-                tokenizer.save(out)
+        tokenizer = TextTokenizer.train((s.text for v in synthetic_corpus(200, seed=args.seed) for s in v.sentences),
+                                        vocab_size=args.vocab_size)
+        if rank == 0:
+            tokenizer.save(out)
+    if args.data == "synthetic":
         train_videos, eval_videos = synthetic_videos(args.seed), synthetic_videos(args.seed + 1_000_003)
         num_train = args.num_videos
     else:
         from videobert.real_data import VideoFolder
 
         folder = VideoFolder(args.data)
-        tokenizer = TextTokenizer.from_vocab(Path(args.data) / "vocab.txt")
         num_train = len(folder) - args.eval_videos
         if num_train < args.videos_per_batch * world:
             raise ValueError(f"{args.data}: {len(folder)} videos leave too few for training after "
                              f"{args.eval_videos} held out")
         train_videos = folder.videos
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
-    weights = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
-                   vtm_weight=args.vtm_weight)
-    config = VideoBERTConfig.preset(args.preset, **tokenizer.config_overrides(), **weights)
+    fields = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
+                  vtm_weight=args.vtm_weight, **tokenizer.config_overrides())
+    if bert_dir is not None:
+        from transformers import BertConfig
+
+        config = VideoBERTConfig.from_bert_config(BertConfig.from_pretrained(bert_dir), **fields)
+    else:
+        config = VideoBERTConfig.preset(args.preset, **fields)
     common = dict(encode_text=tokenizer.encode, config=config, options=options, row_length=args.row_length,
                   videos_per_batch=args.videos_per_batch, seed=args.seed)
     train = PretrainingStream(train_videos, num_train, rank=rank, world_size=world, **common)
@@ -108,7 +116,8 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
 
 
 def make_model(args: TrainArgs, config: VideoBERTConfig) -> VideoBERTForPretraining:
-    """A fresh model, or one initialised from a Hugging Face BERT checkpoint (word table grown)."""
+    """A fresh model, or one initialised from a Hugging Face BERT checkpoint folder (its sizes and word pieces;
+    the word table grows by the visual tokens)."""
     if args.init_from_bert is None:
         return VideoBERTForPretraining(config)
     from transformers import BertForPreTraining

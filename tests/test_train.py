@@ -1,0 +1,125 @@
+"""The pretraining loop: exact resume, signal checkpoint, NaN handling, 2-process gloo, BERT init, learning."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from videobert.train import TrainArgs, latest_checkpoint, train
+
+SMALL = dict(videos_per_batch=2, num_videos=40, eval_videos=4, row_length=64, log_every=1, eval_every=3,
+             vocab_size=200)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    train(TrainArgs(steps=6, out=str(tmp_path / "a"), **SMALL), log=lambda m: None)
+    train(TrainArgs(steps=3, out=str(tmp_path / "b"), **SMALL), log=lambda m: None)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+    train(TrainArgs(steps=6, out=str(tmp_path / "b"), resume=True, **SMALL), log=lambda m: None)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["text_mlm_acc"] == rb["text_mlm_acc"], (ra["step"], ra, rb)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "state.json", "state.safetensors"]
+    assert len(list((tmp_path / "b" / "checkpoints").iterdir())) == 2  # keep-last-2, no temporaries left
+    assert (tmp_path / "a" / "curves.png").exists()
+
+
+def test_nan_loss_stops_without_checkpoint_or_is_skipped(tmp_path, monkeypatch):
+    from videobert.model import VideoBERTForPretraining
+
+    forward = VideoBERTForPretraining.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3 and self.training:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(VideoBERTForPretraining, "forward", poisoned)
+    with pytest.raises(RuntimeError, match="loss is not finite"):
+        train(TrainArgs(steps=5, out=str(tmp_path / "stop"), **{**SMALL, "eval_every": 100}), log=lambda m: None)
+    assert latest_checkpoint(tmp_path / "stop") is None
+    calls["n"] = 0
+    logs = []
+    train(TrainArgs(steps=5, out=str(tmp_path / "skip"), on_nan="skip", **{**SMALL, "eval_every": 100}),
+          log=logs.append)
+    assert any("non-finite loss, step skipped" in line for line in logs)
+    assert latest_checkpoint(tmp_path / "skip").name == "step-00000005"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(tmp_path / "skip"))
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "videobert.cli", "pretrain", "--out", str(out), "--videos-per-batch", "2",
+            "--num-videos", "40", "--eval-videos", "4", "--row-length", "64", "--vocab-size", "200", *extra]
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(out, "--steps", "1000", "--log-every", "1", "--eval-every", "1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and metrics(out)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    step = metrics(out)[-1]["step"]
+    assert latest_checkpoint(out).name == f"step-{step:08d}" and "checkpoint written" in output
+    done = subprocess.run(_cli(out, "--steps", str(step + 2), "--resume"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert metrics(out)[-1]["step"] == step + 2
+
+
+def test_two_process_gloo_run(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "-m", "videobert.cli", "pretrain", "--out", str(out),
+                             "--steps", "3", "--videos-per-batch", "2", "--num-videos", "40", "--eval-videos", "4",
+                             "--row-length", "64", "--vocab-size", "200", "--log-every", "1"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone logs
+    assert latest_checkpoint(out).name == "step-00000003"
+
+
+def test_init_from_a_local_hugging_face_bert(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from videobert.corpus import synthetic_corpus
+    from videobert.text_tokenizer import TextTokenizer
+
+    tok = TextTokenizer.train((s.text for v in synthetic_corpus(50) for s in v.sentences), vocab_size=200)
+    bert_dir = tmp_path / "bert"
+    tok.save(bert_dir)
+    bert_config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(bert_config).save_pretrained(bert_dir)
+    last = train(TrainArgs(steps=2, out=str(tmp_path / "run"), init_from_bert=str(bert_dir), **SMALL),
+                 log=lambda m: None)
+    assert last["step"] == 2
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert saved["hidden_size"] == 32 and saved["text_vocab_size"] == tok.vocab_size
+
+
+def test_a_short_run_learns(tmp_path):
+    train(TrainArgs(steps=60, out=str(tmp_path), lr=2e-3, warmup=10, videos_per_batch=4, num_videos=400,
+                    eval_videos=8, row_length=128, log_every=10, eval_every=60, vocab_size=200), log=lambda m: None)
+    rows = metrics(tmp_path)
+    assert rows[-1]["step"] == 60
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert rows[-1]["text_mlm_acc"] > 0.15  # chance over a 200-piece vocabulary is 0.005
