@@ -122,4 +122,5 @@ def test_a_short_run_learns(tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["step"] == 60
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
-    assert rows[-1]["text_mlm_acc"] > 0.15  # chance over a 200-piece vocabulary is 0.005
+    # held-out text MLM accuracy (over all held-out batches) at five times chance (1/117, the vocabulary)
+    assert rows[-1]["eval_text_mlm_acc"] > 5 / 117, rows[-1]  # measured 0.07 at this seed
