@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.reference import dropout_threshold
+from videobert._kernels.triton.launch import dropout_args
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HIDDEN = 8192
@@ -122,13 +122,6 @@ def _programs_per_device(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _rng_args(dropout_p: float, rng: Optional[torch.Tensor]) -> dict:
-    seed, offset = (int(rng[0]), int(rng[1])) if (rng is not None and dropout_p > 0) else (0, 0)
-    offset &= 0xFFFFFFFF
-    return dict(seed=seed, offset=offset - 2**32 if offset >= 2**31 else offset,
-                threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
-
-
 def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
     """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row."""
     N = x.shape[-1]
@@ -140,7 +133,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
     block_n, rows, warps = launch_config(N)
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
         x, x if residual is None else residual, weight, weight if bias is None else bias, out, s, mean, rstd, M, N,
-        eps, **_rng_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        eps, **dropout_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
     return out, s, mean, rstd
 
@@ -161,7 +154,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     if M > 0:
         _add_layer_norm_bwd_kernel[(programs,)](
             dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
-            db_partial, M, N, num_tiles, **_rng_args(dropout_p, rng), HAS_DS=ds is not None,
+            db_partial, M, N, num_tiles, **dropout_args(dropout_p, rng), HAS_DS=ds is not None,
             HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n,
             num_warps=warps)
     dw = torch.empty_like(weight)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videobert._kernels.triton.launch import dot_precision
+
 # Block sizes: (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) on a GPU, chosen spill-free on sm_80 and sm_90
 # (tests/test_compile_triton.py) but not yet tuned on a GPU; smaller ones keep the interpreter quick.
 LINEAR_CONFIG = {"gpu": (64, 128, 32, 8, 3), "interpret": (16, 64, 32, 4, 1)}
@@ -166,11 +168,6 @@ def _config(table: dict, device: torch.device) -> tuple:
     return table["gpu" if device.type == "cuda" else "interpret"]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get IEEE dots unless PyTorch allows TF32; the setting is ignored for fp16/bf16 operands.
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
 def _row_stats(n: int, device: torch.device):
     loss, lse = (torch.empty((n,), device=device, dtype=torch.float32) for _ in range(2))
     return loss, lse, torch.empty((n,), device=device, dtype=torch.int8)
@@ -187,7 +184,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
         _linear_ce_fwd_kernel[(triton.cdiv(N, bm),)](
             hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
             weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
-            DOT_PRECISION=_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
+            DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
             num_stages=stages)
     return loss, lse, correct.bool()
 
@@ -206,7 +203,7 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
             hidden, weight, weight if bias is None else bias, labels, lse, dloss.float().contiguous(),
             dloss if dlse is None else dlse.float().contiguous(), dh, dw, dw if db is None else db, N, V, D,
             hidden.stride(0), weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
-            HAS_DLSE=dlse is not None, DOT_PRECISION=_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+            HAS_DLSE=dlse is not None, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
             num_warps=warps, num_stages=stages)
     return dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
 

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL, dropout_threshold
+from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
+from videobert._kernels.triton.launch import dot_precision, dropout_args
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HEAD_DIM = 128
@@ -29,6 +30,7 @@ MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 _RULE_SLOTS = tl.constexpr(MAX_MODALITIES * MAX_MODALITIES)
 _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
 INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -68,6 +70,15 @@ def _window(win, row, pos, L, IS_LOW: tl.constexpr):
     if IS_LOW:
         return tl.min(tl.load(win + row + pos, mask=pos < L, other=L), axis=0)
     return tl.max(tl.load(win + row + pos, mask=pos < L, other=0), axis=0)
+
+
+@triton.jit
+def _block_prologue(Seg, Mod, Win, Rules, row, pos, B, L, HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
+    """What every kernel loads first for its own block of positions: their ids, the rules code, and the union
+    [lo, hi) of their windows (lows at Win, highs in the next plane)."""
+    seg, mod = _load_ids(Seg, Mod, row, pos, L, HAS_RULES)
+    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
+    return seg, mod, rules_code, _window(Win, row, pos, L, True), _window(Win + B * L, row, pos, L, False)
 
 
 @triton.jit
@@ -146,10 +157,8 @@ def _segment_attention_fwd_kernel(
     row = b.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
-    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
-    lo = _window(Win, row, pos_m, L, True)
-    hi = _window(Win + B * L, row, pos_m, L, False)
+    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
+                                                       NUM_MODALITIES)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -213,10 +222,8 @@ def _segment_attention_bwd_dkdv_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
-    lo = _window(Win + 2 * B * L, row, pos_n, L, True)
-    hi = _window(Win + 3 * B * L, row, pos_n, L, False)
+    seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, B, L,
+                                                       HAS_RULES, NUM_MODALITIES)
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -228,7 +235,7 @@ def _segment_attention_bwd_dkdv_kernel(
         pos_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
         do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
-        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
         delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
         seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
         allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
@@ -266,13 +273,11 @@ def _segment_attention_bwd_dq_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
-    rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
-    lo = _window(Win, row, pos_m, L, True)
-    hi = _window(Win + B * L, row, pos_m, L, False)
+    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
+                                                       NUM_MODALITIES)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
-    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -390,19 +395,13 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     """Kernel arguments shared by the forward and backward launches."""
     B, L, H, D = q.shape
     has_rules = modality_rules is not None
-    seed, offset = (int(rng[0]), int(rng[1])) if (rng is not None and dropout_p > 0) else (0, 0)
-    offset &= 0xFFFFFFFF
-    offset = offset - 2**32 if offset >= 2**31 else offset  # same 32 bits, as a signed int32 argument
     meta = attention_metadata(segment_ids, modality_ids, modality_rules)
     seg, mod, windows = meta[0], meta[1], meta[2:]
     rules = modality_rules.contiguous() if has_rules else seg
-    # fp32 inputs get IEEE dots unless PyTorch allows TF32; the setting is ignored for fp16/bf16 operands.
-    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    scalars = dict(B=B, H=H, L=L, seed=seed, offset=offset, threshold=dropout_threshold(dropout_p),
-                   drop_scale=1.0 / (1.0 - dropout_p), L_BUCKET=triton.next_power_of_2(max(L, 1)))
+    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng), L_BUCKET=triton.next_power_of_2(max(L, 1)))
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
-                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision)
+                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
     return seg, mod, windows, rules, scalars, consts
 
 
