@@ -224,9 +224,9 @@ def _phase(name: str):
     return torch.cuda.nvtx.range(f"videobert.{name}") if torch.cuda.is_available() else contextlib.nullcontext()
 
 
-def _metrics(out: dict, prefix: str = "") -> dict:
-    return {f"{prefix}{k}": float(v.detach()) for k, v in out.items()
-            if k == "loss" or k.endswith("_loss") or k.endswith("_acc")}
+def _metrics(out: dict) -> dict:
+    """The losses and accuracies of a model output, detached (still on the device: no synchronisation)."""
+    return {k: v.detach() for k, v in out.items() if k == "loss" or k.endswith("_loss") or k.endswith("_acc")}
 
 
 @torch.no_grad()
@@ -340,8 +340,7 @@ def train(args: TrainArgs, log=print) -> dict:
                 torch.cuda.profiler.start()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps)
-            totals: dict[str, float] = {}
-            finite = True
+            totals: dict[str, torch.Tensor] = {}
             for micro in range(args.grad_accum):
                 with _phase("data"):
                     batch, stats = next(batches)
@@ -349,27 +348,26 @@ def train(args: TrainArgs, log=print) -> dict:
                 window_tokens += stats.tokens
                 with _phase("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     output = runner(**batch.model_inputs())
-                loss = output["loss"] / args.grad_accum
-                finite &= bool(torch.isfinite(loss))
                 with _phase("backward"):
-                    loss.backward()
+                    (output["loss"] / args.grad_accum).backward()
                 for key, value in _metrics(output).items():
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
                 if per_token is None:
                     seg = batch.segment_ids
                     keys = float(sum(torch.bincount(r[r >= 0]).pow(2).sum() for r in seg.cpu())) / stats.tokens
                     per_token = flops_per_token(config, model, keys)
+            # One synchronisation per step: the summed loss is finite iff every micro-batch's was.
+            flag = torch.isfinite(totals["loss"]).float().reshape(1)
             if world > 1:
-                flag = torch.tensor([float(finite)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = bool(flag.item())
+            finite = bool(flag.item())
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 if args.on_nan == "skip":
                     log(f"step {step + 1}: non-finite loss, step skipped")
                     step += 1
                     continue
-                raise RuntimeError(f"step {step + 1}: the loss is not finite ({totals.get('loss')}); stopping "
+                raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); stopping "
                                    "without a checkpoint (use --on-nan skip to skip such steps)")
             with _phase("optimizer"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -381,7 +379,8 @@ def train(args: TrainArgs, log=print) -> dict:
             final = step == args.steps or signals.received is not None
             if rank == 0 and (step % args.log_every == 0 or final):
                 elapsed = time.perf_counter() - window_start
-                row = {"step": step, **totals, "lr": optimizer.param_groups[0]["lr"],
+                row = {"step": step, **{k: float(v) for k, v in totals.items()},
+                       "lr": optimizer.param_groups[0]["lr"],
                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
                 if device.type == "cuda":
                     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
