@@ -63,3 +63,15 @@ def test_extract_features_command(tmp_path, capsys):
                  "--backbone", "test_features:tiny_backbone"]) == 0
     assert np.load(tmp_path / "f" / "c.npy").shape == (1, 8)
     assert "[1/1] c.mp4: 1 clips x 8 features" in capsys.readouterr().out
+
+
+def test_bad_backbone_specs_and_unreadable_videos(tmp_path):
+    from videobert.features import load_backbone
+
+    with pytest.raises(ValueError, match="backbone must be 's3d' or 'package.module:factory'"):
+        load_backbone("resnet")
+    with pytest.raises(ModuleNotFoundError):
+        load_backbone("no_such_module_here:factory")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="broken.mp4: cannot open video"):
+        list(clips(tmp_path / "broken.mp4"))

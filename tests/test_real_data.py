@@ -41,7 +41,8 @@ def test_subtitles_parse_into_sentences(tmp_path):
     (tmp_path / "a.srt").write_text(SRT)
     (tmp_path / "a.vtt").write_text(VTT)
     srt = read_sentences(tmp_path / "a.srt")
-    assert [(s.start, s.end, s.text) for s in srt] == [(1.0, 3.5, "now cut the onion"), (4.0, 6.0, "then fry it in butter")]
+    assert [(s.start, s.end, s.text) for s in srt] == [(1.0, 3.5, "now cut the onion"),
+                                                       (4.0, 6.0, "then fry it in butter")]
     vtt = read_sentences(tmp_path / "a.vtt")
     assert [(s.start, s.end) for s in vtt] == [(1.0, 3.5), (3604.0, 3606.0)]
 

@@ -144,3 +144,23 @@ def test_an_epoch_uses_every_video_run_once_and_padded_mode_holds_one_sample_per
                                              packed=False).batch(0, 0)
     assert padded.input_ids.shape[0] == padded_stats.samples == packed_stats.samples > packed.input_ids.shape[0]
     assert (padded.segment_ids <= 0).all() and padded_stats.efficiency < packed_stats.efficiency
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(mix=(1.0, 0.0)), "mix must be three non-negative weights"),
+    (dict(mix=(0.0, 0.0, 0.0)), "mix must be three non-negative weights"),
+    (dict(negative_prob=1.5), "0 <= negative_prob <= 1"),
+    (dict(max_stride=0), "max_stride >= 1"),
+    (dict(max_tokens=3), "max_tokens >= 4"),
+])
+def test_bad_sample_options_are_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        SampleOptions(**options)
+
+
+def test_bad_stream_settings_are_rejected(tokenizer, config):
+    with pytest.raises(ValueError, match="videos_per_batch and num_videos must be >= 1"):
+        stream(tokenizer, config, videos_per_batch=0)
+    tiny = PretrainingStream(synthetic_videos(seed=5), 3, tokenizer.encode, config, videos_per_batch=4)
+    with pytest.raises(ValueError, match="3 videos make no batch of 4 per rank"):
+        next(iter(tiny))

@@ -124,3 +124,21 @@ def test_a_short_run_learns(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     # held-out text MLM accuracy (over all held-out batches) at five times chance (1/117, the vocabulary)
     assert rows[-1]["eval_text_mlm_acc"] > 5 / 117, rows[-1]  # measured 0.07 at this seed
+
+
+def test_training_on_a_real_data_folder_and_its_errors(tmp_path):
+    from test_real_data import write_video
+
+    from videobert.corpus import synthetic_corpus
+    from videobert.text_tokenizer import TextTokenizer
+
+    data = tmp_path / "data"
+    for index in range(10):
+        write_video(data, f"v{index:02d}", clips=8)
+    TextTokenizer.train((s.text for v in synthetic_corpus(20) for s in v.sentences), vocab_size=200).save(data)
+    last = train(TrainArgs(steps=2, data=str(data), out=str(tmp_path / "run"), **{**SMALL, "eval_videos": 2}),
+                 log=lambda m: None)
+    assert last["step"] == 2 and "eval_loss" in last
+    with pytest.raises(ValueError, match="10 videos leave too few for training after 9 held out"):
+        train(TrainArgs(steps=2, data=str(data), out=str(tmp_path / "bad"), **{**SMALL, "eval_videos": 9}),
+              log=lambda m: None)

@@ -86,3 +86,18 @@ def test_save_load_round_trip_and_errors(tmp_path):
         HierarchicalKMeans(branching=1)
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, 4\)"):
         tok.decode(torch.tensor([4]))
+
+
+def test_bad_settings_and_inputs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="engine must be 'auto', 'torch' or 'faiss'"):
+        HierarchicalKMeans(engine="sklearn")
+    with pytest.raises(ValueError, match="features must be a 2-D floating-point tensor"):
+        HierarchicalKMeans().fit(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one clip"):
+        HierarchicalKMeans().fit(torch.zeros(0, 3))
+    from videobert.real_data import DataError
+    from videobert.visual_tokenizer import tokenize_folder
+
+    (tmp_path / "features").mkdir()
+    with pytest.raises(DataError, match="no .npy feature files"):
+        tokenize_folder(tmp_path, tmp_path / "tok.pt")

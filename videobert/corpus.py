@@ -3,9 +3,9 @@ and time-stamped sentences.
 
 `synthetic_corpus` is the embedded default (no download): seeded instructional "cooking videos" made of steps,
 each an (action, object) pair that yields a run of visual tokens (drawn from the action's and the object's small
-token sets, drifting to neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked words are predictable
-from the video and vice versa, and matched vs mismatched pairs are separable; every step keeps its ground truth
-(action, object, caption) for evaluation.
+token sets, drifting to neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked
+words are predictable from the video and vice versa, and matched vs mismatched pairs are separable; every step
+keeps its ground truth (action, object, caption) for evaluation.
 """
 from __future__ import annotations
 

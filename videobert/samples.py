@@ -76,7 +76,7 @@ def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[
             if source.features is None:
                 raise ValueError(f"video {source.video_id} has no clip features; continuous mode needs them")
             features = source.features[indices]
-        ids, types = encode_sample(config, text, [source.visual_tokens[i] for i in indices], options.continuous)
+        ids, types = encode_sample(config, text, [source.visual_tokens[c] for c in indices], options.continuous)
         samples.append((ids, types, label, features))
     return samples
 
