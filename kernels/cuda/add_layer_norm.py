@@ -10,6 +10,9 @@ import torch
 from videobert._kernels.reference import dropout_threshold
 
 _ops = torch.ops.videobert_cuda
+# Hidden sizes the kernels take with 16-byte vectors and without (fixed by the compiled library): read once,
+# not on every call's backend check.
+MAX_HIDDEN, MAX_HIDDEN_UNVECTORIZED = _ops.layer_norm_max_hidden(True), _ops.layer_norm_max_hidden(False)
 
 
 @torch.library.register_fake("videobert_cuda::add_layer_norm_fwd")
@@ -67,12 +70,10 @@ def unsupported(device: torch.device, dtype: torch.dtype, hidden_size: int = 0, 
     """Why this backend cannot take these inputs, or None."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
-    limit = _ops.layer_norm_max_hidden(True)
-    if hidden_size > limit:
-        return f"hidden size {hidden_size} is larger than {limit}"
+    if hidden_size > MAX_HIDDEN:
+        return f"hidden size {hidden_size} is larger than {MAX_HIDDEN}"
     vector = 4 if dtype == torch.float32 else 8
-    scalar_limit = _ops.layer_norm_max_hidden(False)
-    if hidden_size > scalar_limit and hidden_size % vector:
+    if hidden_size > MAX_HIDDEN_UNVECTORIZED and hidden_size % vector:
         return (f"hidden size {hidden_size} is not a multiple of {vector}, which the CUDA kernel takes up to "
-                f"{scalar_limit}")
+                f"{MAX_HIDDEN_UNVECTORIZED}")
     return None
