@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
+from videobert.data import allowed_pairs  # noqa: E402
 from videobert.ops import segment_attention  # noqa: E402
 
 TOKENS_PER_BATCH = 16384
@@ -42,15 +43,6 @@ def videobert_rows(B: int, L: int, gen: torch.Generator) -> tuple[torch.Tensor, 
             mod[b, start + text + 2:start + n] = 1
             start, index = start + n, index + 1
     return seg, mod
-
-
-def allowed_pairs(seg: torch.Tensor) -> int:
-    """Number of (query, key) pairs the document mask allows: the sum of squared sample lengths."""
-    total = 0
-    for row in seg:
-        counts = torch.bincount(row[row >= 0].long())
-        total += int((counts.long() ** 2).sum())
-    return total
 
 
 def providers(seg):

@@ -63,3 +63,10 @@ def test_random_replacements_never_create_special_tokens():
     masked, labels = mask_tokens(config, ids, types, mask_prob=0.9, generator=torch.Generator().manual_seed(0))
     assert not torch.isin(masked, torch.tensor([0, 2, 3, config.join_token_id, config.feature_token_id])).any()
     assert (masked == 4).any() and ((masked != 4) & (masked != 6)).any()  # [MASK] and random words both occur
+
+
+def test_allowed_pairs_is_the_sum_of_squared_sample_lengths():
+    from videobert.data import allowed_pairs
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 2, 2]])
+    assert allowed_pairs(seg) == 9 + 4 + 36

@@ -80,6 +80,16 @@ def mask_tokens(config: VideoBERTConfig, input_ids: torch.Tensor, token_type_ids
     return masked, labels
 
 
+def allowed_pairs(segment_ids: torch.Tensor) -> int:
+    """(query, key) pairs a document mask allows over (B, L) segment ids (-1 padding): the sum over rows of the
+    squared sample lengths (what attention FLOP counts use)."""
+    total = 0
+    for row in segment_ids.cpu():
+        counts = torch.bincount(row[row >= 0].long())
+        total += int((counts.long() ** 2).sum())
+    return total
+
+
 def plan_rows(lengths: Sequence[int], row_length: int, packed: bool = True) -> list[list[int]]:
     """Sample indices per row: first-fit into rows of `row_length` keeping sample order within each row
     (never splitting a sample), or one sample per row when not `packed` (the padded layout)."""

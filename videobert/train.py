@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from videobert.config import VideoBERTConfig
+from videobert.data import allowed_pairs
 from videobert.model import VideoBERTForPretraining
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
@@ -353,9 +354,7 @@ def train(args: TrainArgs, log=print) -> dict:
                 for key, value in _metrics(output).items():
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
                 if per_token is None:
-                    seg = batch.segment_ids
-                    keys = float(sum(torch.bincount(r[r >= 0]).pow(2).sum() for r in seg.cpu())) / stats.tokens
-                    per_token = flops_per_token(config, model, keys)
+                    per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
             # One synchronisation per step: the summed loss is finite iff every micro-batch's was.
             flag = torch.isfinite(totals["loss"]).float().reshape(1)
             if world > 1:
