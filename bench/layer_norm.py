@@ -3,7 +3,9 @@
 Every provider computes out = LayerNorm(x + residual) (and s = x + residual) and its backward (dx, dresidual,
 dweight, dbias). GB/s count the bytes a fused kernel must move, each tensor once (forward: read x and residual,
 write out and s; backward: read dout and s, write dx and dresidual), for every provider, and are reported as a
-share of the device-to-device copy bandwidth measured in the same run.
+share of the device-to-device copy bandwidth measured in the same run. `ms` is what an eager caller waits
+(host launch overhead included: it dominates below a few hundred microseconds); `device_ms` replays the same
+forward, or forward+backward, from a CUDA graph, and the backward's device time is their difference.
 Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16]. Without a GPU it runs a toy smoke pass on the
 CPU and says so.
 """
@@ -21,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
+from common import bench_graph_ms, bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
 
 from videobert.ops import BackendUnavailableError, add_layer_norm  # noqa: E402
 from videobert.ops._backend import resolve  # noqa: E402
@@ -90,11 +92,21 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
             timings["fwd+bwd"] = bench_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
         except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
             print(f"{name} rows={rows} hidden={hidden}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        device = {}
+        if timings:
+            device["fwd"] = bench_graph_ms(lambda: fn(x, r, w, b))
+            device["fwd+bwd"] = bench_graph_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
+            if device["fwd"] and device["fwd+bwd"]:
+                device["bwd"] = (device["fwd+bwd"][0] - device["fwd"][0],)
         for mode, (ms, p20, p80) in timings.items():
             gbps = moved[mode] / ms / 1e6
+            device_ms = device[mode][0] if device.get(mode) else None
+            device_gbps = moved[mode] / device_ms / 1e6 if device_ms else None
             results.append(dict(rows=rows, hidden=hidden, dtype=str(dtype).replace("torch.", ""), mode=mode,
                                 provider=name, ms=ms, p20_ms=p20, p80_ms=p80, gbps=gbps,
-                                pct_of_copy=100 * gbps / copy_gbps if copy_gbps == copy_gbps else ""))
+                                pct_of_copy=100 * gbps / copy_gbps if copy_gbps == copy_gbps else "",
+                                device_ms=device_ms if device_ms else "",
+                                device_pct_of_copy=100 * device_gbps / copy_gbps if device_gbps else ""))
     for mode in ("fwd", "bwd", "fwd+bwd"):
         ours = min((row["ms"] for row in results if row["mode"] == mode and row["provider"].startswith("videobert")),
                    default=None)

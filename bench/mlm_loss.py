@@ -4,6 +4,9 @@ Cross-Entropy: forward+backward time and the extra GPU memory beyond inputs and 
 Each provider computes mean cross-entropy over hidden @ weight.T for N masked tokens (bf16, 10% ignored rows)
 and the gradients of hidden and weight. Extra memory = peak allocated during forward+backward minus what the
 inputs and the gradients themselves take; the eager logits (N x V fp32) are reported for reference.
+A second table, softmax_cross_entropy, times the loss over logits that already exist (Triton, CUDA, PyTorch
+eager, Liger's cross-entropy): forward+backward GB/s, counting one read of the logits forward and one read plus
+one write of their gradient backward, as a share of the copy bandwidth measured in the same run.
 Usage: python bench/mlm_loss.py [--quick]. Without a GPU it runs a toy smoke pass on the CPU and says so.
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
 
-from videobert.ops import linear_cross_entropy  # noqa: E402
+from videobert.ops import BackendUnavailableError, linear_cross_entropy, softmax_cross_entropy  # noqa: E402
+from videobert.ops._backend import resolve  # noqa: E402
 
 
 def _eager(h, w, labels):
@@ -89,6 +93,51 @@ def run_case(N: int, D: int, V: int, dtype, device) -> list[dict]:
     return results
 
 
+def softmax_providers(device: torch.device, dtype: torch.dtype) -> dict:
+    """name -> callable(logits, labels) -> scalar loss; each only when it can run here."""
+    out = {}
+    for backend in ("triton", "cuda"):
+        try:
+            resolve("softmax_cross_entropy", backend, device, dtype)
+        except BackendUnavailableError as exc:
+            print(f"videobert_{backend}: {exc}")
+            continue
+        out[f"videobert_{backend}"] = (lambda backend: lambda logits, labels: softmax_cross_entropy(
+            logits, labels, backend=backend))(backend)
+    out["torch_eager"] = lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=-100)
+    if on_gpu():
+        try:
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+            out["liger_cross_entropy"] = lambda logits, labels: LigerCrossEntropyFunction.apply(
+                logits, labels, None, -100)[0]
+        except ImportError:
+            print("liger-kernel not importable: no Liger row")
+    return out
+
+
+def run_softmax_case(N: int, V: int, dtype, device, copy_gbps: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(N + V)
+    logits = (4 * torch.randn(N, V, generator=gen)).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels = torch.where(torch.rand(N, generator=gen) < 0.1, -100, labels).to(device)
+    moved = 3 * logits.numel() * logits.element_size()
+    results = []
+    for name, fn in softmax_providers(torch.device(device), dtype).items():
+        try:
+            ms, p20, p80 = bench_ms(lambda: torch.autograd.grad(fn(logits, labels), (logits,)))
+        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+            print(f"{name} N={N} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        gbps = moved / ms / 1e6
+        results.append(dict(N=N, V=V, dtype=str(dtype).replace("torch.", ""), provider=name, ms=ms, p20_ms=p20,
+                            p80_ms=p80, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps if copy_gbps == copy_gbps
+                            else ""))
+    ours = min((r["ms"] for r in results if r["provider"].startswith("videobert")), default=None)
+    for row in results:
+        row["speedup_of_best_videobert"] = row["ms"] / ours if ours else ""
+    return results
+
+
 def main(argv=None) -> int:
     """Run the MLM loss benchmark; writes results under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -109,6 +158,12 @@ def main(argv=None) -> int:
         out = write_results("mlm_loss", results, {"peaks": peaks, "ignored_fraction": 0.1})
     print(markdown_table(results))
     plot(out / "mlm_loss.png", results, "N", "ms", ["D", "V", "provider"], "MLM loss forward+backward, ms")
+    softmax_cases = sorted({(N, V) for N, _, V in cases})
+    softmax_rows = []
+    for N, V in softmax_cases:
+        softmax_rows += run_softmax_case(N, V, dtype, device, peaks["copy_gbps"])
+        write_results("softmax_cross_entropy", softmax_rows, {"peaks": peaks, "ignored_fraction": 0.1})
+    print(markdown_table(softmax_rows))
     print(f"results in {out} ({device_name()})")
     return 0
 

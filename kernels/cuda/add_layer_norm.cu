@@ -4,8 +4,11 @@
 // sizes, one block of up to 512 threads per row for large ones (hidden <= 8192; 4096 unvectorised). Each thread
 // keeps up to 16 values of its row in registers, loaded as 16-byte vectors when the hidden size divides by the
 // vector width (groups of 4 scalar accesses otherwise); reductions are warp shuffles plus shared memory across
-// warps. The backward writes per-block fp32 partial sums of dweight/dbias and a second kernel reduces them over
+// warps. The backward runs blocks of at least 256 threads (several row groups when rows are short), as many
+// as fill the device once, each writing fp32 partial sums of dweight/dbias that a second kernel reduces over
 // blocks (no atomics).
+#include <algorithm>
+
 #include "common.cuh"
 #include "philox.cuh"
 #include "videobert_kernels.h"
@@ -118,22 +121,24 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
 #pragma unroll
     for (int j = 0; j < VEC; ++j) dw[k][j] = db[k][j] = 0.f;
   }
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * groups) {
-    const int64_t base = row * n;
-    const float mean = mean_in[row], rstd = rstd_in[row];
+  // Every group of the block runs the same number of iterations (group_sum synchronises the block); a group
+  // past the last row works on an empty row (row_n = 0: loads give zeros, stores write nothing).
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + group, row_n = row < rows ? n : 0, base = row < rows ? row * n : 0;
+    const float mean = row_n ? mean_in[row] : 0.f, rstd = row_n ? rstd_in[row] : 0.f;
     float xhat[kVecs][VEC];
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
       const int col = (k * tpr + t) * VEC;  // < 2^31: n <= 8192
       float sv[VEC], dov[VEC], w[VEC];
-      load<T, VEC, VECTORIZED>(s + base, col, n, sv);
-      load<T, VEC, VECTORIZED>(dout + base, col, n, dov);
+      load<T, VEC, VECTORIZED>(s + base, col, row_n, sv);
+      load<T, VEC, VECTORIZED>(dout + base, col, row_n, dov);
       load<W, VEC, VECTORIZED>(weight, col, n, w);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        xhat[k][j] = col + j < n ? (sv[j] - mean) * rstd : 0.f;
+        xhat[k][j] = col + j < row_n ? (sv[j] - mean) * rstd : 0.f;
         const float g = __fmul_rn(dov[j], w[j]);  // rounded exactly as in the second pass (no FMA contraction)
         sum_g += g;
         sum_gx += g * xhat[k][j];
@@ -148,20 +153,20 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
       const int col = (k * tpr + t) * VEC;
       // dout and weight are read again (L1-resident) rather than held in registers across the reduction.
       float dov[VEC], w[VEC], extra[VEC], ds[VEC], keep[VEC];
-      load<T, VEC, VECTORIZED>(dout + base, col, n, dov);
+      load<T, VEC, VECTORIZED>(dout + base, col, row_n, dov);
       load<W, VEC, VECTORIZED>(weight, col, n, w);
-      load<T, VEC, VECTORIZED>(ds_extra == nullptr ? nullptr : ds_extra + base, col, n, extra);
+      load<T, VEC, VECTORIZED>(ds_extra == nullptr ? nullptr : ds_extra + base, col, row_n, extra);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         ds[j] = rstd * (__fmul_rn(dov[j], w[j]) - c_mean - xhat[k][j] * c_xhat) + extra[j];
       }
-      if (dresidual != nullptr) store<T, VEC, VECTORIZED>(dresidual + base, col, n, ds);
+      if (dresidual != nullptr) store<T, VEC, VECTORIZED>(dresidual + base, col, row_n, ds);
       if (has_dropout) {
         dropout_scale<VEC>(seed, offset, row, col, threshold, drop_scale, keep);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) ds[j] *= keep[j];
       }
-      store<T, VEC, VECTORIZED>(dx + base, col, n, ds);
+      store<T, VEC, VECTORIZED>(dx + base, col, row_n, ds);
     }
   }
   // Combine the row groups of this block (one per warp in warp-per-row mode), then write the block's partials.
@@ -191,15 +196,28 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
   }
 }
 
-// out[c] = sum over g < partial_rows of partial[g, c], in W.
+// out[c] = sum over g < partial_rows of partial[g, c], in W. A block of kSumCols x kSumRows threads takes
+// kSumCols columns: each thread sums a strided subset of the partial rows, then shared memory adds those up
+// (a thousand partial rows would otherwise be a serial loop per column).
+constexpr int kSumCols = 32, kSumRows = 16;
+
 template <typename W>
-__global__ void column_sum_kernel(const float* __restrict__ partial, W* __restrict__ out, int64_t partial_rows,
-                                  int64_t n) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= n) return;
+__global__ void __launch_bounds__(kSumCols * kSumRows) column_sum_kernel(const float* __restrict__ partial,
+                                                                       W* __restrict__ out, int64_t partial_rows,
+                                                                       int64_t n) {
+  __shared__ float sums[kSumRows][kSumCols + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   float total = 0.f;
-  for (int64_t g = 0; g < partial_rows; ++g) total += partial[g * n + c];
-  out[c] = from_float<W>(total);
+  if (c < n) {
+#pragma unroll 4
+    for (int64_t g = threadIdx.y; g < partial_rows; g += kSumRows) total += partial[g * n + c];
+  }
+  sums[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    for (int r = 1; r < kSumRows; ++r) total += sums[r][threadIdx.x];
+    out[c] = from_float<W>(total);
+  }
 }
 
 // Threads per row: a warp while 16 values per thread cover the row, else the smallest block that does.
@@ -210,6 +228,15 @@ int threads_per_row(int64_t n) {
 }
 
 int block_threads(int tpr) { return tpr == kWarp ? 4 * kWarp : tpr; }
+
+// The backward's block: at least 256 threads (several row groups when a row needs fewer), so that a few blocks
+// per multiprocessor fill it and the per-block dweight/dbias partials stay few. Its shared memory for combining
+// the groups' partials, groups x n floats, is at most 256 / tpr x 16 tpr floats = 16 KiB.
+int bwd_block_threads(int tpr) { return tpr < 256 ? 256 : tpr; }
+
+// Resident threads per multiprocessor the backward aims for: enough 16-value rows in flight to cover memory
+// latency, without so many blocks that the partials' traffic grows.
+constexpr int kBwdThreadsPerSm = 1024;
 
 template <typename T, typename W, int VEC, bool VECTORIZED>
 int launch_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out, void* s,
@@ -229,26 +256,40 @@ int launch_bwd(const void* dout, const void* ds, const void* s, const float* mea
                const void* weight, void* dx, void* dresidual, float* dw_partial, float* db_partial, void* dweight,
                void* dbias, int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, uint32_t offset,
                int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
-  const int tpr = threads_per_row(n), threads = block_threads(tpr), groups = threads / tpr;
+  const int tpr = threads_per_row(n), threads = bwd_block_threads(tpr), groups = threads / tpr;
   const size_t smem = groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0;
-  auto kernel = add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  kernel<<<static_cast<unsigned>(partial_rows), threads, smem, stream>>>(
+  add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED><<<static_cast<unsigned>(partial_rows), threads, smem, stream>>>(
       static_cast<const T*>(dout), static_cast<const T*>(ds), static_cast<const T*>(s), mean, rstd,
       static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<T*>(dresidual), dw_partial, db_partial, rows,
       n, tpr, seed, offset, threshold, drop_scale, has_dropout);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  const unsigned col_blocks = static_cast<unsigned>((n + 255) / 256);
-  column_sum_kernel<W><<<col_blocks, 256, 0, stream>>>(dw_partial, static_cast<W*>(dweight), partial_rows, n);
+  const unsigned col_blocks = static_cast<unsigned>((n + kSumCols - 1) / kSumCols);
+  const dim3 sum_threads(kSumCols, kSumRows);
+  column_sum_kernel<W><<<col_blocks, sum_threads, 0, stream>>>(dw_partial, static_cast<W*>(dweight), partial_rows, n);
   if (db_partial != nullptr) {
-    column_sum_kernel<W><<<col_blocks, 256, 0, stream>>>(db_partial, static_cast<W*>(dbias), partial_rows, n);
+    column_sum_kernel<W><<<col_blocks, sum_threads, 0, stream>>>(db_partial, static_cast<W*>(dbias), partial_rows,
+                                                                 n);
   }
   return static_cast<int>(cudaGetLastError());
+}
+
+// Grid of the backward for `rows` rows: the blocks resident at once at about kBwdThreadsPerSm threads per
+// multiprocessor (fewer where registers allow fewer), never more than there are row groups; 0 or a CUDA error.
+template <typename T, typename W, int VEC, bool VECTORIZED>
+int bwd_blocks(int64_t rows, int64_t n, int device, int64_t* blocks) {
+  const int tpr = threads_per_row(n), threads = bwd_block_threads(tpr), groups = threads / tpr;
+  const size_t smem = groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0;
+  int sms = 0, resident = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>,
+                                                        threads, smem);
+  }
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int64_t per_sm = std::max(1, std::min(resident, kBwdThreadsPerSm / threads));
+  *blocks = std::max<int64_t>(1, std::min<int64_t>((rows + groups - 1) / groups, per_sm * sms));
+  return 0;
 }
 
 int max_hidden(bool vectorized) { return max_threads(vectorized) * kItems; }
@@ -281,6 +322,9 @@ template <typename T, typename W, int VEC, bool VECTORIZED> struct Fwd {
 template <typename T, typename W, int VEC, bool VECTORIZED> struct Bwd {
   template <typename... Args> static int run(Args... args) { return launch_bwd<T, W, VEC, VECTORIZED>(args...); }
 };
+template <typename T, typename W, int VEC, bool VECTORIZED> struct BwdBlocks {
+  template <typename... Args> static int run(Args... args) { return bwd_blocks<T, W, VEC, VECTORIZED>(args...); }
+};
 
 bool valid_types(int dtype, int weight_dtype) {
   return (dtype == VB_FLOAT32 || dtype == VB_FLOAT16 || dtype == VB_BFLOAT16) &&
@@ -308,6 +352,17 @@ int vb_add_layer_norm_fwd(const void* x, const void* residual, const void* weigh
   const bool aligned = aligned16({x, residual, weight, bias, out, s});
   return dispatch<Fwd>(dtype, weight_dtype, n, aligned, x, residual, weight, bias, out, s, mean, rstd, rows, n, eps, seed,
                        offset, threshold, drop_scale, has_dropout, static_cast<cudaStream_t>(stream));
+}
+
+int vb_add_layer_norm_bwd_blocks(int64_t rows, int64_t n, int dtype, int weight_dtype, int device,
+                                 int64_t* blocks) {
+  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0 || blocks == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  DeviceScope scope(device);  // occupancy is queried for the current device
+  if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
+  // Sized for the vectorised kernel where n allows it: the scalar one (misaligned pointers) just runs in waves.
+  return dispatch<BwdBlocks>(dtype, weight_dtype, n, true, rows, n, device, blocks);
 }
 
 int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,

@@ -2,7 +2,6 @@
 allocate outputs, pass the current stream, and size the backward's partial dweight/dbias buffers."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -24,12 +23,6 @@ def _(x, residual, weight, bias, out, s, mean, rstd, eps, seed, offset, threshol
 def _(dout, ds, s, mean, rstd, weight, dx, dresidual, dweight_partial, dbias_partial, dweight, dbias, seed, offset,
       threshold, drop_scale, has_dropout, stream):
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _partial_rows(device_index: int) -> int:
-    """Blocks of the backward (and rows of its partial buffers): two per multiprocessor."""
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _rng(dropout_p: float, rng: Optional[torch.Tensor]) -> tuple[int, int, int, float]:
@@ -56,7 +49,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     N = s.shape[-1]
     dx = torch.empty_like(s)
     dres = torch.empty_like(s) if has_residual else None
-    blocks = _partial_rows(s.device.index if s.device.index is not None else torch.cuda.current_device())
+    blocks = _ops.add_layer_norm_bwd_blocks(s, weight)  # the grid, and rows of the partial buffers
     dw_partial = torch.empty((blocks, N), device=s.device, dtype=torch.float32)
     db_partial = torch.empty((blocks, N), device=s.device, dtype=torch.float32) if has_bias else None
     dw = torch.empty_like(weight)

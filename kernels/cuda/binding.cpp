@@ -181,6 +181,17 @@ void softmax_cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& label
 
 int64_t layer_norm_max_hidden(bool vectorized) { return vb_layer_norm_max_hidden(vectorized ? 1 : 0); }
 
+int64_t add_layer_norm_bwd_blocks(const at::Tensor& s, const at::Tensor& weight) {
+  TORCH_CHECK(s.dim() >= 1 && s.is_cuda(), "s must be a CUDA tensor with at least one dimension");
+  const int64_t n = s.size(-1), rows = n > 0 ? s.numel() / n : 0;
+  check_hidden(n);
+  int64_t blocks = 0;
+  check_status(vb_add_layer_norm_bwd_blocks(rows, n, vb_dtype(s, "s"), vb_dtype(weight, "weight"),
+                                            s.device().index(), &blocks),
+               "add_layer_norm_bwd_blocks");
+  return blocks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(videobert_cuda, m) {
@@ -192,6 +203,7 @@ TORCH_LIBRARY(videobert_cuda, m) {
         "Tensor(e!) dweight, Tensor(f!)? dbias, int seed, int offset, int threshold, float drop_scale, "
         "bool has_dropout, int stream) -> ()");
   m.def("layer_norm_max_hidden(bool vectorized) -> int", &layer_norm_max_hidden);
+  m.def("add_layer_norm_bwd_blocks(Tensor s, Tensor weight) -> int", &add_layer_norm_bwd_blocks);
   m.def("softmax_cross_entropy_fwd(Tensor logits, Tensor labels, Tensor(a!) loss, Tensor(b!) lse, "
         "Tensor(c!) correct, int ignore_index, float label_smoothing, int stream) -> ()");
   m.def("softmax_cross_entropy_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor dloss, Tensor? dlse, "

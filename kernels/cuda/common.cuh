@@ -61,7 +61,9 @@ __device__ __forceinline__ void store(T* row_ptr, int col, int64_t n, const floa
   }
 }
 
-// Sum over the TPR threads of a row group: warp shuffles, then shared memory when the group is a whole block.
+// Sum over the TPR threads of a row group (TPR a power of two >= 32): warp shuffles, then shared memory (one
+// float per warp of the block) when the group spans several warps. Every thread of the block must call it
+// the same number of times when TPR > 32 (it synchronises the block).
 __device__ __forceinline__ float group_sum(float v, int tpr, float* smem) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -70,8 +72,9 @@ __device__ __forceinline__ float group_sum(float v, int tpr, float* smem) {
   __syncthreads();  // smem may still be read by the previous reduction
   if (lane == 0) smem[warp] = v;
   __syncthreads();
+  const int first = warp / (tpr / kWarp) * (tpr / kWarp);  // this group's first warp
   float total = 0.f;
-  for (int w = 0; w < tpr / kWarp; ++w) total += smem[w];
+  for (int w = 0; w < tpr / kWarp; ++w) total += smem[first + w];
   return total;
 }
 

@@ -33,6 +33,11 @@ int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const
                           int64_t partial_rows, int dtype, int weight_dtype, uint64_t seed, uint32_t offset,
                           int32_t threshold, float drop_scale, int has_dropout, int device, void* stream);
 
+// Grid (and partial_rows) that vb_add_layer_norm_bwd should be given for `rows` rows of n on `device`: the
+// blocks that fill the device once, at most one per row group, at least 1; written to *blocks.
+int vb_add_layer_norm_bwd_blocks(int64_t rows, int64_t n, int dtype, int weight_dtype, int device,
+                                 int64_t* blocks);
+
 // Per-row softmax cross-entropy of rows x v logits (row stride `stride` elements, of `dtype`) with int64
 // labels: loss and lse in float32 (0 on rows whose label is ignore_index), correct = the target logit is a
 // maximum (1 byte per row). An out-of-range label gives a NaN loss.

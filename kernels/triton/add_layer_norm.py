@@ -117,20 +117,24 @@ def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     return block_n, rows, min(32, max(4, block_n * rows // per_warp))
 
 
+PROGRAMS_PER_SM = 4  # backward programs (and dweight/dbias partial rows) per multiprocessor
+
+
 @functools.lru_cache(maxsize=None)
-def _programs_per_device(index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
-    """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row."""
+def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=None):
+    """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row. `config` (BLOCK_N, ROWS, warps)
+    overrides `launch_config` (for tuning)."""
     N = x.shape[-1]
     M = x.numel() // N
     out, s = torch.empty_like(x), torch.empty_like(x)
     mean, rstd = (torch.empty((M,), device=x.device, dtype=torch.float32) for _ in range(2))
     if M == 0:
         return out, s, mean, rstd
-    block_n, rows, warps = launch_config(N)
+    block_n, rows, warps = config or launch_config(N)
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
         x, x if residual is None else residual, weight, weight if bias is None else bias, out, s, mean, rstd, M, N,
         eps, **dropout_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
@@ -138,15 +142,18 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
     return out, s, mean, rstd
 
 
-def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng):
-    """Backward launcher: (dx, dresidual or None, dweight, dbias or None)."""
+def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng, config=None,
+                       programs_per_sm=PROGRAMS_PER_SM):
+    """Backward launcher: (dx, dresidual or None, dweight, dbias or None). `config` (BLOCK_N, ROWS, warps) and
+    `programs_per_sm` override the defaults (for tuning)."""
     N = s.shape[-1]
     M = s.numel() // N
     dx = torch.empty_like(s)
     dres = torch.empty_like(s) if has_residual else None
-    block_n, rows, warps = launch_config(N, backward=True)
+    block_n, rows, warps = config or launch_config(N, backward=True)
     num_tiles = triton.cdiv(M, rows)
-    programs = min(num_tiles, _programs_per_device(s.device.index or 0) if s.is_cuda else 4)
+    sms = _multiprocessors(s.device.index or 0) if s.is_cuda else 1
+    programs = min(num_tiles, programs_per_sm * sms)
     programs = max(programs, 1)
     alloc = torch.empty if M > 0 else torch.zeros  # every program writes its partial row
     dw_partial = alloc((programs, N), device=s.device, dtype=torch.float32)
@@ -161,7 +168,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     db = torch.empty_like(weight) if has_bias else None
     for partial, total in ((dw_partial, dw), (db_partial, db)):
         if total is not None:
-            _column_sum_kernel[(triton.cdiv(N, 128),)](partial, total, programs, N, BLOCK_G=32, BLOCK_C=128)
+            _column_sum_kernel[(triton.cdiv(N, 32),)](partial, total, programs, N, BLOCK_G=64, BLOCK_C=32)
     return dx, dres, dw, db
 
 
