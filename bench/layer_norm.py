@@ -51,6 +51,8 @@ def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
     out["torch_eager"] = _eager
     if on_gpu():
         # The backward is timed by replaying one graph (retain_graph), which donated buffers forbid.
+        import torch._functorch.config
+
         torch._functorch.config.donated_buffer = False
         out["torch_compile"] = torch.compile(_eager, dynamic=True)
     try:
