@@ -6,7 +6,7 @@ write out and s; backward: read dout and s, write dx and dresidual), for every p
 share of the device-to-device copy bandwidth measured in the same run. `ms` is what an eager caller waits
 (host launch overhead included: it dominates below a few hundred microseconds); `device_ms` replays the same
 forward, or forward+backward, from a CUDA graph, and the backward's device time is their difference.
-Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16]. Without a GPU it runs a toy smoke pass on the
+Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16] (--quick: 16k rows, bf16). Without a GPU it runs a toy smoke pass on the
 CPU and says so.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
 def main(argv=None) -> int:
     """Run the LayerNorm benchmark; writes results under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="16k rows only")
+    parser.add_argument("--quick", action="store_true", help="16k rows, bf16 only")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated of bf16, fp16, fp32")
     args = parser.parse_args(argv)
     if not on_gpu():
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
               "These are NOT GPU figures.")
         cases, device = [(64, 768, torch.float32)], "cpu"
     else:
-        dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+        dtypes = [torch.bfloat16] if args.quick else [DTYPES[d] for d in args.dtypes.split(",")]
         row_counts = [16384] if args.quick else [16384, 65536]
         cases = [(rows, hidden, dtype) for dtype in dtypes for rows in row_counts
                  for hidden in (768, 1024, 2048, 4096, 8192)]

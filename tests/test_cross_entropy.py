@@ -241,6 +241,29 @@ def test_triton_linear_cross_entropy_matches_float64(dtype, N, D, V, reduction, 
         assert_close(g, e, dtype, name)
 
 
+@pytest.mark.parametrize("method", ["fused", "chunked"])
+def test_triton_linear_forward_methods_match_float64(method):
+    """Both forward algorithms of the Triton backend (bench/tune.py picks the default) give the reference's
+    per-row loss, lse and accuracy, with bias, smoothing and ignored rows, over several row chunks."""
+    from videobert._kernels.triton import cross_entropy as ce
+
+    device = _triton_or_skip()
+    gen = torch.Generator().manual_seed(15)
+    N, D, V = 37, 64, 1000
+    hidden = torch.randn(N, D, generator=gen).to(device)
+    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device)
+    bias = (0.1 * torch.randn(V, generator=gen)).to(device)
+    labels = make_labels(N, V, gen).to(device)
+    loss, lse, correct = ce.linear_cross_entropy_fwd(hidden, weight, labels, bias, -100, 0.1, method=method)
+    logits = F.linear(hidden.double(), weight.double(), bias.double())
+    valid = labels != -100
+    expected = F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
+    assert_close(loss, expected, torch.float32, "loss")
+    assert_close(lse, torch.where(valid, torch.logsumexp(logits, -1), 0.0), torch.float32, "lse")
+    target = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    assert torch.equal(correct, valid & (target >= logits.max(-1).values))
+
+
 def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
     device = _triton_or_skip()
     gen = torch.Generator().manual_seed(5)

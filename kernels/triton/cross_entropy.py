@@ -4,11 +4,16 @@ cross-entropy on given logits.
 Linear forward: each program takes BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing
 `hidden @ weight_tile.T (+ bias)` with fp32 accumulation over BLOCK_K slices of the hidden dimension and keeping
 an online max / sum-exp, the target logit and (for label smoothing) the logit sum; only per-row statistics are
-written. Linear backward: one program per (row block, vocabulary tile) recomputes the logit tile, forms
-`dloss * (softmax - (1 - ls) * onehot - ls / V) + dlse * softmax` and adds its share of dhidden and dweight
-(and dbias) into fp32 accumulators with atomics, so nothing of size (N, V) exists. Row blocks whose rows are
-all ignored skip every tile. Softmax forward/backward: the same online statistics over given logits, and the
-gradient written once per element (optionally into the logits buffer).
+written. Row blocks whose rows are all ignored skip every tile.
+Linear backward: dweight and dhidden each reduce over a whole dimension (all rows, all vocabulary entries) that
+register tiles cannot hold at hidden sizes near 1k; accumulating tile products with atomics instead took about
+200 ms at N=16k, D=1024, V=51k on an H100 (6x eager). So the backward makes two sweeps of chunked GEMMs (cuBLAS
+on a GPU) around the Triton gradient kernel: per vocabulary chunk, recompute its logits for all rows, turn them
+into `dloss * (softmax - (1 - ls) * onehot - ls / V) + dlse * softmax` in place and take dweight (and dbias) of
+the chunk in one GEMM; then per row chunk likewise for dhidden. Each gradient is one GEMM's fp32 accumulation,
+rounded once; a chunk holds 1/CHUNKS of the (N, V) logits in the inputs' dtype, nothing of size (N, V) exists.
+Softmax forward/backward: the same online statistics over given logits, and the gradient written once per
+element (optionally into the logits buffer).
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ from videobert._kernels.triton.launch import dot_precision
 # (tests/test_compile_triton.py) but not yet tuned on a GPU; smaller ones keep the interpreter quick.
 LINEAR_CONFIG = {"gpu": (64, 128, 32, 8, 3), "interpret": (16, 64, 32, 4, 1)}
 SOFTMAX_CONFIG = {"gpu": (4, 1024, 0, 8, 1), "interpret": (4, 64, 0, 4, 1)}
+# The linear backward's chunks: 1/CHUNKS of the vocabulary (or of the rows) each, but at least this many
+# vocabulary entries and rows (GEMMs that fill the GPU; several chunks even at test sizes in the interpreter).
+CHUNKS = 16
+LINEAR_FORWARD = "fused"
+MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
 
 
 @triton.jit
@@ -68,7 +78,8 @@ def _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, lab
 
 @triton.jit
 def _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing):
-    """d(loss * dloss + lse * dlse)/dz of a tile in fp32; zero on ignored rows and columns past V."""
+    """d(loss * dloss + lse * dlse)/dz of a tile in fp32 (cols: vocabulary indices of its columns); zero on
+    ignored rows and columns past V."""
     p = tl.exp(z - lse[:, None])
     g = p * (dloss + dlse)[:, None] - (label_smoothing / V) * dloss[:, None]
     g -= tl.where(cols[None, :] == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
@@ -102,35 +113,6 @@ def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, N, V, D, strid
 
 
 @triton.jit
-def _linear_ce_bwd_kernel(H, W, Bias, Labels, Lse, DLoss, DLse, DH, DW, DB, N, V, D, stride_h, stride_w,
-                          ignore_index, label_smoothing, HAS_BIAS: tl.constexpr, HAS_DLSE: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
-    if tl.max(valid.to(tl.int32), axis=0) > 0:
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION, BLOCK_M,
-                        BLOCK_V, BLOCK_K)
-        lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
-        dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
-        dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
-        g = _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
-        g_in = g.to(H.dtype.element_ty)  # tensor-core operands in the inputs' dtype, fp32 accumulation
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            h_mask = (rows[:, None] < N) & (ks[None, :] < D)
-            w_mask = (cols[:, None] < V) & (ks[None, :] < D)
-            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-            tl.atomic_add(DH + rows[:, None] * D + ks[None, :], tl.dot(g_in, w, input_precision=DOT_PRECISION),
-                          mask=h_mask)
-            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=h_mask, other=0.0)
-            tl.atomic_add(DW + cols[:, None] * D + ks[None, :],
-                          tl.dot(tl.trans(g_in), h, input_precision=DOT_PRECISION), mask=w_mask)
-        if HAS_BIAS:
-            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=cols < V)
-
-
-@triton.jit
 def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore_index, label_smoothing,
                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
@@ -148,17 +130,18 @@ def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore
 
 
 @triton.jit
-def _softmax_ce_bwd_kernel(Z, Labels, Lse, DLoss, DLse, DZ, N, V, stride_z, stride_dz, ignore_index,
+def _softmax_ce_bwd_kernel(Z, Labels, Lse, DLoss, DLse, DZ, N, width, col0, V, stride_z, stride_dz, ignore_index,
                            label_smoothing, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Gradient of `width` columns of logits, vocabulary entries col0 .. col0 + width - 1 of V."""
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
     dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
     dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, width, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        mask = (rows[:, None] < N) & (cols[None, :] < V)
+        mask = (rows[:, None] < N) & (cols[None, :] < width)
         z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        g = _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
+        g = _grad_tile(z, col0 + cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
         tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -173,13 +156,21 @@ def _row_stats(n: int, device: torch.device):
     return loss, lse, torch.empty((n,), device=device, dtype=torch.int8)
 
 
-def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing):
-    """Forward launcher: per-row (loss fp32, lse fp32, correct bool); the logits never exist."""
+def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, method=None):
+    """Forward launcher: per-row (loss fp32, lse fp32, correct bool); the logits never exist. `method` (default
+    LINEAR_FORWARD): "fused", the one kernel over vocabulary tiles, or "chunked", a GEMM per row chunk and the
+    softmax forward kernel on it (bench/tune.py times both)."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
     loss, lse, correct = _row_stats(N, hidden.device)
-    if N:
+    if (method or LINEAR_FORWARD) == "chunked":
+        rows = max(_config(MIN_CHUNK, hidden.device)[1], triton.cdiv(N, CHUNKS))
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            _softmax_fwd_launch(_chunk_logits(hidden[r0:r1], weight, bias), labels[r0:r1], loss[r0:r1],
+                                lse[r0:r1], correct[r0:r1], ignore_index, label_smoothing)
+    elif N:
         bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
         _linear_ce_fwd_kernel[(triton.cdiv(N, bm),)](
             hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
@@ -189,51 +180,76 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
     return loss, lse, correct.bool()
 
 
+def _chunk_logits(hidden, weight, bias):
+    """hidden @ weight.T (+ bias) in the inputs' dtype, fp32 accumulation (one GEMM)."""
+    return torch.mm(hidden, weight.T) if bias is None else torch.addmm(bias, hidden, weight.T)
+
+
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing):
-    """Backward launcher: (dhidden, dweight, dbias or None), accumulated in fp32 and cast to the inputs' dtypes."""
+    """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
+    gradient kernel (module docstring); at most one chunk of logits exists at a time."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    dh = torch.zeros((N, D), device=hidden.device, dtype=torch.float32)
-    dw = torch.zeros((V, D), device=hidden.device, dtype=torch.float32)
-    db = torch.zeros((V,), device=hidden.device, dtype=torch.float32) if bias is not None else None
-    if N:
-        bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
-        _linear_ce_bwd_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bv))](
-            hidden, weight, weight if bias is None else bias, labels, lse, dloss.float().contiguous(),
-            dloss if dlse is None else dlse.float().contiguous(), dh, dw, dw if db is None else db, N, V, D,
-            hidden.stride(0), weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
-            HAS_DLSE=dlse is not None, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-            num_warps=warps, num_stages=stages)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
+    dloss = dloss.float().contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    dh, dw = torch.empty_like(hidden), torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
+    min_cols, min_rows = _config(MIN_CHUNK, hidden.device)
+    if N == 0:
+        dw.zero_()
+        return dh, dw, None if db is None else db.zero_()
+    cols = max(min_cols, triton.cdiv(V, CHUNKS))
+    for c0 in range(0, V, cols):  # dweight (and dbias) of each vocabulary chunk: all rows in one GEMM
+        c1 = min(V, c0 + cols)
+        g = _chunk_logits(hidden, weight[c0:c1], None if bias is None else bias[c0:c1])
+        softmax_cross_entropy_bwd(dloss, dlse, g, labels, lse, ignore_index, label_smoothing, out=g, col0=c0,
+                                  vocab=V)
+        torch.mm(g.T, hidden, out=dw[c0:c1])
+        if db is not None:
+            db[c0:c1] = g.sum(0, dtype=torch.float32)
+    rows = max(min_rows, triton.cdiv(N, CHUNKS))
+    for r0 in range(0, N, rows):  # dhidden of each row chunk: the whole vocabulary in one GEMM
+        r1 = min(N, r0 + rows)
+        g = _chunk_logits(hidden[r0:r1], weight, bias)
+        softmax_cross_entropy_bwd(dloss[r0:r1], None if dlse is None else dlse[r0:r1], g, labels[r0:r1],
+                                  lse[r0:r1], ignore_index, label_smoothing, out=g)
+        torch.mm(g, weight, out=dh[r0:r1])
+    return dh, dw, db
 
 
-def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
-    """Forward launcher: per-row (loss fp32, lse fp32, correct bool) in one pass over each row."""
+def _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_smoothing):
+    """Fill the per-row loss, lse and correct (int8) of logits (N, V), unit column stride."""
     N, V = logits.shape
-    logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    loss, lse, correct = _row_stats(N, logits.device)
     if N:
         bm, bv, _, warps, _ = _config(SOFTMAX_CONFIG, logits.device)
         _softmax_ce_fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
                                                        ignore_index, label_smoothing, BLOCK_M=bm, BLOCK_V=bv,
                                                        num_warps=warps)
+
+
+def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
+    """Forward launcher: per-row (loss fp32, lse fp32, correct bool) in one pass over each row."""
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    loss, lse, correct = _row_stats(logits.shape[0], logits.device)
+    _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_smoothing)
     return loss, lse, correct.bool()
 
 
 def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, label_smoothing,
-                              out: Optional[torch.Tensor] = None):
+                              out: Optional[torch.Tensor] = None, col0: int = 0, vocab: Optional[int] = None):
     """Backward launcher: d(logits) in logits' dtype, written into `out` when given (it may be `logits`
-    itself: each element is read before it is overwritten by the same program)."""
-    N, V = logits.shape
+    itself: each element is read before it is overwritten by the same program). `logits` may be the columns
+    col0 .. of a `vocab`-wide vocabulary (the linear backward's chunks)."""
+    N, width = logits.shape
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     grad = torch.empty_like(logits) if out is None else out
     if N:
         bm, bv, _, warps, _ = _config(SOFTMAX_CONFIG, logits.device)
         _softmax_ce_bwd_kernel[(triton.cdiv(N, bm),)](
             logits, labels, lse, dloss.float().contiguous(), dloss if dlse is None else dlse.float().contiguous(),
-            grad, N, V, logits.stride(0), grad.stride(0), ignore_index, label_smoothing, HAS_DLSE=dlse is not None,
-            BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+            grad, N, width, col0, width if vocab is None else vocab, logits.stride(0), grad.stride(0), ignore_index,
+            label_smoothing, HAS_DLSE=dlse is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
     return grad
 
 

@@ -1,0 +1,187 @@
+"""Sweep launch parameters and algorithm choices of the kernels on this GPU; the shipped defaults come from
+these tables (each says which constant it informs).
+
+- layer_norm_tuning: the LayerNorm backward, bf16, 16k rows, residual and bias. Triton: elements per program
+  (rows per program x padded hidden), warps, programs per multiprocessor (`launch_config`, PROGRAMS_PER_SM in
+  kernels/triton/add_layer_norm.py); CUDA: its grid (`auto` is what the launcher picks).
+- softmax_ce_tuning: the Triton softmax cross-entropy forward and backward, (BLOCK_M, BLOCK_V, warps)
+  (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258.
+- linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
+  as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
+  LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258.
+Small kernels are timed as CUDA-graph replays (device time, no host launch overhead), millisecond-scale ones
+with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]. Needs a GPU (exits 0 without one).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_graph_ms, bench_ms, markdown_table, measure_peaks, on_gpu, write_results  # noqa: E402
+
+ROWS = 16384
+HIDDEN = (768, 1024, 2048, 4096, 8192)
+
+
+def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
+    from videobert._kernels.triton import add_layer_norm as tln
+
+    x, r, dout = (torch.randn(ROWS, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w, b = torch.ones(hidden, device="cuda", dtype=torch.bfloat16), torch.zeros(hidden, device="cuda",
+                                                                                 dtype=torch.bfloat16)
+    _, s, mean, rstd = tln.add_layer_norm_fwd(x, r, w, b, 1e-12, 0.0, None)
+    block_n = triton.next_power_of_2(hidden)
+    default = tln.launch_config(hidden, backward=True)
+    row_choices = sorted({max(1, e // block_n) for e in (block_n, 2048, 4096, 8192)})
+    out = []
+    for rows, warps, per_sm in itertools.product(row_choices, (4, 8, 16), (2, 4, 8)):
+        if time.monotonic() > deadline or warps * 32 > block_n * rows:
+            continue
+        config = (block_n, rows, warps)
+        timing = bench_graph_ms(lambda: tln.add_layer_norm_bwd(dout, None, s, mean, rstd, w, True, True, 0.0, None,
+                                                               config=config, programs_per_sm=per_sm), rep_ms=10)
+        if timing:
+            out.append(dict(kernel="triton_bwd", hidden=hidden, rows_per_program=rows, warps=warps,
+                            per_sm=per_sm, default=config == default and per_sm == tln.PROGRAMS_PER_SM,
+                            device_ms=timing[0], pct_of_copy=_pct(hidden, timing[0], copy_gbps), blocks=""))
+    return out
+
+
+def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
+    try:
+        from videobert._kernels import cuda  # noqa: F401  (loads the extension)
+    except ImportError as exc:
+        print(f"no CUDA extension: {exc}")
+        return []
+    ops = torch.ops.videobert_cuda
+    s, dout = (torch.randn(ROWS, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mean, rstd = torch.zeros(ROWS, device="cuda"), torch.ones(ROWS, device="cuda")
+    w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    dx, dres = torch.empty_like(s), torch.empty_like(s)
+    dw, db = torch.empty_like(w), torch.empty_like(w)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    auto = ops.add_layer_norm_bwd_blocks(s, w)
+    out = []
+    for label, blocks in [("auto", auto)] + [(str(k), k * sms) for k in (1, 2, 4, 8, 16)]:
+        partial = torch.empty(2, blocks, hidden, device="cuda")
+        timing = bench_graph_ms(lambda: ops.add_layer_norm_bwd(
+            dout, None, s, mean, rstd, w, dx, dres, partial[0], partial[1], dw, db, 0, 0, 0, 1.0, False,
+            torch.cuda.current_stream().cuda_stream), rep_ms=10)
+        if timing:
+            out.append(dict(kernel="cuda_bwd", hidden=hidden, rows_per_program="", warps="", per_sm=label,
+                            default=label == "auto", device_ms=timing[0],
+                            pct_of_copy=_pct(hidden, timing[0], copy_gbps), blocks=blocks))
+    return out
+
+
+def _pct(hidden: int, ms: float, copy_gbps: float) -> float:
+    """Share of the copy bandwidth: the backward reads dout and s and writes dx and dresidual."""
+    return 100 * 4 * ROWS * hidden * 2 / ms / 1e6 / copy_gbps
+
+
+def softmax_rows(copy_gbps: float) -> list[dict]:
+    from videobert._kernels.triton import cross_entropy as ce
+
+    N, V = 16384, 51258
+    logits = (4 * torch.randn(N, V, device="cuda")).to(torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    dloss = torch.ones(N, device="cuda")
+    grad = torch.empty_like(logits)
+    shipped = ce.SOFTMAX_CONFIG["gpu"]
+    out = []
+    for bm, bv, warps in [(4, 1024, 8), (1, 2048, 4), (1, 4096, 8), (1, 8192, 16), (2, 2048, 8), (2, 4096, 16),
+                          (8, 512, 8), (1, 16384, 32)]:
+        ce.SOFTMAX_CONFIG["gpu"] = (bm, bv, 0, warps, 1)
+        try:
+            _, lse, _ = ce.softmax_cross_entropy_fwd(logits, labels, -100, 0.0)
+            fwd = bench_graph_ms(lambda: ce.softmax_cross_entropy_fwd(logits, labels, -100, 0.0), rep_ms=20)
+            bwd = bench_graph_ms(lambda: ce.softmax_cross_entropy_bwd(dloss, None, logits, labels, lse, -100, 0.0,
+                                                                      out=grad), rep_ms=20)
+        except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+            print(f"softmax config {(bm, bv, warps)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        finally:
+            ce.SOFTMAX_CONFIG["gpu"] = shipped
+        if fwd and bwd:
+            nbytes = logits.numel() * logits.element_size()
+            out.append(dict(block_m=bm, block_v=bv, warps=warps, default=(bm, bv, 0, warps, 1) == shipped,
+                            fwd_ms=fwd[0], bwd_ms=bwd[0], fwd_pct_of_copy=100 * nbytes / fwd[0] / 1e6 / copy_gbps,
+                            bwd_pct_of_copy=100 * 2 * nbytes / bwd[0] / 1e6 / copy_gbps))
+    return out
+
+
+def linear_rows(matmul_tflops: float) -> list[dict]:
+    from videobert._kernels.triton import cross_entropy as ce
+
+    N, D, V = 16384, 1024, 51258
+    hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(V, D, device="cuda") * D ** -0.5).to(torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    flops = 2.0 * N * D * V
+    shipped = ce.LINEAR_CONFIG["gpu"]
+    cases = [("eager", None, lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="none")),
+             ("chunked", None, lambda: ce.linear_cross_entropy_fwd(hidden, weight, labels, None, -100, 0.0,
+                                                                   method="chunked"))]
+    for config in [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]:
+        cases.append(("fused", config, lambda: ce.linear_cross_entropy_fwd(hidden, weight, labels, None, -100, 0.0,
+                                                                            method="fused")))
+    out = []
+    for method, config, fn in cases:
+        ce.LINEAR_CONFIG["gpu"] = config or shipped
+        try:
+            ms = bench_ms(fn)[0]
+        except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+            print(f"linear forward {method} {config}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        finally:
+            ce.LINEAR_CONFIG["gpu"] = shipped
+        out.append(dict(method=method, config=str(config or ""), default=method == ce.LINEAR_FORWARD and
+                        (config or shipped) == shipped, fwd_ms=ms, tflops=flops / ms / 1e9,
+                        pct_of_matmul=100 * flops / ms / 1e9 / matmul_tflops))
+    return out
+
+
+def main(argv=None) -> int:
+    """Run the sweeps; writes <table>.{csv,json,md} beside the other results."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--budget-s", type=float, default=150.0,
+                        help="seconds of Triton configs in all (an equal share per hidden size)")
+    parser.add_argument("--quick", action="store_true", help="a 30-second budget for the LayerNorm sweep")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget_s = min(args.budget_s, 30.0)
+    if not on_gpu():
+        print("No CUDA device: the tuning sweep needs a GPU; nothing to do.")
+        return 0
+    peaks = measure_peaks()
+    results = []
+    for hidden in HIDDEN:
+        results += cuda_rows(hidden, peaks["copy_gbps"])
+    for hidden in HIDDEN:  # an equal share of the budget each
+        results += triton_rows(hidden, peaks["copy_gbps"], time.monotonic() + args.budget_s / len(HIDDEN))
+        write_results("layer_norm_tuning", results, {"peaks": peaks, "rows": ROWS})
+    softmax = softmax_rows(peaks["copy_gbps"])
+    write_results("softmax_ce_tuning", softmax, {"peaks": peaks})
+    print(markdown_table(softmax))
+    linear = linear_rows(peaks["matmul_tflops"])
+    write_results("linear_ce_tuning", linear, {"peaks": peaks})
+    print(markdown_table(linear))
+    best = {}
+    for row in results:
+        key = (row["kernel"], row["hidden"])
+        if key not in best or row["device_ms"] < best[key]["device_ms"]:
+            best[key] = row
+    print(markdown_table([r for r in results if r["default"]] + list(best.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
