@@ -6,8 +6,8 @@ write out and s; backward: read dout and s, write dx and dresidual), for every p
 share of the device-to-device copy bandwidth measured in the same run. `ms` is what an eager caller waits
 (host launch overhead included: it dominates below a few hundred microseconds); `device_ms` replays the same
 forward, or forward+backward, from a CUDA graph, and the backward's device time is their difference.
-Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16] (--quick: 16k rows, bf16). Without a GPU it runs a toy smoke pass on the
-CPU and says so.
+Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16] (--quick: 16k rows, bf16). Without a GPU it
+runs a toy smoke pass on the CPU and says so.
 """
 from __future__ import annotations
 
