@@ -149,7 +149,8 @@ def test_windows_are_sound_and_tight():
             seg = random_layout(layout, 3, 70, gen)
             mod = torch.randint(0, 2, (3, 70), generator=gen)
             rules_t = torch.tensor(rules) if rules is not None else None
-            meta = sa.attention_metadata(seg, mod if rules else None, rules_t).long()
+            meta = sa.attention_metadata(seg.to(DEVICE), mod.to(DEVICE) if rules else None,
+                                         None if rules_t is None else rules_t.to(DEVICE)).long().cpu()
             canonical, mod_out, key_lo, key_hi, query_lo, query_hi = meta
             allowed = naive_mask(seg, mod, rules)
             b, i, j = allowed.nonzero(as_tuple=True)
@@ -161,7 +162,7 @@ def test_windows_are_sound_and_tight():
             assert torch.equal(mod_out, mod if rules else torch.zeros_like(mod))
     # contiguous packed samples with joint attention: the windows are exactly the sample spans
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
-    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(seg, None, None)
+    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(seg.to(DEVICE), None, None).cpu()
     assert key_lo.tolist() == [[0, 0, 0, 3, 3, 5, 8, 8]] and key_hi.tolist() == [[3, 3, 3, 5, 5, 6, 0, 0]]
 
 
@@ -176,7 +177,7 @@ def test_work_scales_with_squared_sample_lengths():
         ids[0, start:start + n] = segment
         lengths.append(n)
         start, segment = start + n, segment + 1
-    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(ids, None, None)
+    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(ids.to(DEVICE), None, None).cpu()
     visited = 0
     for m in range(0, L, block_m):
         lo, hi = int(key_lo[0, m:m + block_m].min()), int(key_hi[0, m:m + block_m].max())

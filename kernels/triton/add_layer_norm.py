@@ -29,6 +29,14 @@ def _row_tile(pid, M, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _row_mean(x, N):
+    """Row means of a (ROWS, BLOCK_N) tile over N columns, divided with IEEE rounding: a GPU's default fp32
+    division is approximate (2 ulp), which at hidden size 1 turns s - mean into a nonzero times 1/sqrt(eps)."""
+    total = tl.sum(x, axis=1)
+    return tl.div_rn(total, tl.zeros_like(total) + N)  # N may arrive as a constant (Triton specialises 1)
+
+
+@triton.jit
 def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, seed, offset, threshold,
                                drop_scale, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -42,9 +50,9 @@ def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, s
     s = x.to(S.dtype.element_ty)
     tl.store(S + offs, s, mask=mask)
     s = s.to(tl.float32)
-    mean = tl.sum(s, axis=1) / N
+    mean = _row_mean(s, N)
     diff = tl.where(mask, s - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    rstd = tl.rsqrt(_row_mean(diff * diff, N) + eps)
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     out = diff * rstd[:, None] * w[None, :]
@@ -75,8 +83,8 @@ def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPart
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # reloaded (L1): fewer live registers
         g = dout * w[None, :]
-        c_xhat = tl.sum(xhat * g, axis=1) / N
-        c_mean = tl.sum(g, axis=1) / N
+        c_xhat = _row_mean(xhat * g, N)
+        c_mean = _row_mean(g, N)
         ds = rstd[:, None] * (g - c_mean[:, None] - xhat * c_xhat[:, None])
         if HAS_DS:
             ds += tl.load(DSExtra + offs, mask=mask, other=0.0).to(tl.float32)
