@@ -77,30 +77,37 @@ def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
 
 
 def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: float) -> list[dict]:
-    x, r = (torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
-    b = (0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    # Inputs come from the CPU generator: a peer whose CUDA-graph capture fails can leave the CUDA generator
+    # unusable for the rest of the process.
+    x, r, dout = (torch.randn(rows, hidden).to(device, dtype) for _ in range(3))
+    x, r = x.requires_grad_(), r.requires_grad_()
+    w = (1 + 0.1 * torch.randn(hidden)).to(device, dtype).requires_grad_()
+    b = (0.1 * torch.randn(hidden)).to(device, dtype).requires_grad_()
     element = x.element_size()
     moved = {"fwd": 4 * rows * hidden * element, "bwd": 4 * rows * hidden * element}
     moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
-    results = []
-    for name, fn in providers(torch.device(device), dtype, hidden).items():
-        timings = {}
+    timings = {}
+    named = providers(torch.device(device), dtype, hidden)
+    for name, fn in named.items():
+        timings[name] = {}
         try:
-            timings["fwd"] = bench_ms(lambda: fn(x, r, w, b))
-            out, s = fn(x, r, w, b)
-            dout = torch.randn_like(out)
-            timings["bwd"] = bench_ms(lambda: torch.autograd.grad(out, (x, r, w, b), dout, retain_graph=True))
-            timings["fwd+bwd"] = bench_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
+            timings[name]["fwd"] = bench_ms(lambda: fn(x, r, w, b))
+            out, _ = fn(x, r, w, b)
+            timings[name]["bwd"] = bench_ms(lambda: torch.autograd.grad(out, (x, r, w, b), dout, retain_graph=True))
+            del out  # its graph would tie the leaves' autograd nodes to this stream during capture below
+            timings[name]["fwd+bwd"] = bench_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
         except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
             print(f"{name} rows={rows} hidden={hidden}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    # Device times after every eager timing, ours first: a failed capture cannot spoil the eager figures.
+    results = []
+    for name, fn in named.items():
         device = {}
-        if timings:
+        if timings[name]:
             device["fwd"] = bench_graph_ms(lambda: fn(x, r, w, b))
             device["fwd+bwd"] = bench_graph_ms(lambda: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout))
             if device["fwd"] and device["fwd+bwd"]:
                 device["bwd"] = (device["fwd+bwd"][0] - device["fwd"][0],)
-        for mode, (ms, p20, p80) in timings.items():
+        for mode, (ms, p20, p80) in timings[name].items():
             gbps = moved[mode] / ms / 1e6
             device_ms = device[mode][0] if device.get(mode) else None
             device_gbps = moved[mode] / device_ms / 1e6 if device_ms else None

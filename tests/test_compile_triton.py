@@ -111,7 +111,8 @@ def cross_entropy_report(kind: str, arch: int):
         kernel, sig = ce._linear_ce_fwd_kernel, {**common, "Loss": "*fp32", "Lse": "*fp32", "Correct": "*i8",
                                                  **tail}
     else:
-        bm, bv, _, warps, stages = ce.SOFTMAX_CONFIG["gpu"]
+        bm, bv, warps = ce.SOFTMAX_CONFIG[kind.split("_")[1]]["gpu"]
+        stages = 1
         consts = dict(BLOCK_M=bm, BLOCK_V=bv)
         if kind == "softmax_fwd":
             kernel, sig = ce._softmax_ce_fwd_kernel, {"Z": "*bf16", "Labels": "*i64", "Loss": "*fp32",
@@ -155,8 +156,14 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_run, cases))
     spilling = [f"{name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads"
-                for name, r in results if r.spill_stores or r.spill_loads]
+                for name, r in results if r.spill_stores + r.spill_loads > _ALLOWED_SPILL_BYTES.get(name, 0)]
     assert not spilling, "\n".join(spilling)
+
+
+# Known, measured exceptions (bytes of spill stores + loads per thread, upper bounds). The linear cross-entropy
+# forward at (128, 128, 64, 8, 3) spills a little but ran at 392 TFLOP/s on an H100 (bench/tune.py), 2.4x the
+# spill-free (64, 128, 32, 8, 3).
+_ALLOWED_SPILL_BYTES = {"cross_entropy linear_fwd sm_80": 1100, "cross_entropy linear_fwd sm_90": 560}
 
 
 @pytest.mark.xfail(strict=True, reason="known: the one-pass LayerNorm backward at hidden 8192 spills on sm_90 "
