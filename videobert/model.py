@@ -14,6 +14,7 @@ from torch import nn
 
 from videobert.config import VideoBERTConfig
 from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention, softmax_cross_entropy
+from videobert.profiling import nvtx_range
 
 IGNORE_INDEX = -100
 
@@ -118,8 +119,9 @@ class VideoBERTModel(nn.Module):
         if torch.is_autocast_enabled(hidden.device.type):
             # Keep the residual stream in the autocast dtype so every fused op sees one dtype.
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-        for layer in self.layers:
-            hidden = layer(hidden, segment_ids, modality_ids, modality_rules)
+        for index, layer in enumerate(self.layers):
+            with nvtx_range(f"layer{index}"):
+                hidden = layer(hidden, segment_ids, modality_ids, modality_rules)
         return hidden
 
     @classmethod

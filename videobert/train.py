@@ -13,7 +13,6 @@ MFU counts 6 x (non-embedding parameters) + 12 x layers x hidden x (mean attende
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from videobert.config import VideoBERTConfig
 from videobert.data import allowed_pairs
 from videobert.model import VideoBERTForPretraining
+from videobert.profiling import nvtx_range
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
@@ -220,9 +220,29 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------------- the loop
 
-def _phase(name: str):
-    """An NVTX range in Nsight's timeline on a GPU; nothing otherwise."""
-    return torch.cuda.nvtx.range(f"videobert.{name}") if torch.cuda.is_available() else contextlib.nullcontext()
+class _Progress:
+    """A one-line progress bar on a terminal's stderr (steps, tokens/s, last logged loss, time left); log lines
+    print above it. Nothing when stderr is not a terminal (files, CI) or on ranks other than 0."""
+
+    def __init__(self, total: int, first: int, enabled: bool):
+        self.total, self.first, self.enabled = total, first, enabled
+        self.start, self.tokens, self.loss = time.perf_counter(), 0, None
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        left = elapsed / max(step - self.first, 1) * (self.total - step)
+        filled = 30 * step // max(self.total, 1)
+        loss = f"  loss {self.loss:.4f}" if self.loss is not None else ""
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}{loss}  "
+                         f"{self.tokens / elapsed:.0f} tok/s  {left:.0f} s left\x1b[K")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def _metrics(out: dict) -> dict:
@@ -335,6 +355,11 @@ def train(args: TrainArgs, log=print) -> dict:
     last: dict = {}
     batches = iter(stream)
     window_tokens, window_start = 0, time.perf_counter()
+    progress = _Progress(args.steps, step, rank == 0 and sys.stderr.isatty())
+
+    def say(message: str) -> None:
+        progress.clear()
+        log(message)
     with _Signals() as signals:
         while step < args.steps:
             if profile and step == profile[0] and torch.cuda.is_available():
@@ -343,13 +368,14 @@ def train(args: TrainArgs, log=print) -> dict:
                 group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps)
             totals: dict[str, torch.Tensor] = {}
             for micro in range(args.grad_accum):
-                with _phase("data"):
+                with nvtx_range("data"):
                     batch, stats = next(batches)
                     batch = batch.to(device)
                 window_tokens += stats.tokens
-                with _phase("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                progress.tokens += stats.tokens * world
+                with nvtx_range("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     output = runner(**batch.model_inputs())
-                with _phase("backward"):
+                with nvtx_range("backward"):
                     (output["loss"] / args.grad_accum).backward()
                 for key, value in _metrics(output).items():
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
@@ -363,16 +389,17 @@ def train(args: TrainArgs, log=print) -> dict:
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 if args.on_nan == "skip":
-                    log(f"step {step + 1}: non-finite loss, step skipped")
+                    say(f"step {step + 1}: non-finite loss, step skipped")
                     step += 1
                     continue
                 raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); stopping "
                                    "without a checkpoint (use --on-nan skip to skip such steps)")
-            with _phase("optimizer"):
+            with nvtx_range("optimizer"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
+            progress.update(step)
             if profile and step == profile[1] and torch.cuda.is_available():
                 torch.cuda.profiler.stop()
             final = step == args.steps or signals.received is not None
@@ -389,7 +416,8 @@ def train(args: TrainArgs, log=print) -> dict:
                     row.update(evaluate(model, held_out, device))
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
-                log(f"step {step:5d}  loss {row['loss']:.4f}  text {row['text_mlm_acc']:.3f}  "
+                progress.loss = row["loss"]
+                say(f"step {step:5d}  loss {row['loss']:.4f}  text {row['text_mlm_acc']:.3f}  "
                     f"visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}  {row['tokens_per_s']:.0f} tok/s"
                     + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
                 last = row
@@ -397,9 +425,10 @@ def train(args: TrainArgs, log=print) -> dict:
             if rank == 0 and (final or step % (args.eval_every or args.steps) == 0):
                 save_checkpoint(out, step, model, optimizer, stream, args.keep)
             if signals.received is not None:
-                log(f"signal {signals.received}: checkpoint written at step {step}; exiting")
+                say(f"signal {signals.received}: checkpoint written at step {step}; exiting")
                 last["interrupted"] = signals.received
                 break
+    progress.clear()
     if rank == 0:
         curves = plot_curves(out)
         log(f"metrics in {out / 'metrics.jsonl'}" + (f", curves in {curves}" if curves else ""))

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from videobert.profiling import nvtx_range
+
 BACKENDS = ("torch", "triton", "cuda")
 BACKEND_ENV = "VIDEOBERT_BACKEND"
 
@@ -47,13 +49,10 @@ def register(op: str, backend: str, impl: Impl) -> None:
 
 
 def run(op: str, backend: str, direction: str, *args):
-    """Call the `direction` ("fwd" or "bwd") of `op` on `backend` inside an NVTX range
-    "videobert.<op>.<direction>[<backend>]" that Nsight Systems shows; no range without CUDA."""
-    fn = getattr(_REGISTRY[op][backend], direction)
-    if not torch.cuda.is_available():
-        return fn(*args)
-    with torch.cuda.nvtx.range(f"videobert.{op}.{direction}[{backend}]"):
-        return fn(*args)
+    """Call the `direction` ("fwd" or "bwd") of `op` on `backend` inside the NVTX range
+    "<op>.<direction>[<backend>]" of the videobert domain (videobert.profiling)."""
+    with nvtx_range(f"{op}.{direction}[{backend}]"):
+        return getattr(_REGISTRY[op][backend], direction)(*args)
 
 
 def eager_autograd(op: str, setup_context: Callable, backward: Callable, non_differentiable: tuple = ()):
