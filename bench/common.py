@@ -101,7 +101,33 @@ def write_results(name: str, rows: Sequence[dict], meta: dict) -> Path:
             writer.writeheader()
             writer.writerows(rows)
         (out / f"{name}.md").write_text(f"# {name} on {meta['device']} ({meta['date']})\n\n" + markdown_table(rows))
+    if out.resolve().is_relative_to(RESULTS_ROOT.resolve()) and on_gpu():
+        update_index()
     return out
+
+
+def update_index(root: Path = RESULTS_ROOT) -> Path:
+    """Rewrite root/README.md: one line per results folder (card, date, folder, its tables), newest first."""
+    entries = {}
+    for path in sorted(root.rglob("*.json")):
+        try:
+            meta = json.loads(path.read_text()).get("meta", {})
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        folder = path.parent.relative_to(root).as_posix()
+        entry = entries.setdefault(folder, {"device": meta.get("device", "?"), "date": meta.get("date", ""),
+                                            "tables": []})
+        entry["tables"].append(path.stem)
+        entry["date"] = max(entry["date"], meta.get("date", ""))
+    lines = ["# Recorded benchmark runs", "",
+             "Written by `bench/common.py` after every run under this folder; each folder holds the tables as",
+             "CSV, JSON (with the card, versions and the peaks measured in that run) and markdown, and the plots.",
+             "", "| card | date | folder | tables |", "|---|---|---|---|"]
+    for folder, e in sorted(entries.items(), key=lambda kv: kv[1]["date"], reverse=True):
+        lines.append(f"| {e['device']} | {e['date']} | [{folder}]({folder}) | {', '.join(sorted(e['tables']))} |")
+    index = root / "README.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
 
 
 def _fmt(value) -> str:
