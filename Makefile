@@ -6,7 +6,7 @@ $(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test gpu-check
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -14,3 +14,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# On a GPU machine with PyTorch and Triton: build the CUDA extension, run the tests on the GPU, every benchmark.
+gpu-check:
+	bash scripts/gpu_check.sh all

@@ -81,6 +81,27 @@ def _extract_features(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "tune")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run bench/<name>.py (or each in turn for "all") in its own process with the remaining arguments."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if not folder.is_dir():
+        print(f"no benchmark scripts at {folder}: they live in the source checkout's bench/ folder "
+              "(install it with pip install --no-build-isolation -e .)", file=sys.stderr)
+        return 2
+    status = 0
+    for name in BENCHMARKS if args.name == "all" else (args.name,):
+        print(f"== bench/{name}.py {' '.join(args.script_args)}", flush=True)
+        status |= subprocess.call([sys.executable, str(folder / f"{name}.py"), *args.script_args])
+    return 1 if status else 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `videobert` command."""
     parser = argparse.ArgumentParser(prog="videobert", description=__doc__)
@@ -120,6 +141,10 @@ def main(argv=None) -> int:
     ext.add_argument("--batch-size", type=int, default=8)
     ext.add_argument("--device", default="auto")
     ext.set_defaults(func=_extract_features)
+    bench = sub.add_parser("bench", help="run the benchmarks (bench/*.py; results in bench/results/<gpu>/<date>/)")
+    bench.add_argument("name", choices=BENCHMARKS + ("all",))
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on, e.g. --quick")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
