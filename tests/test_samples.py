@@ -81,9 +81,13 @@ def test_stream_is_deterministic_resumable_and_sharded(tokenizer, config):
         assert s.batches_per_epoch == 8
         runs += [(rank, s.batch(0, i)[0].input_ids.sum().item()) for i in range(s.batches_per_epoch)]
     assert len({v for _, v in runs}) == len(runs)
-    with pytest.raises(ValueError, match="cannot resume: saved rank=1"):
+    with pytest.raises(ValueError, match="cannot resume: saved world_size=2"):
         stream(tokenizer, config).load_state_dict({"epoch": 0, "position": 1, "seed": 0, "rank": 1,
-                                                   "world_size": 1})
+                                                   "world_size": 2})
+    # rank 0's saved position is rank 1's too (the ranks move through equal shards in lockstep)
+    second = stream(tokenizer, config, videos_per_batch=4, rank=1, world_size=2)
+    second.load_state_dict({"epoch": 0, "position": 5, "seed": 0, "rank": 0, "world_size": 2})
+    assert (second.epoch, second.position) == (0, 5)
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
         stream(tokenizer, config, rank=2, world_size=2)
 

@@ -83,18 +83,36 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     assert metrics(out)[-1]["step"] == step + 2
 
 
-def test_two_process_gloo_run(tmp_path):
-    out = tmp_path / "ddp"
+def _two_process_run(out, port: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", "-m", "videobert.cli", "pretrain", "--out", str(out),
-                             "--steps", "3", "--videos-per-batch", "2", "--num-videos", "40", "--eval-videos", "4",
-                             "--row-length", "64", "--vocab-size", "200", "--log-every", "1"],
-                            capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "videobert.cli", "pretrain", "--out", str(out),
+                           "--videos-per-batch", "2", "--num-videos", "40", "--eval-videos", "4",
+                           "--row-length", "64", "--vocab-size", "200", "--log-every", "1", "--eval-every", "2",
+                           *extra], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_gloo_run(tmp_path, sharding):
+    """Two gloo processes with DDP or FSDP2: rank 0 logs, held-out evaluation and checkpoints work (with FSDP
+    all ranks gather), and a resumed FSDP run continues from the full-tensor checkpoint."""
+    out = tmp_path / sharding
+    flags = ("--fsdp",) if sharding == "fsdp" else ()
+    port = 29517 if sharding == "ddp" else 29518
+    result = _two_process_run(out, port, "--steps", "3", *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone logs
+    assert "eval_vtm_acc" in rows[1] and "eval_vtm_acc" in rows[2]
     assert latest_checkpoint(out).name == "step-00000003"
+    from safetensors.torch import load_file
+
+    weights = load_file(latest_checkpoint(out) / "model.safetensors")
+    assert weights["bert.embeddings.word_embeddings.weight"].shape[0] > 200  # whole tensors, not shards
+    if sharding == "fsdp":
+        result = _two_process_run(out, port, "--steps", "4", "--resume", *flags)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
 def test_init_from_a_local_hugging_face_bert(tmp_path):

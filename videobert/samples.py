@@ -188,8 +188,10 @@ class PretrainingStream:
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position (the seed and sharding must match)."""
-        for key in ("seed", "rank", "world_size"):
+        """Resume at a saved position (the seed and the number of shards must match). The saving rank may be
+        another one: every shard has batches_per_epoch batches and the ranks move through them in lockstep, so
+        rank 0's position is every rank's."""
+        for key in ("seed", "world_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: saved {key}={state[key]}, this stream has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]

@@ -7,7 +7,9 @@ to `OUT/metrics.jsonl` and the terminal; every `eval_every` steps a held-out spl
 optimizer tensors as safetensors, everything else as JSON: nothing is unpickled) are written to a temporary
 folder renamed into place, the last `keep` kept, always one at the end, and on SIGINT/SIGTERM before exiting.
 `--resume` continues from the newest one and reproduces the uninterrupted run exactly on the CPU. Several
-processes (torchrun) train with DDP, each rank on its own shard of batches; rank 0 logs and checkpoints.
+processes (torchrun) train with DDP, or with `--fsdp` with FSDP2 (parameters, gradients and optimizer state
+sharded per encoder layer: for `large`), each rank on its own shard of batches; rank 0 logs and writes the
+checkpoints, which hold full (unsharded) tensors either way.
 MFU counts 6 x (non-embedding parameters) + 12 x layers x hidden x (mean attended keys) FLOPs per real token.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ class TrainArgs:
     vtm_weight: float = 1.0
     on_nan: str = "stop"  # or "skip"
     compile: bool = False
+    fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
     resume: bool = False
     init_from_bert: Optional[str] = None
     profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
@@ -164,15 +167,30 @@ def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
 
 
 def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state = {int(i): dict(entry) for i, entry in meta["state"].items()}
+    # Parameters are keyed by index (a plain optimizer) or by name (FSDP's full state dict; names hold dots).
+    def key(index: str):
+        return int(index) if index.isdigit() else index
+
+    state = {key(i): dict(entry) for i, entry in meta["state"].items()}
     for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, field = name.rsplit(".", 1)
+        state.setdefault(key(index), {})[field] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, stream: PretrainingStream, keep: int) -> Path:
-    """Write OUT/checkpoints/step-N atomically (temporary folder, then rename) and keep the newest `keep`."""
+def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with whole tensors; with FSDP a collective that every rank must call."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: dict, stream: PretrainingStream,
+                    keep: int) -> Path:
+    """Write OUT/checkpoints/step-N (state dicts from `full_state`) atomically (temporary folder, then rename)
+    and keep the newest `keep`."""
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
@@ -180,8 +198,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, stream: PretrainingS
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+    tensors, meta = _flatten_optimizer(optimizer_state)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -195,15 +213,24 @@ def save_checkpoint(out: Path, step: int, model, optimizer, stream: PretrainingS
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, stream: PretrainingStream) -> int:
-    """Restore a checkpoint written by `save_checkpoint` (no unpickling); returns its step."""
+def load_checkpoint(path: Path, model, optimizer, stream: PretrainingStream, sharded: bool = False) -> int:
+    """Restore a checkpoint written by `save_checkpoint` (no unpickling); returns its step. With FSDP
+    (`sharded`) every rank reads the whole checkpoint and keeps its shards."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    model_state = load_file(path / "model.safetensors")
     state = load_file(path / "state.safetensors")
     info = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(
-        {k[4:]: v for k, v in state.items() if k.startswith("opt.")}, info["optimizer"]))
+    optimizer_state = _unflatten_optimizer({k[4:]: v for k, v in state.items() if k.startswith("opt.")},
+                                           info["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(state["rng.cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
@@ -338,17 +365,24 @@ def train(args: TrainArgs, log=print) -> dict:
     if world > 1:
         dist.barrier()
     model = make_model(args, config).to(device)
+    sharded = world > 1 and args.fsdp
+    if sharded:  # each encoder layer one FSDP unit: its parameters are gathered only while it runs
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.bert.layers:
+            fully_shard(layer)
+        fully_shard(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda" and not sharded)
     step = 0
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, optimizer, stream)
+        step = load_checkpoint(checkpoint, model, optimizer, stream, sharded)
         log(f"resumed from {checkpoint} at step {step}")
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
         (out / "run.json").write_text(json.dumps({"args": asdict(args), "config": config.to_dict()}, indent=2))
-    runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     runner = torch.compile(runner) if args.compile else runner
     profile = tuple(int(x) for x in args.profile_steps.split(":")) if args.profile_steps else None
     per_token = None
@@ -403,7 +437,11 @@ def train(args: TrainArgs, log=print) -> dict:
             if profile and step == profile[1] and torch.cuda.is_available():
                 torch.cuda.profiler.stop()
             final = step == args.steps or signals.received is not None
-            if rank == 0 and (step % args.log_every == 0 or final):
+            logged = step % args.log_every == 0 or final
+            evaluated = {}
+            if logged and (step % args.eval_every == 0 or final) and (rank == 0 or sharded):
+                evaluated = evaluate(model, held_out, device)  # with FSDP every rank takes part in the forwards
+            if rank == 0 and logged:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
                        "lr": optimizer.param_groups[0]["lr"],
@@ -412,8 +450,7 @@ def train(args: TrainArgs, log=print) -> dict:
                     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
                     if peak:
                         row["mfu"] = row["tokens_per_s"] * per_token / (peak * 1e12)
-                if step % args.eval_every == 0 or final:
-                    row.update(evaluate(model, held_out, device))
+                row.update(evaluated)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 progress.loss = row["loss"]
@@ -422,8 +459,11 @@ def train(args: TrainArgs, log=print) -> dict:
                     + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
                 last = row
                 window_tokens, window_start = 0, time.perf_counter()
-            if rank == 0 and (final or step % (args.eval_every or args.steps) == 0):
-                save_checkpoint(out, step, model, optimizer, stream, args.keep)
+            if final or step % (args.eval_every or args.steps) == 0:
+                if rank == 0 or sharded:  # gathering FSDP shards is a collective
+                    model_state, optimizer_state = full_state(model, optimizer, sharded)
+                if rank == 0:
+                    save_checkpoint(out, step, model_state, optimizer_state, stream, args.keep)
             if signals.received is not None:
                 say(f"signal {signals.received}: checkpoint written at step {step}; exiting")
                 last["interrupted"] = signals.received
