@@ -27,3 +27,21 @@ def test_benchmark_smoke(script, expected, tmp_path, monkeypatch, capsys):
     assert expected <= providers
     assert all(row["ms"] > 0 for row in data["rows"])
     assert (tmp_path / f"{script}.csv").exists() and (tmp_path / f"{script}.md").exists()
+
+
+def test_end_to_end_training_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """bench/train.py on the CPU: every provider trains on the same samples; Hugging Face pads them."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the benchmark itself (bench/train.py), not a test")
+    monkeypatch.setenv("VIDEOBERT_BENCH_OUT", str(tmp_path))
+    module = importlib.import_module("train")
+
+    assert module.main([]) == 0
+    assert "NOT GPU figures" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"videobert_fused", "videobert_reference_ops", "hugging_face_bert_sdpa"}
+    assert all(r["tokens_per_s"] > 0 and r["steps_per_s"] > 0 for r in rows)
+    hf = next(r for r in rows if r["provider"] == "hugging_face_bert_sdpa")
+    assert 0 < hf["padded_waste"] < 1 and hf["speedup_over_hugging_face"] == 1

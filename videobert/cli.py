@@ -81,7 +81,7 @@ def _extract_features(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "tune")
+BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "train", "tune")
 
 
 def _bench(args: argparse.Namespace) -> int:

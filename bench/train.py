@@ -1,0 +1,173 @@
+"""End-to-end training throughput: this project's encoder with the fused ops on packed rows, the same model with
+the PyTorch reference ops on packed rows, and Hugging Face `BertForPreTraining` (SDPA attention, random init)
+on padded batches of the very same samples, its MLM head over every position as it does by default.
+
+Each provider runs full training steps (forward, backward, AdamW) under bf16 autocast; reported: steps/s, real
+(non-padding) tokens/s, MFU on real tokens (FLOPs counted as in videobert/train.py, against the card's dense
+bf16 peak measured in the same run), peak memory, the padded batches' padding waste, and each provider's
+speedup over Hugging Face. Synthetic VideoBERT-like data: joint, text-only and video-only samples of 5 to 128
+tokens from the embedded corpus (videobert.samples), 51k-entry joint vocabulary.
+Usage: python bench/train.py [--quick] [--presets base,large] [--videos 256] [--compile]. Without a GPU it
+runs a toy smoke pass (tiny preset, a few steps) on the CPU and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, markdown_table, measure_peaks, on_gpu, write_results  # noqa: E402
+
+from videobert.config import VideoBERTConfig  # noqa: E402
+from videobert.corpus import synthetic_corpus  # noqa: E402
+from videobert.data import allowed_pairs  # noqa: E402
+from videobert.model import VideoBERTForPretraining  # noqa: E402
+from videobert.samples import SampleOptions, make_batch, synthetic_videos  # noqa: E402
+from videobert.text_tokenizer import TextTokenizer  # noqa: E402
+from videobert.train import flops_per_token  # noqa: E402
+
+
+def batches(config: VideoBERTConfig, tokenizer: TextTokenizer, videos: int, count: int, row_length: int):
+    """`count` pairs (packed batch, padded batch, stats) of the same samples; padded rows are cut to the
+    longest sample of their batch (dynamic padding, as a Hugging Face data collator does)."""
+    corpus = synthetic_videos(0)
+    out = []
+    for index in range(count):
+        chunk = corpus(index * videos, (index + 1) * videos)
+        packed, stats = make_batch(chunk, tokenizer.encode, config, SampleOptions(), row_length, (0, index))
+        padded, _ = make_batch(chunk, tokenizer.encode, config, SampleOptions(), 128, (0, index), packed=False)
+        width = int((padded.segment_ids >= 0).sum(1).max())
+        for name in ("input_ids", "token_type_ids", "segment_ids", "mlm_labels"):
+            setattr(padded, name, getattr(padded, name)[:, :width].contiguous())
+        out.append((packed, padded, stats))
+    return out
+
+
+def hugging_face_step(config: VideoBERTConfig, device):
+    """(model, step(batch) -> loss) of BertForPreTraining with SDPA on padded batches."""
+    from transformers import BertConfig, BertForPreTraining
+
+    hf_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                           num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                           intermediate_size=config.intermediate_size,
+                           max_position_embeddings=config.max_position_embeddings, type_vocab_size=2,
+                           attn_implementation="sdpa")
+    model = BertForPreTraining(hf_config).to(device)
+
+    def step(batch):
+        out = model(input_ids=batch.input_ids, token_type_ids=batch.token_type_ids,
+                    attention_mask=(batch.segment_ids >= 0).long(), labels=batch.mlm_labels,
+                    next_sentence_label=batch.vtm_labels)
+        return out.loss
+    return model, step
+
+
+def ours_step(config: VideoBERTConfig, device):
+    """(model, step(batch) -> loss) of this project's pretraining model on packed batches."""
+    model = VideoBERTForPretraining(config).to(device)
+    return model, lambda batch: model(**batch.model_inputs())["loss"]
+
+
+def run_provider(name, make, config, data, device, steps, warmup, compile_model, peak_tflops):
+    model, step = make(config, device)
+    runner = torch.compile(step) if compile_model else step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    layout = 1 if name.startswith("hugging_face") else 0
+    timed_tokens, mean_keys = 0, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        packed_or_padded = data[i % len(data)]
+        batch, stats = packed_or_padded[layout].to(device), packed_or_padded[2]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = runner(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            timed_tokens += stats.tokens
+            mean_keys += allowed_pairs(packed_or_padded[0].segment_ids) / stats.tokens / steps
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = timed_tokens / elapsed
+    # The same useful work for every provider: this project's model's FLOPs per real token.
+    reference = VideoBERTForPretraining(config)
+    flops = tokens_per_s * flops_per_token(config, reference, mean_keys)
+    row = dict(provider=name, steps_per_s=steps / elapsed, tokens_per_s=tokens_per_s,
+               tflops=flops / 1e12, mfu=flops / 1e12 / peak_tflops if peak_tflops == peak_tflops else "",
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else "")
+    del model, optimizer
+    return row
+
+
+def main(argv=None) -> int:
+    """Run the end-to-end benchmark; writes train.{csv,json,md} under bench/results/<gpu>/<date>/."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="base only, fewer steps")
+    parser.add_argument("--presets", default="base,large")
+    parser.add_argument("--videos", type=int, default=256, help="videos per batch (about 60 real tokens each)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of each provider")
+    args = parser.parse_args(argv)
+    if on_gpu():
+        device, presets = torch.device("cuda"), (["base"] if args.quick else args.presets.split(","))
+        steps, warmup = (10, 3) if args.quick else (20, 5)
+        videos, row_length = args.videos, 512
+    else:
+        print("No CUDA device: a toy-size smoke pass on the CPU (tiny preset). These are NOT GPU figures.")
+        device, presets, steps, warmup, videos, row_length = torch.device("cpu"), ["tiny"], 2, 1, 4, 128
+    peaks = measure_peaks()
+    tokenizer = TextTokenizer.train((s.text for v in synthetic_corpus(200) for s in v.sentences), vocab_size=400)
+    results = []
+    for preset in presets:
+        config = VideoBERTConfig.preset(preset, **tokenizer.config_overrides())
+        data = batches(config, tokenizer, videos, 4, row_length)
+        padded_positions = sum(p[1].input_ids.numel() for p in data)
+        waste = 1 - sum(p[2].tokens for p in data) / padded_positions
+        providers = [("videobert_fused", ours_step, config),
+                     ("videobert_reference_ops", ours_step, VideoBERTConfig.preset(
+                         preset, **tokenizer.config_overrides(), backend="torch"))]
+        try:
+            import transformers  # noqa: F401
+            providers.append(("hugging_face_bert_sdpa", hugging_face_step, config))
+        except ImportError:
+            print("transformers not importable: no Hugging Face row")
+        for compiled in ([False, True] if args.compile else [False]):
+            for name, make, provider_config in providers:
+                label = name + ("+compile" if compiled else "")
+                try:
+                    row = run_provider(label, make, provider_config, data, device, steps, warmup, compiled,
+                                       peaks["matmul_tflops"])
+                except Exception as exc:  # a provider that cannot run is reported, not fatal
+                    print(f"{label} {preset}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    continue
+                results.append(dict(preset=preset, **row, padded_waste=waste if "hugging" in name else ""))
+                out = write_results("train", results, {"peaks": peaks, "videos_per_batch": videos,
+                                                       "row_length": row_length})
+        hf = {r["provider"].replace("hugging_face_bert_sdpa", ""): r["tokens_per_s"] for r in results
+              if r["preset"] == preset and r["provider"].startswith("hugging_face")}
+        for row in results:
+            if row["preset"] == preset:
+                base = hf.get("+compile" if row["provider"].endswith("+compile") else "")
+                row["speedup_over_hugging_face"] = row["tokens_per_s"] / base if base else ""
+    if results:
+        write_results("train", results, {"peaks": peaks, "videos_per_batch": videos, "row_length": row_length})
+    print(markdown_table(results))
+    print(f"({device_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
