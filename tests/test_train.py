@@ -160,3 +160,15 @@ def test_training_on_a_real_data_folder_and_its_errors(tmp_path):
     with pytest.raises(ValueError, match="10 videos leave too few for training after 9 held out"):
         train(TrainArgs(steps=2, data=str(data), out=str(tmp_path / "bad"), **{**SMALL, "eval_videos": 9}),
               log=lambda m: None)
+
+
+def test_sample_flags_reach_the_streams(tmp_path):
+    from videobert.train import build
+
+    args = TrainArgs(out=str(tmp_path), sample_mix="1,0,0", max_concat=1, max_stride=2, num_videos=20,
+                     eval_videos=4, vocab_size=200)
+    _, _, train_stream, held_out = build(args, tmp_path, 0, 1)
+    for stream in (train_stream, held_out):
+        assert (stream.options.mix, stream.options.max_concat, stream.options.max_stride) == ((1.0, 0.0, 0.0), 1, 2)
+    with pytest.raises(ValueError, match="sample_mix must be three comma-separated numbers"):
+        build(TrainArgs(out=str(tmp_path), sample_mix="joint"), tmp_path, 0, 1)

@@ -64,6 +64,9 @@ class TrainArgs:
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
     vtm_weight: float = 1.0
+    sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
+    max_concat: int = 3  # sentences joined into one sample at most
+    max_stride: int = 5  # clips subsampled with a random stride up to this
     on_nan: str = "stop"  # or "skip"
     compile: bool = False
     fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
@@ -76,7 +79,12 @@ class TrainArgs:
 
 def build(args: TrainArgs, out: Path, rank: int, world: int):
     """(model config, tokenizer, train stream, eval stream) for the run's data."""
-    options = SampleOptions(max_tokens=min(args.row_length, 128))
+    try:
+        mix = tuple(float(x) for x in args.sample_mix.split(","))
+    except ValueError:
+        raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
+    options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
+                            max_tokens=min(args.row_length, 128))
     bert_dir = Path(args.init_from_bert) if args.init_from_bert else None
     if bert_dir is not None:  # BERT's own word pieces, as the paper started from BERT-large
         tokenizer = TextTokenizer.from_vocab(bert_dir / "vocab.txt")
