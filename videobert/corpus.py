@@ -2,8 +2,8 @@
 and time-stamped sentences.
 
 `synthetic_corpus` is the embedded default (no download): seeded instructional "cooking videos" made of steps,
-each an (action, object) pair that yields a run of visual tokens (drawn from the action's and the object's small
-token sets, drifting to neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked
+each an (action, object) pair that yields a run of visual tokens (the action's and the object's visual words,
+drifting to neighbouring tokens) and a sentence describing it, mixed with unrelated chatter. Masked
 words are predictable from the video and vice versa, and matched vs mismatched pairs are separable; every step
 keeps its ground truth (action, object, caption) for evaluation.
 """
@@ -77,10 +77,12 @@ def token_features(tokens: list[int], dim: int, noise: float = 0.1, seed: int = 
     return base + noise * torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def concept_tokens(kind: str, index: int, num_visual_tokens: int, per_concept: int = 3) -> list[int]:
+def concept_tokens(kind: str, index: int, num_visual_tokens: int, per_concept: int = 1) -> list[int]:
     """The visual tokens that show an action or an object ("action" / "object", its index): fixed sets, disjoint
     across concepts (while the vocabulary is large enough), spread over the vocabulary, so a step's clips show
-    both what is done and what it is done to."""
+    both what is done and what it is done to. One word per concept by default: it keeps video-text matching
+    learnable by the tiny model within a CPU demo (a matching-only probe of 400 steps x 64 samples reached 0.6
+    accuracy with three words per concept, 0.8 with one)."""
     concepts = len(ACTIONS) + len(OBJECTS)
     spread = random.Random("concepts").sample(range(num_visual_tokens), min(num_visual_tokens, concepts * per_concept))
     slot = index if kind == "action" else len(ACTIONS) + index
