@@ -1,0 +1,53 @@
+"""pytest-benchmark entry points for regression tracking: `pytest bench --benchmark-only` (with the `bench`
+extra installed) times each fused op, forward and forward+backward, at one representative size on the GPU
+(`auto` backends) or a toy size on the CPU. The comparison tables against peers come from the scripts beside
+this file; these are for `--benchmark-compare` across commits on one machine."""
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE, DTYPE = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+BACKEND = "auto" if GPU else "torch"  # the interpreter is for correctness, not timing
+
+
+def _timed(benchmark, fn, backward: bool, *leaves):
+    """benchmark(fn) with the device synchronised, so each round measures finished work."""
+    def run():
+        out = fn()
+        if backward:
+            torch.autograd.grad(out.float().sum(), leaves)
+        if GPU:
+            torch.cuda.synchronize()
+    run()  # compile, autotune, allocate
+    benchmark(run)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_segment_attention(benchmark, backward):
+    B, L, H, D = (8, 2048, 16, 64) if GPU else (1, 128, 2, 32)
+    q, k, v = (torch.randn(B, L, H, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+    ids = torch.arange(L, device=DEVICE).div(max(1, L // 16), rounding_mode="floor").expand(B, L).contiguous()
+    _timed(benchmark, lambda: segment_attention(q, k, v, ids, backend=BACKEND), backward, q, k, v)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_add_layer_norm(benchmark, backward):
+    rows, hidden = (16384, 1024) if GPU else (256, 768)
+    x, r = (torch.randn(rows, hidden, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(2))
+    w = torch.ones(hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    b = torch.zeros(hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    _timed(benchmark, lambda: add_layer_norm(x, r, w, b, 1e-12, backend=BACKEND), backward, x, r, w, b)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_linear_cross_entropy(benchmark, backward):
+    N, D, V = (16384, 1024, 51258) if GPU else (64, 64, 1000)
+    hidden = torch.randn(N, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (torch.randn(V, D, device=DEVICE) * D ** -0.5).to(DTYPE).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    _timed(benchmark, lambda: linear_cross_entropy(hidden, weight, labels, backend=BACKEND), backward, hidden,
+           weight)
