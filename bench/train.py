@@ -76,7 +76,9 @@ def ours_step(config: VideoBERTConfig, device):
     return model, lambda batch: model(**batch.model_inputs())["loss"]
 
 
-def run_provider(name, make, config, data, device, steps, warmup, compile_model, peak_tflops):
+def run_provider(name, make, config, data, device, steps, warmup, compile_model, peak_tflops, counted_model):
+    """One provider's timed steps; FLOPs are counted on `counted_model` (this project's model for the preset,
+    the same useful work for every provider)."""
     model, step = make(config, device)
     runner = torch.compile(step) if compile_model else step
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -103,9 +105,7 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens_per_s = timed_tokens / elapsed
-    # The same useful work for every provider: this project's model's FLOPs per real token.
-    reference = VideoBERTForPretraining(config)
-    flops = tokens_per_s * flops_per_token(config, reference, mean_keys)
+    flops = tokens_per_s * flops_per_token(config, counted_model, mean_keys)
     row = dict(provider=name, steps_per_s=steps / elapsed, tokens_per_s=tokens_per_s,
                tflops=flops / 1e12, mfu=flops / 1e12 / peak_tflops if peak_tflops == peak_tflops else "",
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else "")
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     for preset in presets:
         config = VideoBERTConfig.preset(preset, **tokenizer.config_overrides())
         data = batches(config, tokenizer, videos, 4, row_length)
+        with torch.device("meta"):  # parameter counts only: no memory, no initialisation
+            counted_model = VideoBERTForPretraining(config)
         padded_positions = sum(p[1].input_ids.numel() for p in data)
         waste = 1 - sum(p[2].tokens for p in data) / padded_positions
         providers = [("videobert_fused", ours_step, config),
@@ -149,13 +151,13 @@ def main(argv=None) -> int:
                 label = name + ("+compile" if compiled else "")
                 try:
                     row = run_provider(label, make, provider_config, data, device, steps, warmup, compiled,
-                                       peaks["matmul_tflops"])
+                                       peaks["matmul_tflops"], counted_model)
                 except Exception as exc:  # a provider that cannot run is reported, not fatal
                     print(f"{label} {preset}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     continue
                 results.append(dict(preset=preset, **row, padded_waste=waste if "hugging" in name else ""))
-                out = write_results("train", results, {"peaks": peaks, "videos_per_batch": videos,
-                                                       "row_length": row_length})
+                write_results("train", results, {"peaks": peaks, "videos_per_batch": videos,
+                                                 "row_length": row_length})
         hf = {r["provider"].replace("hugging_face_bert_sdpa", ""): r["tokens_per_s"] for r in results
               if r["preset"] == preset and r["provider"].startswith("hugging_face")}
         for row in results:

@@ -229,10 +229,18 @@ int threads_per_row(int64_t n) {
 
 int block_threads(int tpr) { return tpr == kWarp ? 4 * kWarp : tpr; }
 
-// The backward's block: at least 256 threads (several row groups when a row needs fewer), so that a few blocks
-// per multiprocessor fill it and the per-block dweight/dbias partials stay few. Its shared memory for combining
-// the groups' partials, groups x n floats, is at most 256 / tpr x 16 tpr floats = 16 KiB.
-int bwd_block_threads(int tpr) { return tpr < 256 ? 256 : tpr; }
+// The backward's launch shape for hidden size n: blocks of at least 256 threads (several row groups when a row
+// needs fewer), so that a few blocks per multiprocessor fill it and the per-block dweight/dbias partials stay few;
+// shared memory for combining the groups' partials, groups x n floats, at most 256 / tpr x 16 tpr floats = 16 KiB.
+struct BwdShape {
+  int tpr, threads, groups;
+  size_t smem;
+};
+
+BwdShape bwd_shape(int64_t n) {
+  const int tpr = threads_per_row(n), threads = tpr < 256 ? 256 : tpr, groups = threads / tpr;
+  return {tpr, threads, groups, groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0};
+}
 
 // Resident threads per multiprocessor the backward aims for: enough 16-value rows in flight to cover memory
 // latency, without so many blocks that the partials' traffic grows.
@@ -256,12 +264,12 @@ int launch_bwd(const void* dout, const void* ds, const void* s, const float* mea
                const void* weight, void* dx, void* dresidual, float* dw_partial, float* db_partial, void* dweight,
                void* dbias, int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, uint32_t offset,
                int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
-  const int tpr = threads_per_row(n), threads = bwd_block_threads(tpr), groups = threads / tpr;
-  const size_t smem = groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0;
-  add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED><<<static_cast<unsigned>(partial_rows), threads, smem, stream>>>(
-      static_cast<const T*>(dout), static_cast<const T*>(ds), static_cast<const T*>(s), mean, rstd,
-      static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<T*>(dresidual), dw_partial, db_partial, rows,
-      n, tpr, seed, offset, threshold, drop_scale, has_dropout);
+  const BwdShape shape = bwd_shape(n);
+  add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>
+      <<<static_cast<unsigned>(partial_rows), shape.threads, shape.smem, stream>>>(
+          static_cast<const T*>(dout), static_cast<const T*>(ds), static_cast<const T*>(s), mean, rstd,
+          static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<T*>(dresidual), dw_partial, db_partial,
+          rows, n, shape.tpr, seed, offset, threshold, drop_scale, has_dropout);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   const unsigned col_blocks = static_cast<unsigned>((n + kSumCols - 1) / kSumCols);
@@ -278,17 +286,16 @@ int launch_bwd(const void* dout, const void* ds, const void* s, const float* mea
 // multiprocessor (fewer where registers allow fewer), never more than there are row groups; 0 or a CUDA error.
 template <typename T, typename W, int VEC, bool VECTORIZED>
 int bwd_blocks(int64_t rows, int64_t n, int device, int64_t* blocks) {
-  const int tpr = threads_per_row(n), threads = bwd_block_threads(tpr), groups = threads / tpr;
-  const size_t smem = groups > 1 ? static_cast<size_t>(groups) * n * sizeof(float) : 0;
+  const BwdShape shape = bwd_shape(n);
   int sms = 0, resident = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>,
-                                                        threads, smem);
+                                                        shape.threads, shape.smem);
   }
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int64_t per_sm = std::max(1, std::min(resident, kBwdThreadsPerSm / threads));
-  *blocks = std::max<int64_t>(1, std::min<int64_t>((rows + groups - 1) / groups, per_sm * sms));
+  const int64_t per_sm = std::max(1, std::min(resident, kBwdThreadsPerSm / shape.threads));
+  *blocks = std::max<int64_t>(1, std::min<int64_t>((rows + shape.groups - 1) / shape.groups, per_sm * sms));
   return 0;
 }
 

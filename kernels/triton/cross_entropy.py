@@ -170,7 +170,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
     hidden, weight = hidden.contiguous(), weight.contiguous()
     loss, lse, correct = _row_stats(N, hidden.device)
     if (method or LINEAR_FORWARD) == "chunked":
-        rows = min(N, max(_config(MIN_CHUNK, hidden.device)[1], triton.cdiv(N, CHUNKS)))
+        rows = _chunk_rows(N, hidden.device)
         buffer = torch.empty((rows, _round_up(V, 8)), device=hidden.device, dtype=hidden.dtype)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
@@ -196,6 +196,12 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _chunk_rows(N: int, device: torch.device) -> int:
+    """Rows per chunk of the whole-vocabulary sweeps (chunked forward, dhidden): 1/CHUNKS of them, at least the
+    minimum."""
+    return min(N, max(_config(MIN_CHUNK, device)[1], triton.cdiv(N, CHUNKS)))
+
+
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing):
     """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
     gradient kernel (module docstring). One buffer holds the current chunk of logits; its rows are padded to
@@ -211,9 +217,8 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
     if N == 0:
         dw.zero_()
         return dh, dw, None if db is None else db.zero_()
-    min_cols, min_rows = _config(MIN_CHUNK, hidden.device)
-    cols = min(V, _round_up(max(min_cols, triton.cdiv(V, CHUNKS)), 64))
-    rows = min(N, max(min_rows, triton.cdiv(N, CHUNKS)))
+    cols = min(V, _round_up(max(_config(MIN_CHUNK, hidden.device)[0], triton.cdiv(V, CHUNKS)), 64))
+    rows = _chunk_rows(N, hidden.device)
     col_stride, row_stride = _round_up(cols, 8), _round_up(V, 8)
     buffer = torch.empty(max(N * col_stride, rows * row_stride), device=hidden.device, dtype=hidden.dtype)
     by_cols = buffer[:N * col_stride].view(N, col_stride)
