@@ -172,3 +172,19 @@ def test_sample_flags_reach_the_streams(tmp_path):
         assert (stream.options.mix, stream.options.max_concat, stream.options.max_stride) == ((1.0, 0.0, 0.0), 1, 2)
     with pytest.raises(ValueError, match="sample_mix must be three comma-separated numbers"):
         build(TrainArgs(out=str(tmp_path), sample_mix="joint"), tmp_path, 0, 1)
+
+
+def test_progress_bar_draws_on_a_terminal_only(capsys):
+    from videobert.train import _Progress
+
+    bar = _Progress(total=10, first=0, enabled=True)
+    bar.tokens, bar.loss = 500, 3.25
+    bar.update(5)
+    drawn = capsys.readouterr().err
+    assert "5/10" in drawn and "loss 3.2500" in drawn and "tok/s" in drawn and drawn.startswith("\r[")
+    bar.clear()
+    assert capsys.readouterr().err == "\r\x1b[K"
+    quiet = _Progress(total=10, first=0, enabled=False)  # not a terminal (files, CI) or not rank 0
+    quiet.update(5)
+    quiet.clear()
+    assert capsys.readouterr().err == ""
