@@ -177,8 +177,7 @@ class VideoBERTForPretraining(nn.Module):
                                  f"got {tuple(mlm_labels.shape)}")
             labels = mlm_labels.flatten()
             masked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-            h = self.mlm_transform(flat[masked])
-            h = _layer_norm(self.mlm_norm, F.gelu(h), None, 0.0, cfg)
+            h = self.mlm_hidden(flat[masked])
             labels, is_text = labels[masked], token_type_ids.flatten()[masked] == 0
             weight = self.bert.embeddings.word_embeddings.weight.to(h.dtype)
             bias = self.mlm_bias.to(h.dtype)
@@ -195,12 +194,28 @@ class VideoBERTForPretraining(nn.Module):
             if vtm_labels.shape != cls_pos.shape:
                 raise ValueError(f"vtm_labels must have one entry per [CLS] token ({cls_pos.numel()}), "
                                  f"got shape {tuple(vtm_labels.shape)}")
-            pooled = torch.tanh(self.pooler(flat[cls_pos]))
-            res = softmax_cross_entropy(self.vtm_head(pooled), vtm_labels, return_stats=True, backend=cfg.backend)
+            res = softmax_cross_entropy(self.match_logits(flat[cls_pos]), vtm_labels, return_stats=True,
+                                        backend=cfg.backend)
             total = total + cfg.vtm_weight * res.loss
             _record(out, "vtm", res, (vtm_labels != IGNORE_INDEX).sum())
         out["loss"] = total
         return out
+
+    def mlm_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) encoder states -> the masked-token head's input to the tied decoder (dense, GELU, LayerNorm)."""
+        return _layer_norm(self.mlm_norm, F.gelu(self.mlm_transform(hidden)), None, 0.0, self.config)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, text_vocab_size) fp32 word-piece logits of the masked-token head at N encoder states (for a few
+        positions: decoding, zero-shot scoring; training uses the fused loss, which never forms logits)."""
+        h = self.mlm_hidden(hidden)
+        vocab = slice(0, self.config.text_vocab_size)
+        weight = self.bert.embeddings.word_embeddings.weight[vocab]
+        return F.linear(h.float(), weight.float(), self.mlm_bias[vocab].float())
+
+    def match_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """(S, 2) video-text matching logits from S samples' [CLS] states (class 1: they belong together)."""
+        return self.vtm_head(torch.tanh(self.pooler(cls_hidden)))
 
     @classmethod
     def from_bert(cls, source, config: Optional[VideoBERTConfig] = None) -> "VideoBERTForPretraining":

@@ -126,55 +126,42 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
     return PackedBatch(masked, token_types, segment_ids, labels, vtm, video_features), stats
 
 
-@dataclass
-class PretrainingStream:
-    """Packed batches from a corpus: deterministic given `seed`, resumable at any batch, sharded by rank.
+class ShardedBatches:
+    """Batch b of epoch e, deterministic given `seed`, resumable at any batch, sharded by rank: each epoch
+    shuffles the `num_units` units of work (runs of videos, groups of examples) and shard `rank` of
+    `world_size` takes every world_size-th. Subclasses (dataclasses with the fields seed, rank, world_size,
+    epoch, position) say how many units there are and build one (`build_unit(unit, seed)`)."""
 
-    `videos(start, stop)` returns the corpus' videos [start, stop) (a synthetic generator or a real loader);
-    shard `rank` of `world_size` takes every world_size-th run of `videos_per_batch` videos.
-    """
+    @property
+    def num_units(self) -> int:
+        raise NotImplementedError
 
-    videos: Callable[[int, int], Sequence[Video]]
-    num_videos: int
-    encode_text: Callable[[str], list[int]]
-    config: VideoBERTConfig
-    options: SampleOptions = field(default_factory=SampleOptions)
-    row_length: int = 128
-    packed: bool = True  # False: one sample per row (padded), for comparisons
-    videos_per_batch: int = 8
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    epoch: int = 0
-    position: int = 0  # next batch index within the epoch
+    def build_unit(self, unit: int, seed: tuple) -> tuple:
+        raise NotImplementedError
 
-    def __post_init__(self) -> None:
+    def no_batch_message(self) -> str:
+        """Why an epoch has no batch on this rank."""
+        return f"{self.num_units} units of work make no batch per rank for {self.world_size} rank(s)"
+
+    def _check_shard(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        if self.videos_per_batch < 1 or self.num_videos < 1:
-            raise ValueError("videos_per_batch and num_videos must be >= 1")
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this shard yields per epoch (runs of videos beyond an even split across ranks are dropped)."""
-        runs = self.num_videos // self.videos_per_batch
-        return runs // self.world_size
+        """Batches this shard yields per epoch (units beyond an even split across ranks are dropped)."""
+        return self.num_units // self.world_size
 
-    def batch(self, epoch: int, index: int) -> tuple[PackedBatch, BatchStats]:
+    def batch(self, epoch: int, index: int) -> tuple:
         """Batch `index` of `epoch` of this shard, independent of any other."""
-        order = random.Random(f"{self.seed}/epoch/{epoch}")
-        runs = list(range(self.num_videos // self.videos_per_batch))
-        order.shuffle(runs)
-        run = runs[index * self.world_size + self.rank]
-        start = run * self.videos_per_batch
-        videos = self.videos(start, start + self.videos_per_batch)
-        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length,
-                          (self.seed, epoch, index, self.rank), self.packed)
+        units = list(range(self.num_units))
+        random.Random(f"{self.seed}/epoch/{epoch}").shuffle(units)
+        return self.build_unit(units[index * self.world_size + self.rank], (self.seed, epoch, index, self.rank))
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, BatchStats]]:
+    def __iter__(self) -> Iterator[tuple]:
         """Batches from the saved position on, epoch after epoch (advancing the position as it goes)."""
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.num_videos} videos make no batch of {self.videos_per_batch} per rank")
+            raise ValueError(self.no_batch_message())
         while True:
             while self.position < self.batches_per_epoch:
                 item = self.batch(self.epoch, self.position)
@@ -195,6 +182,49 @@ class PretrainingStream:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: saved {key}={state[key]}, this stream has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+@dataclass
+class PretrainingStream(ShardedBatches):
+    """Packed pretraining batches from a corpus (see `ShardedBatches`).
+
+    `videos(start, stop)` returns the corpus' videos [start, stop) (a synthetic generator or a real loader);
+    a unit is a run of `videos_per_batch` videos.
+    """
+
+    videos: Callable[[int, int], Sequence[Video]]
+    num_videos: int
+    encode_text: Callable[[str], list[int]]
+    config: VideoBERTConfig
+    options: SampleOptions = field(default_factory=SampleOptions)
+    row_length: int = 128
+    packed: bool = True  # False: one sample per row (padded), for comparisons
+    videos_per_batch: int = 8
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    position: int = 0  # next batch index within the epoch
+
+    def __post_init__(self) -> None:
+        self._check_shard()
+        if self.videos_per_batch < 1 or self.num_videos < 1:
+            raise ValueError("videos_per_batch and num_videos must be >= 1")
+
+    @property
+    def num_units(self) -> int:
+        """Runs of videos_per_batch videos."""
+        return self.num_videos // self.videos_per_batch
+
+    def no_batch_message(self) -> str:
+        """Why an epoch has no batch on this rank."""
+        return f"{self.num_videos} videos make no batch of {self.videos_per_batch} per rank"
+
+    def build_unit(self, unit: int, seed: tuple) -> tuple[PackedBatch, BatchStats]:
+        """Every sample of run `unit`, packed and masked."""
+        start = unit * self.videos_per_batch
+        videos = self.videos(start, start + self.videos_per_batch)
+        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length, seed, self.packed)
 
 
 class BatchDataset(torch.utils.data.IterableDataset):

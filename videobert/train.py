@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,11 +40,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GP
 
 
 @dataclass
-class TrainArgs:
-    """Everything a run is configured by (saved as OUT/run.json)."""
+class LoopArgs:
+    """What the training loop itself is configured by; pretraining (`TrainArgs`) and fine-tuning
+    (`videobert.finetune.FinetuneArgs`) add what their data and model need."""
 
-    preset: str = "tiny"
-    data: str = "synthetic"
     out: str = "runs/demo"
     steps: int = 300
     seed: int = 0
@@ -53,13 +52,26 @@ class TrainArgs:
     weight_decay: float = 0.01
     clip: float = 1.0
     grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    keep: int = 2
+    on_nan: str = "stop"  # or "skip"
+    compile: bool = False
+    fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
+    resume: bool = False
+    profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
+
+
+@dataclass
+class TrainArgs(LoopArgs):
+    """Everything a pretraining run is configured by (saved as OUT/run.json)."""
+
+    preset: str = "tiny"
+    data: str = "synthetic"
     videos_per_batch: int = 8
     row_length: int = 128
     num_videos: int = 4000
     eval_videos: int = 64
-    log_every: int = 10
-    eval_every: int = 100
-    keep: int = 2
     vocab_size: int = 400
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
@@ -67,12 +79,21 @@ class TrainArgs:
     sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
     max_concat: int = 3  # sentences joined into one sample at most
     max_stride: int = 5  # clips subsampled with a random stride up to this
-    on_nan: str = "stop"  # or "skip"
-    compile: bool = False
-    fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
-    resume: bool = False
     init_from_bert: Optional[str] = None
-    profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
+
+
+@dataclass
+class Job:
+    """What the loop trains: `model(**batch.model_inputs())` returns a dict with "loss" and per-objective
+    `<name>_loss` / `<name>_acc`; `stream` yields (batch, stats) and saves its position (`state_dict`);
+    `evaluate(model, device)` scores the held-out split ("eval_*" keys); `summary(row)` is a log line's tail."""
+
+    config: VideoBERTConfig
+    model: torch.nn.Module
+    stream: object
+    evaluate: Callable[[torch.nn.Module, torch.device], dict]
+    summary: Callable[[dict], str]
+    info: dict  # written to OUT/run.json on a fresh start
 
 
 # ------------------------------------------------------------------------------------------- data and model
@@ -321,7 +342,7 @@ def plot_curves(out: Path) -> Optional[Path]:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             left.plot(*zip(*points), label=key, marker="." if key.startswith("eval") else None)
-    for key in ("text_mlm_acc", "visual_mlm_acc", "vtm_acc", "eval_text_mlm_acc", "eval_vtm_acc"):
+    for key in sorted({k for r in rows for k in r if k.endswith("_acc")}):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             right.plot(*zip(*points), label=key)
@@ -356,9 +377,26 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+def pretraining_job(args: TrainArgs, out: Path, rank: int, world: int) -> Job:
+    """The pretraining objectives (text and visual MLM, VTM) on the run's data stream."""
+    config, _, stream, held_out = build(args, out, rank, world)
+
+    def summary(row: dict) -> str:
+        return (f"text {row['text_mlm_acc']:.3f}  visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}"
+                + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
+    return Job(config, make_model(args, config), stream, lambda model, device: evaluate(model, held_out, device),
+               summary, {"args": asdict(args), "config": config.to_dict()})
+
+
 def train(args: TrainArgs, log=print) -> dict:
-    """Run (or resume) pretraining; returns the last logged metrics. Raises RuntimeError on a non-finite loss
-    (with on_nan="stop"); returns early with "interrupted" set after a signal (a checkpoint is written)."""
+    """Run (or resume) pretraining; returns the last logged metrics (see `run_loop`)."""
+    return run_loop(args, lambda out, rank, world: pretraining_job(args, out, rank, world), log)
+
+
+def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=print) -> dict:
+    """Train `make_job(out, rank, world)` as `args` say, or resume it; returns the last logged metrics. Raises
+    RuntimeError on a non-finite loss (with on_nan="stop"); returns early with "interrupted" set after a signal
+    (a checkpoint is written)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -369,10 +407,11 @@ def train(args: TrainArgs, log=print) -> dict:
     if world > 1:
         dist.barrier()  # rank 0 may write the vocabulary the others read
     torch.manual_seed(args.seed)
-    config, _, stream, held_out = build(args, out, rank, world)
+    job = make_job(out, rank, world)
+    config, stream = job.config, job.stream
     if world > 1:
         dist.barrier()
-    model = make_model(args, config).to(device)
+    model = job.model.to(device)
     sharded = world > 1 and args.fsdp
     if sharded:  # each encoder layer one FSDP unit: its parameters are gathered only while it runs
         from torch.distributed.fsdp import fully_shard
@@ -389,7 +428,7 @@ def train(args: TrainArgs, log=print) -> dict:
         log(f"resumed from {checkpoint} at step {step}")
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
-        (out / "run.json").write_text(json.dumps({"args": asdict(args), "config": config.to_dict()}, indent=2))
+        (out / "run.json").write_text(json.dumps(job.info, indent=2))
     runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     runner = torch.compile(runner) if args.compile else runner
     profile = tuple(int(x) for x in args.profile_steps.split(":")) if args.profile_steps else None
@@ -448,7 +487,7 @@ def train(args: TrainArgs, log=print) -> dict:
             logged = step % args.log_every == 0 or final
             evaluated = {}
             if logged and (step % args.eval_every == 0 or final) and (rank == 0 or sharded):
-                evaluated = evaluate(model, held_out, device)  # with FSDP every rank takes part in the forwards
+                evaluated = job.evaluate(model, device)  # with FSDP every rank takes part in the forwards
             if rank == 0 and logged:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
@@ -462,9 +501,7 @@ def train(args: TrainArgs, log=print) -> dict:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 progress.loss = row["loss"]
-                say(f"step {step:5d}  loss {row['loss']:.4f}  text {row['text_mlm_acc']:.3f}  "
-                    f"visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}  {row['tokens_per_s']:.0f} tok/s"
-                    + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
+                say(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
                 last = row
                 window_tokens, window_start = 0, time.perf_counter()
             if final or step % (args.eval_every or args.steps) == 0:
