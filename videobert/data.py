@@ -108,24 +108,33 @@ def plan_rows(lengths: Sequence[int], row_length: int, packed: bool = True) -> l
     return rows
 
 
+def pack_tensors(samples: Sequence[dict[str, torch.Tensor]], row_length: int, fill: dict[str, int],
+                 rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Per-token fields of samples (each a dict of equal-length 1-D tensors, the keys of `fill`) laid out in
+    rows of `row_length` as `rows` says (sample indices per row), the rest filled with `fill`'s values; adds
+    "segment_ids" (the sample's place in its row, -1 on padding). Returns (rows, row_length) tensors."""
+    out = {name: torch.full((len(rows), row_length), value, dtype=torch.long) for name, value in fill.items()}
+    out["segment_ids"] = torch.full((len(rows), row_length), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members):
+            n = next(iter(samples[index].values())).numel()
+            for name in fill:
+                out[name][r, start:start + n] = samples[index][name]
+            out["segment_ids"][r, start:start + n] = segment
+            start += n
+    return out
+
+
 def pack_samples(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], row_length: int, pad_token_id: int = 0,
                  rows: Optional[list[list[int]]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, token_type_ids) samples laid out in rows of `row_length` as `rows` says (default: first-fit
     `plan_rows`). Returns (input_ids, token_type_ids, segment_ids) of shape (rows, row_length)."""
     if rows is None:
         rows = plan_rows([ids.numel() for ids, _ in samples], row_length)
-    input_ids = torch.full((len(rows), row_length), pad_token_id, dtype=torch.long)
-    token_types = torch.zeros_like(input_ids)
-    segment_ids = torch.full_like(input_ids, -1)
-    for r, members in enumerate(rows):
-        start = 0
-        for segment, index in enumerate(members):
-            ids, types = samples[index]
-            input_ids[r, start:start + ids.numel()] = ids
-            token_types[r, start:start + ids.numel()] = types
-            segment_ids[r, start:start + ids.numel()] = segment
-            start += ids.numel()
-    return input_ids, token_types, segment_ids
+    packed = pack_tensors([{"input_ids": ids, "token_type_ids": types} for ids, types in samples], row_length,
+                          {"input_ids": pad_token_id, "token_type_ids": 0}, rows)
+    return packed["input_ids"], packed["token_type_ids"], packed["segment_ids"]
 
 
 def random_pretraining_batch(config: VideoBERTConfig, num_samples: int = 16, row_length: int = 128,

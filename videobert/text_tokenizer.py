@@ -66,6 +66,10 @@ class TextTokenizer:
         """Number of word pieces (specials included)."""
         return self._tok.get_vocab_size()
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every word piece with its id."""
+        return self._tok.get_vocab()
+
     def token_id(self, token: str) -> int:
         """Id of a word piece or special; KeyError when absent."""
         index = self._tok.token_to_id(token)

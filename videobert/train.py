@@ -76,6 +76,8 @@ class TrainArgs(LoopArgs):
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
     vtm_weight: float = 1.0
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
     sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
     max_concat: int = 3  # sentences joined into one sample at most
     max_stride: int = 5  # clips subsampled with a random stride up to this
@@ -106,6 +108,9 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
     options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
                             max_tokens=min(args.row_length, 128))
+    if args.eval_videos < args.videos_per_batch:
+        raise ValueError(f"eval_videos ({args.eval_videos}) must be at least videos_per_batch "
+                         f"({args.videos_per_batch}): the held-out split is scored in whole batches")
     bert_dir = Path(args.init_from_bert) if args.init_from_bert else None
     if bert_dir is not None:  # BERT's own word pieces, as the paper started from BERT-large
         tokenizer = TextTokenizer.from_vocab(bert_dir / "vocab.txt")
@@ -118,8 +123,8 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
 
         tokenizer = TextTokenizer.train((s.text for v in synthetic_corpus(200, seed=args.seed) for s in v.sentences),
                                         vocab_size=args.vocab_size)
-        if rank == 0:
-            tokenizer.save(out)
+    if rank == 0:  # the run folder carries its vocabulary, so a checkpoint is usable on its own
+        tokenizer.save(out)
     if args.data == "synthetic":
         train_videos, eval_videos = synthetic_videos(args.seed), synthetic_videos(args.seed + 1_000_003)
         num_train = args.num_videos
@@ -134,7 +139,8 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         train_videos = folder.videos
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
     fields = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
-                  vtm_weight=args.vtm_weight, **tokenizer.config_overrides())
+                  vtm_weight=args.vtm_weight, hidden_dropout=args.hidden_dropout,
+                  attention_dropout=args.attention_dropout, **tokenizer.config_overrides())
     if bert_dir is not None:
         from transformers import BertConfig
 
@@ -522,27 +528,33 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     return last
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `videobert pretrain` flags, one per TrainArgs field."""
-    for name, default in asdict(TrainArgs()).items():
+def add_arguments(parser: argparse.ArgumentParser, fields: type = TrainArgs, choices: Optional[dict] = None,
+                  required: tuple = ()) -> None:
+    """Flags for a run-arguments dataclass, one per field (`--field-name`): booleans as switches, `choices` per
+    field name, `required` ones without a default. `videobert pretrain` takes TrainArgs's."""
+    choices = {"preset": ("tiny", "base", "large"), "on_nan": ("stop", "skip"), **(choices or {})}
+    for name, default in asdict(fields()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true")
-        elif name == "preset":
-            parser.add_argument(flag, default=default, choices=("tiny", "base", "large"))
-        elif name == "on_nan":
-            parser.add_argument(flag, default=default, choices=("stop", "skip"))
+        elif name in required:
+            parser.add_argument(flag, required=True)
         else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default)
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                choices=choices.get(name))
 
 
-def main(args: argparse.Namespace) -> int:
-    """`videobert pretrain`: exit status 0 when done, 128 + signal when interrupted, 1 on a non-finite loss."""
-    train_args = TrainArgs(**{k: getattr(args, k) for k in asdict(TrainArgs())})
+def run_command(args: argparse.Namespace, fields: type, run: Callable) -> int:
+    """Run `run(fields(**flags))` for a command: exit status 0 when done, 128 + signal when interrupted, 1 on a
+    non-finite loss or bad input (the message on stderr)."""
     try:
-        last = train(train_args)
-    except RuntimeError as exc:
+        last = run(fields(**{k: getattr(args, k) for k in asdict(fields())}))
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 128 + last["interrupted"] if "interrupted" in last else 0
 
+
+def main(args: argparse.Namespace) -> int:
+    """`videobert pretrain` (see `run_command`)."""
+    return run_command(args, TrainArgs, train)
