@@ -1,6 +1,6 @@
 """The `videobert` command line: `info` (backends and versions), `demo` (the encoder end to end),
-`pretrain` (the main job), `extract-features` (raw video to clip features) and `tokenize-video` (clip features to
-visual tokens)."""
+`pretrain` (the main job), `extract-features` (raw video to clip features), `tokenize-video` (clip features to
+visual tokens), and the uses of a pretrained model: `zero-shot`, `retrieve`, `finetune`, `caption`, `embed`."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,109 @@ def _extract_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reported(command):
+    """A command whose bad input (missing checkpoint, vocabulary mismatch, bad data) ends in one error line, exit 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            import sys
+
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _load(args: argparse.Namespace, task: str, build=None):
+    from videobert.tasks import device_of, load_checkpoint, load_segments
+
+    checkpoint = load_checkpoint(args.ckpt, build, data=args.data)
+    segments = load_segments(args.data, args.split, task, checkpoint.config, args.videos)
+    return checkpoint, segments, device_of(args.device)
+
+
+def _print_metrics(result: dict) -> None:
+    print(json.dumps({k: v for k, v in result.items() if k not in ("predictions", "scores")}, indent=2))
+
+
+@_reported
+def _zero_shot(args: argparse.Namespace) -> int:
+    from videobert.corpus import ACTIONS, OBJECTS
+    from videobert.tasks import _write_atomic, read_word_list, zero_shot
+
+    if args.data != "synthetic" and not (args.verbs and args.nouns):
+        raise ValueError("--verbs FILE and --nouns FILE are required with a data folder")
+    verbs = read_word_list(args.verbs, "verb") if args.verbs else list(ACTIONS)
+    nouns = read_word_list(args.nouns, "noun") if args.nouns else list(OBJECTS)
+    checkpoint, segments, device = _load(args, "zero-shot")
+    result = zero_shot(checkpoint, segments, verbs, nouns, args.template, device)
+    _print_metrics(result)
+    if args.out:
+        lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
+        _write_atomic(Path(args.out), lambda tmp: tmp.write_text(lines))
+    return 0
+
+
+@_reported
+def _retrieve(args: argparse.Namespace) -> int:
+    from videobert.tasks import _write_atomic, retrieval
+
+    checkpoint, segments, device = _load(args, "retrieval")
+    result = retrieval(checkpoint, segments[:args.candidates], device)
+    _print_metrics(result)
+    if args.out:
+        import numpy as np
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, result["scores"].numpy())
+        _write_atomic(Path(args.out), write)
+    return 0
+
+
+@_reported
+def _caption(args: argparse.Namespace) -> int:
+    from videobert.finetune import build_model, evaluate_captions
+
+    checkpoint, segments, device = _load(args, "caption", build_model)
+    if checkpoint.info["args"].get("task") != "caption":
+        raise ValueError(f"--ckpt {args.ckpt} is not a captioning fine-tune (videobert finetune --task caption)")
+    _print_metrics(evaluate_captions(checkpoint, segments, Path(args.out) if args.out else None, args.beam, device))
+    return 0
+
+
+@_reported
+def _embed(args: argparse.Namespace) -> int:
+    from videobert.tasks import _SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings
+
+    checkpoint = load_checkpoint(args.ckpt, data=args.data)
+    if args.data == "synthetic":
+        from videobert.corpus import synthetic_video
+
+        source = (synthetic_video(_SYNTHETIC_SPLIT_SEEDS[args.split], i, checkpoint.config.num_visual_tokens)
+                  for i in range(args.videos))
+    else:
+        from videobert.real_data import VideoFolder
+
+        folder = VideoFolder(args.data)
+        source = (folder.video(i) for i in range(len(folder)))
+    videos = ((v.video_id, v.visual_tokens, [(s.start, s.end, s.text) for s in v.sentences]) for v in source)
+    count = 0
+    for emb in embed_videos(checkpoint, list(videos), device_of(args.device)):
+        save_embeddings(emb, args.out, args.format)
+        count += 1
+    print(f"embeddings of {count} videos in {args.out} ({args.format})")
+    return 0
+
+
+def _task_arguments(parser: argparse.ArgumentParser, default_split: str = "test") -> None:
+    parser.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a step folder")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a data folder with tasks/<split>.jsonl")
+    parser.add_argument("--split", default=default_split, choices=("train", "validation", "test"))
+    parser.add_argument("--videos", type=int, default=64, help="synthetic data: videos of the split")
+    parser.add_argument("--device", default="auto")
+
+
 BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "train", "tune")
 
 
@@ -121,6 +224,35 @@ def main(argv=None) -> int:
                                           "metrics.jsonl and curves.png in --out")
     train.add_arguments(pre)
     pre.set_defaults(func=train.main)
+    from videobert import finetune
+    from videobert.tasks import ZERO_SHOT_TEMPLATE
+
+    zs = sub.add_parser("zero-shot", help="zero-shot action classification: rank verbs and nouns at the masks of a "
+                                           "template sentence given the video")
+    _task_arguments(zs)
+    zs.add_argument("--verbs", help="verb list, one per line (synthetic default: the generator's actions)")
+    zs.add_argument("--nouns", help="noun list, one per line (synthetic default: the generator's objects)")
+    zs.add_argument("--template", default=ZERO_SHOT_TEMPLATE, help="sentence with a verb [MASK] then a noun [MASK]")
+    zs.add_argument("--out", help="write per-segment predictions (JSON lines) here")
+    zs.set_defaults(func=_zero_shot)
+    ret = sub.add_parser("retrieve", help="video-text retrieval by the matching head: Recall@1/5/10, median rank")
+    _task_arguments(ret)
+    ret.add_argument("--candidates", type=int, default=100, help="the first N segments are the candidate pool")
+    ret.add_argument("--out", help="write the (sentences x videos) log-probability matrix here (.npy)")
+    ret.set_defaults(func=_retrieve)
+    fin = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: classify, multiple-choice or caption")
+    finetune.add_arguments(fin)
+    fin.set_defaults(func=finetune.main)
+    cap = sub.add_parser("caption", help="caption a split with a captioning fine-tune: BLEU-4 and ROUGE-L")
+    _task_arguments(cap)
+    cap.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    cap.add_argument("--out", help="write the captions (JSON lines) here")
+    cap.set_defaults(func=_caption)
+    emb = sub.add_parser("embed", help="write contextual per-clip, per-window and per-sentence embeddings")
+    _task_arguments(emb)
+    emb.add_argument("--out", required=True, help="folder for one file (or one .npy per tensor) per video")
+    emb.add_argument("--format", default="safetensors", choices=("safetensors", "npy"))
+    emb.set_defaults(func=_embed)
     tok = sub.add_parser("tokenize-video", help="turn DATA_DIR/features/*.npy into DATA_DIR/tokens/*.npy with "
                                                  "hierarchical k-means (fitted first if needed)")
     tok.add_argument("data_dir")

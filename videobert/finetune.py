@@ -1,0 +1,488 @@
+"""Fine-tuning a pretrained VideoBERT (`videobert finetune`) and captioning with it (`videobert caption`), trained
+by the pretraining loop itself (`videobert.train.run_loop`: checkpoints, resume, signals, logging, DDP/FSDP).
+
+Tasks, on the segments of `videobert.tasks` (synthetic splits or a data folder's tasks/<split>.jsonl):
+- classify: a linear head on each sample's pooled [CLS] over `[CLS] [>] clips [SEP]`; classes are the train
+  split's labels.
+- multiple-choice: every candidate answer is one sample `[CLS] question answer [>] clips [SEP]`; a scalar
+  score from its pooled [CLS]; softmax over each question's candidates.
+- caption: the encoder as a prefix language model. Attention rules [[2, 1], [0, 1]] (text = 0 attends earlier
+  text causally and all video; video = 1 attends video only), the masked-token head (tied to the word table)
+  predicts the next word piece at every text position and [SEP] after the last one. Video positions start at
+  a fixed offset (max_caption_tokens + 2), so nothing the video sees depends on the caption, and decoding one
+  word piece at a time (greedy or beam search) reproduces the training-time prediction exactly.
+Validation metrics are logged during training; at the end the final checkpoint predicts the test split
+(OUT/test_predictions.jsonl, OUT/test_metrics.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from videobert.config import VideoBERTConfig
+from videobert.data import encode_sample, pack_tensors, plan_rows
+from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _init_weights
+from videobert.ops import softmax_cross_entropy
+from videobert.samples import BatchStats, ShardedBatches
+from videobert.tasks import (Checkpoint, Segment, _clip_budget, _write_atomic, device_of, encode_samples,
+                             load_checkpoint, load_segments, sample_budget)
+from videobert.train import Job, LoopArgs, run_command, run_loop
+from videobert.train import add_arguments as train_flags
+
+TASKS = ("classify", "multiple-choice", "caption")
+PREFIX_LM_RULES = torch.tensor([[2, 1], [0, 1]])  # text (0): causal text + all video; video (1): video only
+
+
+@dataclass
+class FinetuneArgs(LoopArgs):
+    """A fine-tuning run (saved in OUT/run.json with the task's labels)."""
+
+    task: str = "classify"
+    ckpt: str = ""  # the pretraining run (or step folder) to start from
+    data: str = "synthetic"
+    out: str = "runs/finetune"
+    steps: int = 200
+    lr: float = 5e-4
+    warmup: int = 20
+    eval_every: int = 50
+    batch_size: int = 32  # segments per step
+    row_length: int = 256
+    train_videos: int = 400  # synthetic splits: videos per split
+    eval_videos: int = 40
+    max_caption_tokens: int = 24
+    dropout: float = 0.1  # on the pooled [CLS] before the task head
+
+
+class VideoBERTForTask(nn.Module):
+    """Encoder + pooled [CLS] + a linear head: class logits per sample (classify), or a score per candidate
+    answer, compared within each question (multiple-choice)."""
+
+    def __init__(self, config: VideoBERTConfig, task: str, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        if task not in ("classify", "multiple-choice"):
+            raise ValueError(f"task must be 'classify' or 'multiple-choice', got {task!r}")
+        self.config, self.task = config, task
+        self.bert = VideoBERTModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(config.hidden_size, num_labels if task == "classify" else 1)
+        for module in (self.pooler, self.head):
+            module.apply(lambda m: _init_weights(m, config))
+
+    def forward(self, input_ids, token_type_ids, segment_ids, labels=None, question_index=None,
+                choice_index=None) -> dict[str, torch.Tensor]:
+        """`logits` per sample in [CLS] order (classify: (S, classes)) or per question (multiple-choice:
+        (Q, most candidates), -inf where a question has fewer); with `labels` (S,) or (Q,) also loss,
+        task_loss, task_acc, task_count. question_index / choice_index (S,): each candidate's question and place."""
+        hidden = self.bert(input_ids, token_type_ids, segment_ids).flatten(0, 1)
+        cls = (input_ids.flatten() == self.config.cls_token_id).nonzero().squeeze(1)
+        logits = self.head(self.dropout(torch.tanh(self.pooler(hidden[cls])))).float()
+        if self.task == "multiple-choice":
+            matrix = logits.new_full((int(question_index.max()) + 1 if question_index.numel() else 0,
+                                      int(choice_index.max()) + 1 if choice_index.numel() else 0), float("-inf"))
+            logits = matrix.index_put((question_index, choice_index), logits[:, 0])
+        out = {"logits": logits}
+        if labels is not None:
+            res = softmax_cross_entropy(logits.masked_fill(torch.isinf(logits), -1e9), labels, return_stats=True,
+                                        backend=self.config.backend)
+            count = (labels != IGNORE_INDEX).sum()
+            out.update(loss=res.loss, task_loss=res.loss, task_acc=res.num_correct / count.clamp_min(1),
+                       task_count=count)
+        return out
+
+
+def build_model(config: VideoBERTConfig, info: dict) -> nn.Module:
+    """The module a fine-tuning run of `info` (its run.json) trains."""
+    args = info["args"]
+    if args["task"] == "caption":
+        return VideoBERTForPretraining(config)
+    return VideoBERTForTask(config, args["task"], len(info.get("labels") or [0]), args.get("dropout", 0.1))
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+@dataclass
+class TaskBatch:
+    """Packed rows of task samples: (B, L) input_ids, token_type_ids, segment_ids and the model's other inputs."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    extra: dict
+    order: list  # the samples' indices in [CLS] (row-major) order
+
+    def to(self, device) -> "TaskBatch":
+        """The same batch on `device`."""
+        return TaskBatch(self.input_ids.to(device), self.token_type_ids.to(device), self.segment_ids.to(device),
+                         {k: v.to(device) for k, v in self.extra.items()}, self.order)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the task model's forward."""
+        return dict(input_ids=self.input_ids, token_type_ids=self.token_type_ids, segment_ids=self.segment_ids,
+                    **self.extra)
+
+
+def caption_sample(config: VideoBERTConfig, pieces: Sequence[int], clips: Sequence[int], max_caption_tokens: int,
+                   with_labels: bool) -> dict[str, torch.Tensor]:
+    """`[CLS] pieces [>] clips [SEP]` as the prefix LM sees it: input_ids, token_type_ids, position_ids (text
+    0.., video from max_caption_tokens + 2) and, `with_labels`, mlm_labels (the next piece at [CLS] and each
+    piece, [SEP] after the last)."""
+    ids, types = encode_sample(config, pieces, clips)
+    n = len(pieces)
+    positions = torch.cat([torch.arange(n + 2), max_caption_tokens + 2 + torch.arange(ids.numel() - n - 2)])
+    sample = {"input_ids": ids, "token_type_ids": types, "position_ids": positions}
+    if with_labels:
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:n + 1] = torch.tensor([*pieces, config.sep_token_id])
+        sample["mlm_labels"] = labels
+    return sample
+
+
+class TaskData:
+    """Turns a task's segments into model samples and packed batches."""
+
+    def __init__(self, task: str, config: VideoBERTConfig, encode_text: Callable[[str], list[int]], budget: int,
+                 row_length: int, labels: Optional[list[str]] = None, max_caption_tokens: int = 24):
+        self.task, self.config, self.encode_text, self.budget = task, config, encode_text, budget
+        self.row_length, self.labels, self.max_caption_tokens = row_length, labels, max_caption_tokens
+        if task == "caption" and max_caption_tokens + 2 + budget > config.max_position_embeddings:
+            raise ValueError(f"max_caption_tokens ({max_caption_tokens}) + 2 + the sample budget ({budget}) exceeds "
+                             f"max_position_embeddings ({config.max_position_embeddings})")
+
+    def caption_pieces(self, text: str) -> list[int]:
+        """A caption's word pieces, cut to max_caption_tokens."""
+        return self.encode_text(text)[:self.max_caption_tokens]
+
+    def samples(self, segment: Segment) -> list[dict[str, torch.Tensor]]:
+        """The model samples of one segment (one, or one per candidate answer)."""
+        cfg = self.config
+        if self.task == "classify":
+            ids, types = encode_sample(cfg, [], segment.clips[:self.budget - 3])
+            return [{"input_ids": ids, "token_type_ids": types}]
+        if self.task == "multiple-choice":
+            out = []
+            question = self.encode_text(segment.question)
+            for answer in segment.answers:
+                text = (question + self.encode_text(answer))[:(self.budget - 3) // 2]
+                ids, types = encode_sample(cfg, text, segment.clips[:_clip_budget(self.budget, len(text))])
+                out.append({"input_ids": ids, "token_type_ids": types})
+            return out
+        pieces = self.caption_pieces(segment.text)
+        clips = segment.clips[:_clip_budget(self.budget, self.max_caption_tokens)]
+        return [caption_sample(cfg, pieces, clips, self.max_caption_tokens, with_labels=True)]
+
+    def label(self, segment: Segment) -> int:
+        """The class index (classify) or right answer (multiple-choice) of a segment."""
+        if self.task == "multiple-choice":
+            return segment.answer
+        if segment.label not in self.labels:
+            raise ValueError(f"{segment.source}: label {segment.label!r} is not among the train split's "
+                             f"{len(self.labels)} labels")
+        return self.labels.index(segment.label)
+
+    def batch(self, segments: Sequence[Segment]) -> tuple[TaskBatch, BatchStats]:
+        """Every segment's samples packed first-fit into rows, with the labels in [CLS] order."""
+        samples, owner, choice = [], [], []
+        for s, segment in enumerate(segments):
+            for c, sample in enumerate(self.samples(segment)):
+                samples.append(sample)
+                owner.append(s)
+                choice.append(c)
+        rows = plan_rows([x["input_ids"].numel() for x in samples], self.row_length)
+        fill = {"input_ids": self.config.pad_token_id, "token_type_ids": 0}
+        if self.task == "caption":
+            fill.update(position_ids=0, mlm_labels=IGNORE_INDEX)
+        packed = pack_tensors(samples, self.row_length, fill, rows)
+        order = [i for row in rows for i in row]  # [CLS] order is row-major
+        extra = {k: v for k, v in packed.items() if k not in ("input_ids", "token_type_ids", "segment_ids")}
+        if self.task == "caption":
+            extra["modality_rules"] = PREFIX_LM_RULES.clone()
+        elif self.task == "classify":
+            extra["labels"] = torch.tensor([self.label(segments[owner[i]]) for i in order], dtype=torch.long)
+        else:
+            extra["labels"] = torch.tensor([self.label(s) for s in segments], dtype=torch.long)
+            extra["question_index"] = torch.tensor([owner[i] for i in order], dtype=torch.long)
+            extra["choice_index"] = torch.tensor([choice[i] for i in order], dtype=torch.long)
+        tokens = int((packed["segment_ids"] >= 0).sum())
+        stats = BatchStats(len(samples), len(rows), tokens, tokens / max(1, packed["segment_ids"].numel()))
+        return TaskBatch(packed["input_ids"], packed["token_type_ids"], packed["segment_ids"], extra, order), stats
+
+
+@dataclass
+class SegmentStream(ShardedBatches):
+    """Training batches of `batch_size` segments, reshuffled every epoch (see `ShardedBatches`)."""
+
+    segments: Sequence[Segment]
+    data: TaskData
+    batch_size: int = 32
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_shard()
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def num_units(self) -> int:
+        """Whole batches of segments per epoch."""
+        return len(self.segments) // self.batch_size
+
+    def no_batch_message(self) -> str:
+        """Why an epoch has no batch on this rank."""
+        return f"{len(self.segments)} training segments make no batch of {self.batch_size} per rank"
+
+    def build_unit(self, unit: int, seed: tuple) -> tuple[TaskBatch, BatchStats]:
+        """Batch `unit` of this epoch's shuffled segments."""
+        order = list(range(len(self.segments)))
+        random.Random(f"{self.seed}/segments/{seed[1]}").shuffle(order)
+        chosen = order[unit * self.batch_size:(unit + 1) * self.batch_size]
+        return self.data.batch([self.segments[i] for i in chosen])
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def _objective(task: str) -> str:
+    return "text_mlm" if task == "caption" else "task"
+
+
+@torch.no_grad()
+def evaluate_segments(model: nn.Module, data: TaskData, segments: Sequence[Segment], device: torch.device,
+                      batch_size: int = 64) -> dict:
+    """Mean loss and accuracy over `segments` (accuracy: of classes, answers, or next word pieces)."""
+    name = _objective(data.task)
+    was_training = model.training
+    model.eval()
+    loss = correct = count = 0.0
+    for first in range(0, len(segments), batch_size):
+        batch, _ = data.batch(segments[first:first + batch_size])
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**batch.to(device).model_inputs())
+        n = float(out[f"{name}_count"])
+        loss, correct, count = loss + float(out[f"{name}_loss"]) * n, correct + float(out[f"{name}_acc"]) * n, count + n
+    model.train(was_training)
+    return {"eval_loss": loss / max(count, 1.0), f"eval_{name}_acc": correct / max(count, 1.0)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: TaskData, segments: Sequence[Segment], device: torch.device,
+            batch_size: int = 64) -> list[int]:
+    """The predicted class (classify) or answer index (multiple-choice) of every segment."""
+    model.eval()
+    out: list[int] = []
+    for first in range(0, len(segments), batch_size):
+        batch, _ = data.batch(segments[first:first + batch_size])
+        inputs = {k: v for k, v in batch.to(device).model_inputs().items() if k != "labels"}
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**inputs)["logits"]
+        if data.task == "classify":  # logits come in [CLS] order, which packing may permute
+            pred = torch.empty(len(batch.order), dtype=torch.long)
+            pred[torch.tensor(batch.order)] = logits.argmax(dim=1).cpu()
+            out += pred.tolist()
+        else:
+            out += logits.argmax(dim=1).cpu().tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- captioning
+
+@torch.no_grad()
+def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam: int = 1,
+                      device: torch.device = torch.device("cpu"), max_length: Optional[int] = None,
+                      length_penalty: float = 1.0) -> list[str]:
+    """Captions of the segments' clips from a captioning fine-tune: greedy (beam=1) or beam search of width
+    `beam`, one word piece per step for every live hypothesis of every segment in one packed batch, until
+    [SEP] or `max_length` pieces (default the run's max_caption_tokens). Finished hypotheses rank by
+    total log-probability / length ** length_penalty."""
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    model, config = checkpoint.model.to(device), checkpoint.config
+    args = checkpoint.info["args"]
+    cap = int(args["max_caption_tokens"])
+    max_length = cap if max_length is None else min(max_length, cap)
+    budget = sample_budget(checkpoint)
+    banned = torch.tensor([config.pad_token_id, config.cls_token_id, config.mask_token_id, config.unk_token_id])
+    live = [[([], 0.0)] for _ in segments]  # per segment: (pieces, summed log-probability)
+    done: list[list[tuple[list[int], float]]] = [[] for _ in segments]
+    for length in range(max_length + 1):
+        owners = [(s, h) for s in range(len(segments)) for h in range(len(live[s]))]
+        if not owners:
+            break
+        samples = []
+        for s, h in owners:
+            clips = segments[s].clips[:_clip_budget(budget, cap)]
+            x = caption_sample(config, live[s][h][0], clips, cap, with_labels=False)
+            samples.append((x["input_ids"], x["token_type_ids"], x["position_ids"]))
+        states = torch.stack([hidden[length] for _, hidden in
+                              encode_samples(model.bert, samples, int(args.get("row_length", 256)), device,
+                                             modality_rules=PREFIX_LM_RULES)])
+        logp = torch.log_softmax(model.text_logits(states.to(device)).float().cpu(), dim=-1)
+        logp[:, banned] = float("-inf")
+        if length == max_length:  # out of room: only the end can follow
+            keep = logp[:, config.sep_token_id].clone()
+            logp.fill_(float("-inf"))
+            logp[:, config.sep_token_id] = keep
+        new_live: list[list[tuple[list[int], float]]] = [[] for _ in segments]
+        for s in range(len(segments)):
+            rows = [i for i, (o, _) in enumerate(owners) if o == s]
+            if not rows:
+                continue
+            base = torch.tensor([live[s][owners[i][1]][1] for i in rows])
+            total = (base[:, None] + logp[rows]).flatten()
+            best = total.topk(min(2 * beam, total.numel())).indices.tolist()
+            for rank, flat in enumerate(best):
+                h, piece = divmod(flat, logp.shape[1])
+                pieces, score = live[s][owners[rows[h]][1]][0], float(total[flat])
+                if score == float("-inf"):
+                    continue
+                if piece == config.sep_token_id:
+                    if rank < beam:  # an end outside the best `beam` continuations would cut a better one short
+                        done[s].append((pieces, score))
+                elif len(new_live[s]) < beam:
+                    new_live[s].append((pieces + [piece], score))
+            if len(done[s]) >= beam:
+                new_live[s] = []
+        live = new_live
+    tok = checkpoint.tokenizer
+    out = []
+    for s in range(len(segments)):
+        pool = done[s] or live[s]
+        pieces, _ = max(pool, key=lambda item: item[1] / max(1, len(item[0]) + 1) ** length_penalty)
+        out.append(tok.decode(pieces))
+    return out
+
+
+def caption_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU-4 (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score, 0-1) of captions against one
+    reference each, and the same for the captions paired with other segments' references (the level reached
+    without looking at the right video)."""
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise ImportError("caption metrics need sacrebleu and rouge-score: pip install -e '.[eval]'") from exc
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"need one hypothesis per reference, got {len(hypotheses)} and {len(references)}")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    shifted = list(references[1:]) + list(references[:1])
+    result = {}
+    for name, refs in (("", references), ("mismatched_", shifted)):
+        result[f"{name}bleu4"] = sacrebleu.corpus_bleu(list(hypotheses), [list(refs)]).score
+        result[f"{name}rougeL"] = sum(scorer.score(r, h)["rougeL"].fmeasure
+                                      for h, r in zip(hypotheses, refs)) / len(refs)
+    return result
+
+
+def evaluate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], out: Optional[Path], beam: int = 1,
+                      device: torch.device = torch.device("cpu")) -> dict:
+    """Decode every segment, score against its sentence, and write `out` (JSON lines of video, start, end,
+    reference, caption) when given."""
+    captions = generate_captions(checkpoint, segments, beam, device)
+    result = {"segments": len(segments), "beam": beam,
+              **caption_metrics(captions, [s.text for s in segments])}
+    if out is not None:
+        lines = "".join(json.dumps({"video": s.video_id, "start": s.start, "end": s.end, "reference": s.text,
+                                    "caption": c}) + "\n" for s, c in zip(segments, captions))
+        _write_atomic(out, lambda tmp: tmp.write_text(lines))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def _task_data(args, config: VideoBERTConfig, checkpoint: Checkpoint, labels) -> TaskData:
+    return TaskData(args.task, config, checkpoint.tokenizer.encode, sample_budget(checkpoint), args.row_length,
+                    labels, args.max_caption_tokens)
+
+
+def finetune_job(args: FinetuneArgs, out: Path, rank: int, world: int) -> Job:
+    """The task model initialised from the pretrained checkpoint, its training stream and validation."""
+    if args.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {args.task!r}")
+    if not args.ckpt:
+        raise ValueError("--ckpt is required: the pretraining run to fine-tune")
+    pretrained = load_checkpoint(args.ckpt, data=args.data)
+    config = pretrained.config
+    train_segments = load_segments(args.data, "train", args.task, config, args.train_videos)
+    val_segments = load_segments(args.data, "validation", args.task, config, args.eval_videos)
+    labels = sorted({s.label for s in train_segments}) if args.task == "classify" else None
+    info = {"args": {**asdict(args), "max_tokens": sample_budget(pretrained)}, "config": config.to_dict(),
+            "labels": labels, "pretrained": str(pretrained.path)}
+    model = build_model(config, info)
+    if args.task == "caption":
+        model.load_state_dict(pretrained.model.state_dict())
+    else:
+        model.bert.load_state_dict(pretrained.model.bert.state_dict())
+        model.pooler.load_state_dict(pretrained.model.pooler.state_dict())
+    model.train()
+    if rank == 0:
+        pretrained.tokenizer.save(out)
+    data = _task_data(args, config, pretrained, labels)
+    stream = SegmentStream(train_segments, data, args.batch_size, args.seed, rank, world)
+    name = _objective(args.task)
+
+    def summary(row: dict) -> str:
+        text = f"{'next-piece' if args.task == 'caption' else args.task} acc {row[f'{name}_acc']:.3f}"
+        return text + (f"  eval acc {row[f'eval_{name}_acc']:.3f}" if f"eval_{name}_acc" in row else "")
+    return Job(config, model, stream, lambda m, device: evaluate_segments(m, data, val_segments, device),
+               summary, info)
+
+
+def test_predictions(args: FinetuneArgs, device: torch.device) -> dict:
+    """Score the run's final checkpoint on the test split; writes OUT/test_predictions.jsonl (captions for the
+    caption task) and OUT/test_metrics.json."""
+    out = Path(args.out)
+    checkpoint = load_checkpoint(out, build_model, data=args.data)
+    segments = load_segments(args.data, "test", args.task, checkpoint.config, args.eval_videos)
+    if args.task == "caption":
+        result = evaluate_captions(checkpoint, segments, out / "test_predictions.jsonl", device=device)
+    else:
+        data = _task_data(args, checkpoint.config, checkpoint, checkpoint.info["labels"])
+        model = checkpoint.model.to(device)
+        predicted = predict(model, data, segments, device)
+        truth = [data.label(s) for s in segments]
+        labels = checkpoint.info["labels"]
+        lines = []
+        for s, p, t in zip(segments, predicted, truth):
+            shown = (lambda i: labels[i]) if args.task == "classify" else (lambda i: s.answers[i])
+            lines.append(json.dumps({"video": s.video_id, "start": s.start, "end": s.end, "prediction": shown(p),
+                                     "truth": shown(t), "correct": p == t}) + "\n")
+        _write_atomic(out / "test_predictions.jsonl", lambda tmp: tmp.write_text("".join(lines)))
+        choices = len(labels) if args.task == "classify" else sum(len(s.answers) for s in segments) / len(segments)
+        result = {"segments": len(segments), "test_acc": sum(p == t for p, t in zip(predicted, truth)) / len(segments),
+                  "chance": 1.0 / choices}
+        if args.task == "classify":  # the majority class of the test split is the other trivial baseline
+            result["majority"] = max(truth.count(c) for c in set(truth)) / len(truth)
+    text = json.dumps(result, indent=2)
+    _write_atomic(out / "test_metrics.json", lambda tmp: tmp.write_text(text))
+    return result
+
+
+def finetune(args: FinetuneArgs, log=print) -> dict:
+    """Fine-tune (or resume), then predict the test split with the final checkpoint (rank 0); returns the last
+    logged metrics with the test metrics under "test"."""
+    last = run_loop(args, lambda out, rank, world: finetune_job(args, out, rank, world), log)
+    if "interrupted" not in last and int(os.environ.get("RANK", "0")) == 0:
+        last["test"] = test_predictions(args, device_of())
+        log(f"test: {json.dumps(last['test'])}")
+    return last
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `videobert finetune` flags, one per FinetuneArgs field."""
+    train_flags(parser, FinetuneArgs, choices={"task": TASKS}, required=("ckpt",))
+
+
+def main(args: argparse.Namespace) -> int:
+    """`videobert finetune` (see `videobert.train.run_command`)."""
+    return run_command(args, FinetuneArgs, finetune)
