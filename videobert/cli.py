@@ -145,9 +145,7 @@ def _retrieve(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from videobert.finetune import build_model, evaluate_captions
 
-    checkpoint, segments, device = _load(args, "caption", build_model)
-    if checkpoint.info["args"].get("task") != "caption":
-        raise ValueError(f"--ckpt {args.ckpt} is not a captioning fine-tune (videobert finetune --task caption)")
+    checkpoint, segments, device = _load(args, "caption", lambda config, info: build_model(config, info, "caption"))
     _print_metrics(evaluate_captions(checkpoint, segments, Path(args.out) if args.out else None, args.beam, device))
     return 0
 

@@ -99,9 +99,13 @@ class VideoBERTForTask(nn.Module):
         return out
 
 
-def build_model(config: VideoBERTConfig, info: dict) -> nn.Module:
-    """The module a fine-tuning run of `info` (its run.json) trains."""
+def build_model(config: VideoBERTConfig, info: dict, task: Optional[str] = None) -> nn.Module:
+    """The module a fine-tuning run of `info` (its run.json) trains; with `task`, the run must be of that task."""
     args = info["args"]
+    if args.get("task") not in TASKS or (task is not None and args["task"] != task):
+        wanted = f"a {task} fine-tune" if task else "a fine-tuning run"
+        raise ValueError(f"the checkpoint is not {wanted} (videobert finetune --task {task or '...'}); its run "
+                         f"has task {args.get('task')!r}")
     if args["task"] == "caption":
         return VideoBERTForPretraining(config)
     return VideoBERTForTask(config, args["task"], len(info.get("labels") or [0]), args.get("dropout", 0.1))
