@@ -350,9 +350,9 @@ def test_embed_writes_contextual_states(pretrained, tmp_path, capsys):
     checkpoint = load_checkpoint(pretrained)
     from videobert.corpus import synthetic_video
     from videobert.data import encode_sample
-    from videobert.tasks import _SYNTHETIC_SPLIT_SEEDS
+    from videobert.tasks import SYNTHETIC_SPLIT_SEEDS
 
-    video = synthetic_video(_SYNTHETIC_SPLIT_SEEDS["test"], 0, checkpoint.config.num_visual_tokens)
+    video = synthetic_video(SYNTHETIC_SPLIT_SEEDS["test"], 0, checkpoint.config.num_visual_tokens)
     saved = load_file(files[0])
     hidden = checkpoint.config.hidden_size
     assert saved["clips"].shape == (len(video.visual_tokens), hidden)
@@ -391,3 +391,24 @@ def test_every_command_on_a_real_data_folder(pretrained, tmp_path, capsys):
     assert "bleu4" in _json_out(capsys)
     assert main(["embed", *flags, "--out", str(tmp_path / "emb")]) == 0
     assert len(list((tmp_path / "emb").glob("*.safetensors"))) == 12
+
+
+@pytest.mark.parametrize("task", ["caption", "multiple-choice"])
+def test_finetune_under_two_process_ddp(pretrained, tmp_path, task):
+    """torchrun with 2 gloo processes: the pretraining loop's DDP serves fine-tuning (rank 0 logs, checkpoints and
+    predicts the test split; the caption model's unused matching head is frozen so DDP does not wait for it)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / task
+    port = 29531 if task == "caption" else 29532
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "videobert.cli", "finetune", "--task", task, "--ckpt", str(pretrained),
+                             "--out", str(out), "--steps", "2", "--batch-size", "4", "--train-videos", "8",
+                             "--eval-videos", "2", "--log-every", "1", "--eval-every", "2"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "eval_loss" in rows[-1]
+    assert (out / "test_metrics.json").is_file()

@@ -166,12 +166,14 @@ def test_sample_flags_reach_the_streams(tmp_path):
     from videobert.train import build
 
     args = TrainArgs(out=str(tmp_path), sample_mix="1,0,0", max_concat=1, max_stride=2, num_videos=20,
-                     eval_videos=4, vocab_size=200)
+                     eval_videos=4, videos_per_batch=4, vocab_size=200)
     _, _, train_stream, held_out = build(args, tmp_path, 0, 1)
     for stream in (train_stream, held_out):
         assert (stream.options.mix, stream.options.max_concat, stream.options.max_stride) == ((1.0, 0.0, 0.0), 1, 2)
     with pytest.raises(ValueError, match="sample_mix must be three comma-separated numbers"):
         build(TrainArgs(out=str(tmp_path), sample_mix="joint"), tmp_path, 0, 1)
+    with pytest.raises(ValueError, match=r"eval_videos \(4\) must be at least videos_per_batch \(8\)"):
+        build(TrainArgs(out=str(tmp_path), eval_videos=4, videos_per_batch=8), tmp_path, 0, 1)
 
 
 def test_progress_bar_draws_on_a_terminal_only(capsys):

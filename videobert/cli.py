@@ -109,7 +109,7 @@ def _print_metrics(result: dict) -> None:
 @_reported
 def _zero_shot(args: argparse.Namespace) -> int:
     from videobert.corpus import ACTIONS, OBJECTS
-    from videobert.tasks import _write_atomic, read_word_list, zero_shot
+    from videobert.tasks import write_atomic, read_word_list, zero_shot
 
     if args.data != "synthetic" and not (args.verbs and args.nouns):
         raise ValueError("--verbs FILE and --nouns FILE are required with a data folder")
@@ -120,13 +120,13 @@ def _zero_shot(args: argparse.Namespace) -> int:
     _print_metrics(result)
     if args.out:
         lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
-        _write_atomic(Path(args.out), lambda tmp: tmp.write_text(lines))
+        write_atomic(Path(args.out), lambda tmp: tmp.write_text(lines))
     return 0
 
 
 @_reported
 def _retrieve(args: argparse.Namespace) -> int:
-    from videobert.tasks import _write_atomic, retrieval
+    from videobert.tasks import write_atomic, retrieval
 
     checkpoint, segments, device = _load(args, "retrieval")
     result = retrieval(checkpoint, segments[:args.candidates], device)
@@ -137,7 +137,7 @@ def _retrieve(args: argparse.Namespace) -> int:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, result["scores"].numpy())
-        _write_atomic(Path(args.out), write)
+        write_atomic(Path(args.out), write)
     return 0
 
 
@@ -152,13 +152,13 @@ def _caption(args: argparse.Namespace) -> int:
 
 @_reported
 def _embed(args: argparse.Namespace) -> int:
-    from videobert.tasks import _SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings
+    from videobert.tasks import SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings
 
     checkpoint = load_checkpoint(args.ckpt, data=args.data)
     if args.data == "synthetic":
         from videobert.corpus import synthetic_video
 
-        source = (synthetic_video(_SYNTHETIC_SPLIT_SEEDS[args.split], i, checkpoint.config.num_visual_tokens)
+        source = (synthetic_video(SYNTHETIC_SPLIT_SEEDS[args.split], i, checkpoint.config.num_visual_tokens)
                   for i in range(args.videos))
     else:
         from videobert.real_data import VideoFolder

@@ -29,10 +29,10 @@ from torch import nn
 
 from videobert.config import VideoBERTConfig
 from videobert.data import encode_sample, pack_tensors, plan_rows
-from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _init_weights
+from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
-from videobert.tasks import (Checkpoint, Segment, _clip_budget, _write_atomic, device_of, encode_samples,
+from videobert.tasks import (Checkpoint, Segment, clip_budget, write_atomic, device_of, encode_samples,
                              load_checkpoint, load_segments, sample_budget)
 from videobert.train import Job, LoopArgs, run_command, run_loop
 from videobert.train import add_arguments as train_flags
@@ -75,7 +75,7 @@ class VideoBERTForTask(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(config.hidden_size, num_labels if task == "classify" else 1)
         for module in (self.pooler, self.head):
-            module.apply(lambda m: _init_weights(m, config))
+            module.apply(lambda m: init_weights(m, config))
 
     def forward(self, input_ids, token_type_ids, segment_ids, labels=None, question_index=None,
                 choice_index=None) -> dict[str, torch.Tensor]:
@@ -107,7 +107,11 @@ def build_model(config: VideoBERTConfig, info: dict, task: Optional[str] = None)
         raise ValueError(f"the checkpoint is not {wanted} (videobert finetune --task {task or '...'}); its run "
                          f"has task {args.get('task')!r}")
     if args["task"] == "caption":
-        return VideoBERTForPretraining(config)
+        model = VideoBERTForPretraining(config)
+        # The matching head takes no part in captioning; frozen, DDP does not wait for its gradients.
+        for module in (model.pooler, model.vtm_head):
+            module.requires_grad_(False)
+        return model
     return VideoBERTForTask(config, args["task"], len(info.get("labels") or [0]), args.get("dropout", 0.1))
 
 
@@ -176,11 +180,11 @@ class TaskData:
             question = self.encode_text(segment.question)
             for answer in segment.answers:
                 text = (question + self.encode_text(answer))[:(self.budget - 3) // 2]
-                ids, types = encode_sample(cfg, text, segment.clips[:_clip_budget(self.budget, len(text))])
+                ids, types = encode_sample(cfg, text, segment.clips[:clip_budget(self.budget, len(text))])
                 out.append({"input_ids": ids, "token_type_ids": types})
             return out
         pieces = self.caption_pieces(segment.text)
-        clips = segment.clips[:_clip_budget(self.budget, self.max_caption_tokens)]
+        clips = segment.clips[:clip_budget(self.budget, self.max_caption_tokens)]
         return [caption_sample(cfg, pieces, clips, self.max_caption_tokens, with_labels=True)]
 
     def label(self, segment: Segment) -> int:
@@ -325,7 +329,7 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
             break
         samples = []
         for s, h in owners:
-            clips = segments[s].clips[:_clip_budget(budget, cap)]
+            clips = segments[s].clips[:clip_budget(budget, cap)]
             x = caption_sample(config, live[s][h][0], clips, cap, with_labels=False)
             samples.append((x["input_ids"], x["token_type_ids"], x["position_ids"]))
         states = torch.stack([hidden[length] for _, hidden in
@@ -398,7 +402,7 @@ def evaluate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], out: 
     if out is not None:
         lines = "".join(json.dumps({"video": s.video_id, "start": s.start, "end": s.end, "reference": s.text,
                                     "caption": c}) + "\n" for s, c in zip(segments, captions))
-        _write_atomic(out, lambda tmp: tmp.write_text(lines))
+        write_atomic(out, lambda tmp: tmp.write_text(lines))
     return result
 
 
@@ -461,14 +465,14 @@ def test_predictions(args: FinetuneArgs, device: torch.device) -> dict:
             shown = (lambda i: labels[i]) if args.task == "classify" else (lambda i: s.answers[i])
             lines.append(json.dumps({"video": s.video_id, "start": s.start, "end": s.end, "prediction": shown(p),
                                      "truth": shown(t), "correct": p == t}) + "\n")
-        _write_atomic(out / "test_predictions.jsonl", lambda tmp: tmp.write_text("".join(lines)))
+        write_atomic(out / "test_predictions.jsonl", lambda tmp: tmp.write_text("".join(lines)))
         choices = len(labels) if args.task == "classify" else sum(len(s.answers) for s in segments) / len(segments)
         result = {"segments": len(segments), "test_acc": sum(p == t for p, t in zip(predicted, truth)) / len(segments),
                   "chance": 1.0 / choices}
         if args.task == "classify":  # the majority class of the test split is the other trivial baseline
             result["majority"] = max(truth.count(c) for c in set(truth)) / len(truth)
     text = json.dumps(result, indent=2)
-    _write_atomic(out / "test_metrics.json", lambda tmp: tmp.write_text(text))
+    write_atomic(out / "test_metrics.json", lambda tmp: tmp.write_text(text))
     return result
 
 

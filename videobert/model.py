@@ -97,7 +97,7 @@ class VideoBERTModel(nn.Module):
         self.config = config
         self.embeddings = VideoBERTEmbeddings(config)
         self.layers = nn.ModuleList(VideoBERTLayer(config) for _ in range(config.num_layers))
-        self.apply(lambda m: _init_weights(m, config))
+        self.apply(lambda m: init_weights(m, config))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -148,7 +148,7 @@ class VideoBERTForPretraining(nn.Module):
         self.pooler = nn.Linear(h, h)
         self.vtm_head = nn.Linear(h, 2)  # class 1 = video and text belong together
         for module in (self.mlm_transform, self.mlm_norm, self.pooler, self.vtm_head):
-            module.apply(lambda m: _init_weights(m, config))
+            module.apply(lambda m: init_weights(m, config))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
@@ -234,7 +234,7 @@ def _record(out: dict, name: str, res, count: torch.Tensor) -> None:
     out[f"{name}_count"] = count
 
 
-def _init_weights(module: nn.Module, config: VideoBERTConfig) -> None:
+def init_weights(module: nn.Module, config: VideoBERTConfig) -> None:
     """BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=config.initializer_range)

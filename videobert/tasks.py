@@ -36,7 +36,7 @@ from videobert.real_data import DataError, VideoFolder
 from videobert.text_tokenizer import TextTokenizer
 
 SPLITS = ("train", "validation", "test")
-_SYNTHETIC_SPLIT_SEEDS = {"train": 2_000_003, "validation": 3_000_017, "test": 4_000_037}
+SYNTHETIC_SPLIT_SEEDS = {"train": 2_000_003, "validation": 3_000_017, "test": 4_000_037}
 TASK_FIELDS = {"zero-shot": ("verb", "noun"), "retrieval": ("text",), "caption": ("text",), "embed": (),
                "classify": ("label",), "multiple-choice": ("question", "answers", "answer")}
 ZERO_SHOT_TEMPLATE = "now let me show you how to [MASK] the [MASK]"
@@ -71,7 +71,7 @@ def synthetic_segments(split: str, num_videos: int, num_visual_tokens: int = 207
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     out = []
     for index in range(num_videos):
-        video = synthetic_video(_SYNTHETIC_SPLIT_SEEDS[split], index, num_visual_tokens)
+        video = synthetic_video(SYNTHETIC_SPLIT_SEEDS[split], index, num_visual_tokens)
         for k, step in enumerate(video.steps):
             rng = random.Random(f"choices/{video.video_id}/{k}")
             truth = f"{step.action} the {step.object}"
@@ -267,7 +267,8 @@ def _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules):
         yield index, states[index]
 
 
-def _clip_budget(budget: int, text_len: int) -> int:
+def clip_budget(budget: int, text_len: int) -> int:
+    """Clips that fit a sample of `budget` tokens next to `text_len` word pieces ([CLS], [>], [SEP] included)."""
     return max(0, budget - 3 - text_len)
 
 
@@ -316,7 +317,7 @@ def zero_shot(checkpoint: Checkpoint, segments: Sequence[Segment], verbs: Sequen
             verb_k, noun_k = (k, 1) if slot == "verb" else (1, k)
             text = (parts[0] + [config.mask_token_id] * verb_k + parts[1] + [config.mask_token_id] * noun_k
                     + parts[2])
-            ids, types = encode_sample(config, text, segment.clips[:_clip_budget(budget, len(text))])
+            ids, types = encode_sample(config, text, segment.clips[:clip_budget(budget, len(text))])
             first = 1 + len(parts[0]) if slot == "verb" else 1 + len(parts[0]) + verb_k + len(parts[1])
             samples.append((ids, types))
             layout.append((slot, k, list(range(first, first + k))))
@@ -360,7 +361,7 @@ def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
     texts = [tok.encode(s.text)[:(budget - 3) // 2] for s in segments]
-    samples = [encode_sample(config, texts[i], segments[j].clips[:_clip_budget(budget, len(texts[i]))])
+    samples = [encode_sample(config, texts[i], segments[j].clips[:clip_budget(budget, len(texts[i]))])
                for i in range(n) for j in range(n)]
     cls = torch.stack([hidden[0] for _, hidden in encode_samples(model.bert, samples, row_length, device)])
     with torch.no_grad():
@@ -380,7 +381,8 @@ def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch
 
 # ------------------------------------------------------------------------------------------- embeddings
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it into place (no half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -414,7 +416,7 @@ def embed_videos(checkpoint: Checkpoint, videos: Sequence[tuple[str, list[int], 
         for start, end, text in sentences:
             ids = tok.encode(text)[:(budget - 3) // 2]
             first, last = int(start // CLIP_SECONDS), int((end - 1e-9) // CLIP_SECONDS)
-            samples.append(encode_sample(config, ids, tokens[first:last + 1][:_clip_budget(budget, len(ids))]))
+            samples.append(encode_sample(config, ids, tokens[first:last + 1][:clip_budget(budget, len(ids))]))
         states = [h for _, h in encode_samples(model.bert, samples, row_length, device)]
         windows = states[:len(spans)]
         hidden = config.hidden_size
@@ -438,7 +440,7 @@ def save_embeddings(emb: VideoEmbeddings, out: Union[str, Path], fmt: str = "saf
         from safetensors.torch import save_file
 
         path = out / f"{emb.video_id}.safetensors"
-        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"video_id": emb.video_id}))
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"video_id": emb.video_id}))
         return [path]
     if fmt != "npy":
         raise ValueError(f"format must be 'safetensors' or 'npy', got {fmt!r}")
@@ -451,6 +453,6 @@ def save_embeddings(emb: VideoEmbeddings, out: Union[str, Path], fmt: str = "saf
         def write(tmp: Path, array=tensor.numpy()) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, array)
-        _write_atomic(path, write)
+        write_atomic(path, write)
         paths.append(path)
     return paths
