@@ -109,7 +109,7 @@ def _print_metrics(result: dict) -> None:
 @_reported
 def _zero_shot(args: argparse.Namespace) -> int:
     from videobert.corpus import ACTIONS, OBJECTS
-    from videobert.tasks import write_atomic, read_word_list, zero_shot
+    from videobert.tasks import read_word_list, write_atomic, zero_shot
 
     if args.data != "synthetic" and not (args.verbs and args.nouns):
         raise ValueError("--verbs FILE and --nouns FILE are required with a data folder")
@@ -126,18 +126,13 @@ def _zero_shot(args: argparse.Namespace) -> int:
 
 @_reported
 def _retrieve(args: argparse.Namespace) -> int:
-    from videobert.tasks import write_atomic, retrieval
+    from videobert.tasks import retrieval, save_npy
 
     checkpoint, segments, device = _load(args, "retrieval")
     result = retrieval(checkpoint, segments[:args.candidates], device)
     _print_metrics(result)
     if args.out:
-        import numpy as np
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, result["scores"].numpy())
-        write_atomic(Path(args.out), write)
+        save_npy(Path(args.out), result["scores"].numpy())
     return 0
 
 
@@ -167,17 +162,17 @@ def _embed(args: argparse.Namespace) -> int:
         source = (folder.video(i) for i in range(len(folder)))
     videos = ((v.video_id, v.visual_tokens, [(s.start, s.end, s.text) for s in v.sentences]) for v in source)
     count = 0
-    for emb in embed_videos(checkpoint, list(videos), device_of(args.device)):
+    for emb in embed_videos(checkpoint, videos, device_of(args.device)):
         save_embeddings(emb, args.out, args.format)
         count += 1
     print(f"embeddings of {count} videos in {args.out} ({args.format})")
     return 0
 
 
-def _task_arguments(parser: argparse.ArgumentParser, default_split: str = "test") -> None:
+def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a step folder")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data folder with tasks/<split>.jsonl")
-    parser.add_argument("--split", default=default_split, choices=("train", "validation", "test"))
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--videos", type=int, default=64, help="synthetic data: videos of the split")
     parser.add_argument("--device", default="auto")
 

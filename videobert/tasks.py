@@ -23,7 +23,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -388,6 +388,16 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def save_npy(path: Path, array) -> None:
+    """`array` as a .npy file at `path`, written atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array))
+    write_atomic(path, write)
+
+
 @dataclass
 class VideoEmbeddings:
     """Contextual embeddings of one video: per clip, per window of clips (its [CLS]) and per sentence."""
@@ -400,11 +410,11 @@ class VideoEmbeddings:
     sentence_times: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2))  # (sentences, 2): start, end
 
 
-def embed_videos(checkpoint: Checkpoint, videos: Sequence[tuple[str, list[int], list[tuple[float, float, str]]]],
+def embed_videos(checkpoint: Checkpoint, videos: Iterable[tuple[str, list[int], list[tuple[float, float, str]]]],
                  device: torch.device = torch.device("cpu"), row_length: int = 256) -> Iterator[VideoEmbeddings]:
     """Per video (id, visual tokens, [(start, end, sentence)]): its clips in consecutive video-only windows
     `[CLS] [>] clips [SEP]` of the checkpoint's sample budget (each clip's contextual state; each window's
-    [CLS]), and each sentence with the clips it spans (the joint sample's [CLS])."""
+    [CLS]), and each sentence with the clips it spans (the joint sample's [CLS]); one video at a time."""
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
     width = budget - 3
@@ -444,15 +454,7 @@ def save_embeddings(emb: VideoEmbeddings, out: Union[str, Path], fmt: str = "saf
         return [path]
     if fmt != "npy":
         raise ValueError(f"format must be 'safetensors' or 'npy', got {fmt!r}")
-    import numpy as np
-
-    paths = []
-    for name, tensor in tensors.items():
-        path = out / f"{emb.video_id}.{name}.npy"
-
-        def write(tmp: Path, array=tensor.numpy()) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-        write_atomic(path, write)
-        paths.append(path)
+    paths = [out / f"{emb.video_id}.{name}.npy" for name in tensors]
+    for path, tensor in zip(paths, tensors.values()):
+        save_npy(path, tensor.numpy())
     return paths
