@@ -134,9 +134,11 @@ class ShardedBatches:
 
     @property
     def num_units(self) -> int:
+        """Units of work per epoch (each one batch)."""
         raise NotImplementedError
 
     def build_unit(self, unit: int, seed: tuple) -> tuple:
+        """(batch, BatchStats) of unit `unit`, drawn with the generator seed (seed, epoch, index, rank)."""
         raise NotImplementedError
 
     def no_batch_message(self) -> str:
