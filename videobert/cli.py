@@ -160,9 +160,8 @@ def _embed(args: argparse.Namespace) -> int:
 
         folder = VideoFolder(args.data)
         source = (folder.video(i) for i in range(len(folder)))
-    videos = ((v.video_id, v.visual_tokens, [(s.start, s.end, s.text) for s in v.sentences]) for v in source)
     count = 0
-    for emb in embed_videos(checkpoint, videos, device_of(args.device)):
+    for emb in embed_videos(checkpoint, source, device_of(args.device)):
         save_embeddings(emb, args.out, args.format)
         count += 1
     print(f"embeddings of {count} videos in {args.out} ({args.format})")

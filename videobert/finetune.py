@@ -32,8 +32,8 @@ from videobert.data import encode_sample, pack_tensors, plan_rows
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
-from videobert.tasks import (Checkpoint, Segment, clip_budget, write_atomic, device_of, encode_samples,
-                             load_checkpoint, load_segments, sample_budget)
+from videobert.tasks import (Checkpoint, Segment, clip_budget, device_of, encode_samples, load_checkpoint,
+                             load_segments, sample_budget, text_budget, write_atomic)
 from videobert.train import Job, LoopArgs, run_command, run_loop
 from videobert.train import add_arguments as train_flags
 
@@ -165,27 +165,27 @@ class TaskData:
             raise ValueError(f"max_caption_tokens ({max_caption_tokens}) + 2 + the sample budget ({budget}) exceeds "
                              f"max_position_embeddings ({config.max_position_embeddings})")
 
-    def caption_pieces(self, text: str) -> list[int]:
-        """A caption's word pieces, cut to max_caption_tokens."""
-        return self.encode_text(text)[:self.max_caption_tokens]
+    def caption_input(self, segment: Segment, pieces: Sequence[int], with_labels: bool) -> dict[str, torch.Tensor]:
+        """The prefix-LM sample of a segment's clips after caption `pieces` (training: the whole caption with
+        labels; decoding: a hypothesis so far), the clips cut to leave room for the longest caption."""
+        clips = segment.clips[:clip_budget(self.budget, self.max_caption_tokens)]
+        return caption_sample(self.config, pieces, clips, self.max_caption_tokens, with_labels)
 
     def samples(self, segment: Segment) -> list[dict[str, torch.Tensor]]:
         """The model samples of one segment (one, or one per candidate answer)."""
         cfg = self.config
         if self.task == "classify":
-            ids, types = encode_sample(cfg, [], segment.clips[:self.budget - 3])
+            ids, types = encode_sample(cfg, [], segment.clips[:clip_budget(self.budget, 0)])
             return [{"input_ids": ids, "token_type_ids": types}]
         if self.task == "multiple-choice":
             out = []
             question = self.encode_text(segment.question)
             for answer in segment.answers:
-                text = (question + self.encode_text(answer))[:(self.budget - 3) // 2]
+                text = (question + self.encode_text(answer))[:text_budget(self.budget)]
                 ids, types = encode_sample(cfg, text, segment.clips[:clip_budget(self.budget, len(text))])
                 out.append({"input_ids": ids, "token_type_ids": types})
             return out
-        pieces = self.caption_pieces(segment.text)
-        clips = segment.clips[:clip_budget(self.budget, self.max_caption_tokens)]
-        return [caption_sample(cfg, pieces, clips, self.max_caption_tokens, with_labels=True)]
+        return [self.caption_input(segment, self.encode_text(segment.text)[:self.max_caption_tokens], True)]
 
     def label(self, segment: Segment) -> int:
         """The class index (classify) or right answer (multiple-choice) of a segment."""
@@ -319,7 +319,8 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
     args = checkpoint.info["args"]
     cap = int(args["max_caption_tokens"])
     max_length = cap if max_length is None else min(max_length, cap)
-    budget = sample_budget(checkpoint)
+    data = TaskData("caption", config, checkpoint.tokenizer.encode, sample_budget(checkpoint),
+                    int(args.get("row_length", 256)), max_caption_tokens=cap)
     banned = torch.tensor([config.pad_token_id, config.cls_token_id, config.mask_token_id, config.unk_token_id])
     live = [[([], 0.0)] for _ in segments]  # per segment: (pieces, summed log-probability)
     done: list[list[tuple[list[int], float]]] = [[] for _ in segments]
@@ -329,11 +330,10 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
             break
         samples = []
         for s, h in owners:
-            clips = segments[s].clips[:clip_budget(budget, cap)]
-            x = caption_sample(config, live[s][h][0], clips, cap, with_labels=False)
+            x = data.caption_input(segments[s], live[s][h][0], with_labels=False)
             samples.append((x["input_ids"], x["token_type_ids"], x["position_ids"]))
         states = torch.stack([hidden[length] for _, hidden in
-                              encode_samples(model.bert, samples, int(args.get("row_length", 256)), device,
+                              encode_samples(model.bert, samples, data.row_length, device,
                                              modality_rules=PREFIX_LM_RULES)])
         logp = torch.log_softmax(model.text_logits(states.to(device)).float().cpu(), dim=-1)
         logp[:, banned] = float("-inf")
@@ -342,10 +342,10 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
             logp.fill_(float("-inf"))
             logp[:, config.sep_token_id] = keep
         new_live: list[list[tuple[list[int], float]]] = [[] for _ in segments]
-        for s in range(len(segments)):
-            rows = [i for i, (o, _) in enumerate(owners) if o == s]
-            if not rows:
-                continue
+        rows_of: dict[int, list[int]] = {}
+        for i, (s, _) in enumerate(owners):
+            rows_of.setdefault(s, []).append(i)
+        for s, rows in rows_of.items():
             base = torch.tensor([live[s][owners[i][1]][1] for i in rows])
             total = (base[:, None] + logp[rows]).flatten()
             best = total.topk(min(2 * beam, total.numel())).indices.tolist()

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from videobert.config import VideoBERTConfig
-from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, synthetic_video
+from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, Video, synthetic_video
 from videobert.data import encode_sample, pack_tensors, plan_rows
 from videobert.model import VideoBERTForPretraining
 from videobert.real_data import DataError, VideoFolder
 from videobert.text_tokenizer import TextTokenizer
+from videobert.train import latest_checkpoint
 
 SPLITS = ("train", "validation", "test")
 SYNTHETIC_SPLIT_SEEDS = {"train": 2_000_003, "validation": 3_000_017, "test": 4_000_037}
@@ -96,7 +97,7 @@ def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
     path = folder.root / "tasks" / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: task file does not exist (one JSON segment per line; see videobert.tasks)")
-    known, tokens = set(folder.ids), {}
+    known, videos = set(folder.ids), {}
     out = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -112,12 +113,12 @@ def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
             raise DataError(f"{where}: video {video_id!r} is not in {folder.root} (tokens/ or features/)")
         if not 0 <= start < end:
             raise DataError(f"{where}: needs 0 <= start < end, got start={start}, end={end}")
-        if video_id not in tokens:
-            tokens[video_id] = folder.tokens(video_id)
-        first, last = int(start // CLIP_SECONDS), int((end - 1e-9) // CLIP_SECONDS)
-        clips = tokens[video_id][first:last + 1]
+        if video_id not in videos:
+            videos[video_id] = Video(video_id, folder.tokens(video_id), [])
+        clips = videos[video_id].clips_between(start, end)
         if not clips:
-            raise DataError(f"{where}: [{start}, {end}) s lies past the video's {len(tokens[video_id])} clips")
+            raise DataError(f"{where}: [{start}, {end}) s lies past the video's "
+                            f"{len(videos[video_id].visual_tokens)} clips")
         answers = record.get("answers")
         if answers is not None and (not isinstance(answers, list) or len(answers) < 2
                                     or not all(isinstance(a, str) and a.strip() for a in answers)):
@@ -173,11 +174,11 @@ def checkpoint_folders(ckpt: Union[str, Path]) -> tuple[Path, Path]:
     if (path / "model.safetensors").is_file():
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run, path
-    found = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
-    if not found:
+    step = latest_checkpoint(path)
+    if step is None:
         raise FileNotFoundError(f"--ckpt {path}: no checkpoint there (expected a run folder with "
                                 "checkpoints/step-*/model.safetensors, or one such step folder)")
-    return path, found[-1]
+    return path, step
 
 
 def load_checkpoint(ckpt: Union[str, Path], build: Optional[Callable[[VideoBERTConfig, dict], nn.Module]] = None,
@@ -222,7 +223,9 @@ def sample_budget(checkpoint: Checkpoint) -> int:
 
 def device_of(name: str = "auto") -> torch.device:
     """The device `name` says ("auto": the GPU when there is one)."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
@@ -234,16 +237,17 @@ def encode_samples(encoder: nn.Module, samples: Sequence[tuple], row_length: int
     fp32 CPU tensor) in sample order. Position ids default to 0, 1, ... per sample."""
     chunk: list[int] = []
     size = 0
-    for index in range(len(samples) + 1):
-        n = samples[index][0].numel() if index < len(samples) else 0
-        if chunk and (index == len(samples) or size + n > tokens_per_batch):
+    for index, sample in enumerate(samples):
+        n = sample[0].numel()
+        if n > row_length:
+            raise ValueError(f"sample {index} has {n} tokens, more than row_length ({row_length})")
+        if chunk and size + n > tokens_per_batch:
             yield from _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules)
             chunk, size = [], 0
-        if index < len(samples):
-            if n > row_length:
-                raise ValueError(f"sample {index} has {n} tokens, more than row_length ({row_length})")
-            chunk.append(index)
-            size += n
+        chunk.append(index)
+        size += n
+    if chunk:
+        yield from _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules)
 
 
 def _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules):
@@ -265,6 +269,11 @@ def _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules):
             start += n
     for index in chunk:  # first-fit may place a later sample in an earlier row: back to sample order
         yield index, states[index]
+
+
+def text_budget(budget: int) -> int:
+    """Word pieces a sample of `budget` tokens keeps of its text when it has video too (half the room)."""
+    return (budget - 3) // 2
 
 
 def clip_budget(budget: int, text_len: int) -> int:
@@ -360,7 +369,7 @@ def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch
         raise ValueError(f"retrieval needs at least 2 segments, got {n}")
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
-    texts = [tok.encode(s.text)[:(budget - 3) // 2] for s in segments]
+    texts = [tok.encode(s.text)[:text_budget(budget)] for s in segments]
     samples = [encode_sample(config, texts[i], segments[j].clips[:clip_budget(budget, len(texts[i]))])
                for i in range(n) for j in range(n)]
     cls = torch.stack([hidden[0] for _, hidden in encode_samples(model.bert, samples, row_length, device)])
@@ -410,33 +419,34 @@ class VideoEmbeddings:
     sentence_times: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2))  # (sentences, 2): start, end
 
 
-def embed_videos(checkpoint: Checkpoint, videos: Iterable[tuple[str, list[int], list[tuple[float, float, str]]]],
-                 device: torch.device = torch.device("cpu"), row_length: int = 256) -> Iterator[VideoEmbeddings]:
-    """Per video (id, visual tokens, [(start, end, sentence)]): its clips in consecutive video-only windows
+def embed_videos(checkpoint: Checkpoint, videos: Iterable[Video], device: torch.device = torch.device("cpu"),
+                 row_length: int = 256) -> Iterator[VideoEmbeddings]:
+    """Per video: its clips in consecutive video-only windows
     `[CLS] [>] clips [SEP]` of the checkpoint's sample budget (each clip's contextual state; each window's
     [CLS]), and each sentence with the clips it spans (the joint sample's [CLS]); one video at a time."""
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
-    width = budget - 3
-    for video_id, tokens, sentences in videos:
+    width = clip_budget(budget, 0)
+    for video in videos:
+        tokens, sentences = video.visual_tokens, video.sentences
         samples, spans = [], []
         for first in range(0, len(tokens), width):
             samples.append(encode_sample(config, [], tokens[first:first + width]))
             spans.append((first, len(tokens[first:first + width])))
-        for start, end, text in sentences:
-            ids = tok.encode(text)[:(budget - 3) // 2]
-            first, last = int(start // CLIP_SECONDS), int((end - 1e-9) // CLIP_SECONDS)
-            samples.append(encode_sample(config, ids, tokens[first:last + 1][:clip_budget(budget, len(ids))]))
+        for sentence in sentences:
+            ids = tok.encode(sentence.text)[:text_budget(budget)]
+            clips = video.clips_between(sentence.start, sentence.end)
+            samples.append(encode_sample(config, ids, clips[:clip_budget(budget, len(ids))]))
         states = [h for _, h in encode_samples(model.bert, samples, row_length, device)]
         windows = states[:len(spans)]
         hidden = config.hidden_size
         yield VideoEmbeddings(
-            video_id,
+            video.video_id,
             torch.cat([h[2:-1] for h in windows]) if windows else torch.zeros(0, hidden),
             torch.stack([h[0] for h in windows]) if windows else torch.zeros(0, hidden),
             torch.tensor(spans, dtype=torch.long).reshape(-1, 2),
             torch.stack([h[0] for h in states[len(spans):]]) if sentences else torch.zeros(0, hidden),
-            torch.tensor([(s, e) for s, e, _ in sentences], dtype=torch.float32).reshape(-1, 2))
+            torch.tensor([(s.start, s.end) for s in sentences], dtype=torch.float32).reshape(-1, 2))
 
 
 def save_embeddings(emb: VideoEmbeddings, out: Union[str, Path], fmt: str = "safetensors") -> list[Path]:
