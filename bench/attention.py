@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, write_results  # noqa: E402
+from common import (bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, rotating,  # noqa: E402
+                    write_results)
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
 from videobert.data import allowed_pairs  # noqa: E402
@@ -108,15 +109,16 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     pairs = allowed_pairs(seg.cpu())
     fwd_flops = 4.0 * pairs * H * D
     q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    sets = rotating(q, k, v, torch.randn_like(q))  # the output has q's shape: the last one is its gradient
     rows = []
     for name, (setup_ms, fn) in providers(seg).items():
         timings = {}
         try:
-            timings["fwd"] = bench_ms(lambda: fn(q, k, v))
-            out = fn(q, k, v)
-            dout = torch.randn_like(out)
-            timings["bwd"] = bench_ms(lambda: out.backward(dout, retain_graph=True))
-            timings["fwd+bwd"] = bench_ms(lambda: fn(q, k, v).backward(dout))
+            timings["fwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v), sets)
+            graphs = [(fn(q, k, v), dout) for q, k, v, dout in sets]
+            timings["bwd"] = bench_ms(lambda out, dout: out.backward(dout, retain_graph=True), graphs)
+            del graphs
+            timings["fwd+bwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v).backward(dout), sets)
         except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
             print(f"{name} on {layout} L={L}: no {'fwd' if not timings else 'bwd'} "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})")

@@ -3,12 +3,16 @@
 Timing on a GPU is `triton.testing.do_bench` (CUDA events, warm-up, L2 flushed between runs): the median with
 20th/80th percentiles in milliseconds, host launch overhead included as an eager caller sees it. Where the host
 is the bottleneck (small kernels), `bench_graph_ms` replays the same call from a CUDA graph: the device time.
+Both take the call's arguments as `rotating` sets: consecutive calls read different copies of the inputs, whose
+total is several times the L2 cache, so neither a CUDA-graph replay (which does not flush L2) nor anything that
+caches by input finds the previous call's data still warm.
 Without a GPU every script runs a toy-size smoke pass on the CPU and labels its numbers as such.
 """
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import itertools
 import json
 import os
 import re
@@ -31,8 +35,56 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if on_gpu() else "cpu-smoke"
 
 
-def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of `fn`; CUDA events on a GPU, a short wall-clock loop on the CPU."""
+# A cycle through the rotating sets reads at least this many times the cache; more sets than MAX_SETS buy nothing.
+CACHE_MULTIPLE = 4
+MAX_SETS = 8
+CPU_CACHE_BYTES = 32 * 2**20  # a typical last-level cache: the smoke pass rotates too
+
+
+def cache_bytes() -> int:
+    """Bytes a repeated call could be served from: the GPU's L2 cache (a nominal 32 MiB on the CPU)."""
+    return torch.cuda.get_device_properties(0).L2_cache_size if on_gpu() else CPU_CACHE_BYTES
+
+
+def _nbytes(args: Sequence) -> int:
+    storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args
+                if isinstance(a, torch.Tensor)}
+    return sum(storages.values())
+
+
+def _fresh(arg):
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    return arg.detach().clone().requires_grad_(arg.requires_grad)
+
+
+def rotating(*args, min_bytes: int | None = None) -> list[tuple]:
+    """Argument sets for `bench_ms` / `bench_graph_ms`: `args` itself, then copies of its tensors (same values
+    and requires_grad) until one cycle reads at least `min_bytes` (default CACHE_MULTIPLE x `cache_bytes()`);
+    at most MAX_SETS sets and, on a GPU, no more copies than a quarter of the free memory holds."""
+    min_bytes = CACHE_MULTIPLE * cache_bytes() if min_bytes is None else min_bytes
+    per_set = max(1, _nbytes(args))
+    count = min(MAX_SETS, max(1, -(-min_bytes // per_set)))
+    if on_gpu():
+        count = max(1, min(count, 1 + torch.cuda.mem_get_info()[0] // 4 // per_set))
+    return [tuple(args)] + [tuple(_fresh(a) for a in args) for _ in range(count - 1)]
+
+
+def cycling(fn: Callable[..., object], sets: Sequence[tuple] | None) -> Callable[[], object]:
+    """A no-argument call of `fn` on the next of `sets` each time (`fn` itself when `sets` is None)."""
+    if sets is None:
+        return fn
+    if not sets:
+        raise ValueError("sets: expected at least one argument tuple, got none")
+    order = itertools.cycle(sets)
+    return lambda: fn(*next(order))
+
+
+def bench_ms(fn: Callable[..., object], sets: Sequence[tuple] | None = None, warmup_ms: int = 25,
+             rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of `fn(*set)` over the `rotating` sets (of `fn()` without them); CUDA
+    events on a GPU, a short wall-clock loop on the CPU."""
+    fn = cycling(fn, sets)
     if on_gpu():
         import triton.testing
 
@@ -48,12 +100,16 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return times[1], times[0], times[-1]
 
 
-def bench_graph_ms(fn: Callable[[], object], rep_ms: int = 100) -> tuple[float, float, float] | None:
-    """(median, p20, p80) device milliseconds of `fn` replayed from a CUDA graph (no host launch overhead, no L2
-    flush), or None without a GPU or when `fn` cannot be captured (the reason is printed)."""
+def bench_graph_ms(fn: Callable[..., object], sets: Sequence[tuple] | None = None,
+                   rep_ms: int = 100) -> tuple[float, float, float] | None:
+    """(median, p20, p80) device milliseconds of `fn(*set)` over the `rotating` sets replayed from one CUDA
+    graph (no host launch overhead; no L2 flush, which the rotation stands in for), or None without a GPU or
+    when `fn` cannot be captured (the reason is printed)."""
     if not on_gpu():
         return None
     import triton.testing
+
+    fn = cycling(fn, sets)
 
     try:
         median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])

@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
+from common import cycling, rotating  # noqa: E402  (bench/ is on the path: pytest's rootdir-relative import)
+
 from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -14,16 +16,19 @@ DEVICE, DTYPE = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
 BACKEND = "auto" if GPU else "torch"  # the interpreter is for correctness, not timing
 
 
-def _timed(benchmark, fn, backward: bool, *leaves):
-    """benchmark(fn) with the device synchronised, so each round measures finished work."""
-    def run():
-        out = fn()
+def _timed(benchmark, fn, backward: bool, *args):
+    """benchmark of `fn` over `rotating` copies of `args`, the device synchronised so each round measures
+    finished work; with `backward`, also the gradients of the arguments that require them."""
+    def run(*args):
+        out = fn(*args)
         if backward:
-            torch.autograd.grad(out.float().sum(), leaves)
+            torch.autograd.grad(out.float().sum(), [a for a in args if isinstance(a, torch.Tensor) and
+                                                    a.requires_grad])
         if GPU:
             torch.cuda.synchronize()
-    run()  # compile, autotune, allocate
-    benchmark(run)
+    call = cycling(run, rotating(*args))
+    call()  # compile, autotune, allocate
+    benchmark(call)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -31,7 +36,7 @@ def test_segment_attention(benchmark, backward):
     B, L, H, D = (8, 2048, 16, 64) if GPU else (1, 128, 2, 32)
     q, k, v = (torch.randn(B, L, H, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
     ids = torch.arange(L, device=DEVICE).div(max(1, L // 16), rounding_mode="floor").expand(B, L).contiguous()
-    _timed(benchmark, lambda: segment_attention(q, k, v, ids, backend=BACKEND), backward, q, k, v)
+    _timed(benchmark, lambda q, k, v, ids: segment_attention(q, k, v, ids, backend=BACKEND), backward, q, k, v, ids)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -40,7 +45,7 @@ def test_add_layer_norm(benchmark, backward):
     x, r = (torch.randn(rows, hidden, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(2))
     w = torch.ones(hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
     b = torch.zeros(hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    _timed(benchmark, lambda: add_layer_norm(x, r, w, b, 1e-12, backend=BACKEND), backward, x, r, w, b)
+    _timed(benchmark, lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-12, backend=BACKEND), backward, x, r, w, b)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -49,5 +54,5 @@ def test_linear_cross_entropy(benchmark, backward):
     hidden = torch.randn(N, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (torch.randn(V, D, device=DEVICE) * D ** -0.5).to(DTYPE).requires_grad_()
     labels = torch.randint(0, V, (N,), device=DEVICE)
-    _timed(benchmark, lambda: linear_cross_entropy(hidden, weight, labels, backend=BACKEND), backward, hidden,
-           weight)
+    _timed(benchmark, lambda h, w, y: linear_cross_entropy(h, w, y, backend=BACKEND), backward, hidden, weight,
+           labels)

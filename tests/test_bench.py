@@ -45,3 +45,31 @@ def test_end_to_end_training_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert all(r["tokens_per_s"] > 0 and r["steps_per_s"] > 0 for r in rows)
     hf = next(r for r in rows if r["provider"] == "hugging_face_bert_sdpa")
     assert 0 < hf["padded_waste"] < 1 and hf["speedup_over_hugging_face"] == 1
+
+
+def test_rotating_sets_exceed_the_cache_and_cycle():
+    """`rotating` copies the inputs (values and requires_grad kept, memory not shared) until a cycle reads
+    `min_bytes`; `bench_ms` hands consecutive calls the next set."""
+    torch = pytest.importorskip("torch")
+    common = importlib.import_module("common")
+    x = torch.randn(256, 64, requires_grad=True)  # 64 KiB
+    labels = torch.arange(256)  # 2 KiB
+    sets = common.rotating(x, labels, 0.5, min_bytes=200 * 1024)
+    assert len(sets) == 4 and sets[0][0] is x
+    for copy, ids, scalar in sets[1:]:
+        assert torch.equal(copy, x) and copy.requires_grad and copy.is_leaf
+        assert copy.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        assert torch.equal(ids, labels) and scalar == 0.5
+    assert len(common.rotating(x, min_bytes=0)) == 1
+    assert len(common.rotating(x, min_bytes=2**40)) == common.MAX_SETS
+    # Views of one storage count once: a fused projection's q, k, v are one read.
+    qkv = torch.randn(3, 256, 64)
+    assert len(common.rotating(*qkv.unbind(0), min_bytes=3 * 64 * 1024 + 1)) == 2
+
+    seen = []
+    common.bench_ms(lambda t, ids, scalar: seen.append(t), sets)
+    assert len(seen) >= 4 and [id(t) for t in seen[:4]] == [id(s[0]) for s in sets]
+    call = common.cycling(lambda t, ids, scalar: t, sets)
+    assert [call() for _ in range(6)] == [s[0] for s in sets + sets[:2]]
+    with pytest.raises(ValueError, match="sets"):
+        common.bench_ms(lambda: None, [])
