@@ -3,9 +3,9 @@
 # test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all] (default all).
 # Results go to $VIDEOBERT_BENCH_OUT (default bench/results/<gpu>/<date>/), the test log beside them.
 # For a time-boxed machine: GPU_CHECK_TESTS (test paths, default tests), GPU_CHECK_BENCHES (scripts, default
-# every bench/*.py but common.py and profile_*), GPU_CHECK_BENCH_ARGS (e.g. --quick), GPU_CHECK_STEP_S (seconds
-# per step before it is stopped, default none) and GPU_CHECK_ARCHIVE (a .tgz of the results folder, rewritten
-# after every step so that a stopped run still returns what it finished).
+# every bench/*.py but common.py, profile_* and the pytest-benchmark test_*), GPU_CHECK_BENCH_ARGS (e.g.
+# --quick), GPU_CHECK_STEP_S (seconds per step before it is stopped, default none) and GPU_CHECK_ARCHIVE (a
+# .tgz of the results folder, rewritten after every step so that a stopped run still returns what it finished).
 set -uo pipefail
 what=${1:-all}
 python=${PYTHON:-python3}
@@ -34,7 +34,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for script in ${GPU_CHECK_BENCHES:-bench/*.py}; do
-    case $(basename "$script") in common.py|profile_*) continue;; esac
+    case $(basename "$script") in common.py|profile_*|test_*) continue;; esac
     echo "== $script"
     # shellcheck disable=SC2086
     "${step[@]}" "$python" "$script" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$log_dir/$(basename "$script" .py).log" \

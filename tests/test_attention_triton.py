@@ -151,7 +151,7 @@ def test_windows_are_sound_and_tight():
             rules_t = torch.tensor(rules) if rules is not None else None
             meta = sa.attention_metadata(seg.to(DEVICE), mod.to(DEVICE) if rules else None,
                                          None if rules_t is None else rules_t.to(DEVICE)).long().cpu()
-            canonical, mod_out, key_lo, key_hi, query_lo, query_hi = meta
+            canonical, mod_out, key_lo, key_hi, query_lo, query_hi, contiguous = meta
             allowed = naive_mask(seg, mod, rules)
             b, i, j = allowed.nonzero(as_tuple=True)
             # every allowed pair lies inside both windows
@@ -160,10 +160,48 @@ def test_windows_are_sound_and_tight():
             assert torch.equal(canonical < 0, seg < 0)
             assert torch.equal(canonical[:, :, None] == canonical[:, None, :], seg[:, :, None] == seg[:, None, :])
             assert torch.equal(mod_out, mod if rules else torch.zeros_like(mod))
+            # contiguous: 1 exactly on the tokens of segments that fill their span
+            for b, row in enumerate(seg):
+                for value in row[row >= 0].unique():
+                    where = (row == value).nonzero().squeeze(1)
+                    fills = int(where[-1] - where[0] + 1) == where.numel()
+                    assert (contiguous[b, where] == int(fills)).all(), (layout, b, int(value))
+            assert (contiguous[seg < 0] == 0).all()
     # contiguous packed samples with joint attention: the windows are exactly the sample spans
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
-    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(seg.to(DEVICE), None, None).cpu()
+    _, _, key_lo, key_hi, _, _, _ = sa.attention_metadata(seg.to(DEVICE), None, None).cpu()
     assert key_lo.tolist() == [[0, 0, 0, 3, 3, 5, 8, 8]] and key_hi.tolist() == [[3, 3, 3, 5, 5, 6, 0, 0]]
+
+
+@pytest.mark.parametrize("rules", [None, JOINT, PREFIX_LM])
+def test_unmasked_interior_tiles(rules, monkeypatch):
+    """Blocks inside one contiguous segment skip the mask on interior tiles (all rules full): exact on rows
+    of long samples, a segment with a hole (another sample inside its span) and padding; and the contiguity
+    flag is what lets a block skip it (forcing it on a segment with a hole changes the result)."""
+    gen = torch.Generator().manual_seed(12)
+    L = 160
+    seg = torch.full((2, L), -1)
+    seg[0, :64], seg[0, 64:96], seg[0, 96:] = 0, 1, 0  # segment 0 has a hole
+    seg[1, :150] = 5
+    mod = (torch.arange(L) % 3 == 0).long().expand(2, L).contiguous()
+    rules_t = None if rules is None else torch.tensor(rules)
+    q, k, v = (torch.randn(2, L, 2, 32, generator=gen).to(DEVICE) for _ in range(3))
+    inputs = (q, k, v, seg.to(DEVICE), mod.to(DEVICE) if rules else None,
+              None if rules_t is None else rules_t.to(DEVICE))
+    check(run_both(*inputs), torch.float32, f"rules={rules}")
+    if rules is not None:
+        return
+    real = sa.attention_metadata
+
+    def forced(*args):
+        meta = real(*args)
+        meta[6] = (meta[0] >= 0).int()  # claim every segment is contiguous
+        return meta
+    monkeypatch.setattr(sa, "attention_metadata", forced)
+    got = segment_attention(q, k, v, seg.to(DEVICE), backend="triton")
+    want = segment_attention(q.double(), k.double(), v.double(), seg.to(DEVICE), backend="torch")
+    assert not torch.allclose(got[0, :64].double(), want[0, :64], atol=1e-3)  # segment 0 read segment 1's keys
+    assert_close(got[1], want[1].float(), torch.float32, "contiguous row")
 
 
 def test_work_scales_with_squared_sample_lengths():
@@ -177,7 +215,7 @@ def test_work_scales_with_squared_sample_lengths():
         ids[0, start:start + n] = segment
         lengths.append(n)
         start, segment = start + n, segment + 1
-    _, _, key_lo, key_hi, _, _ = sa.attention_metadata(ids.to(DEVICE), None, None).cpu()
+    _, _, key_lo, key_hi, _, _, _ = sa.attention_metadata(ids.to(DEVICE), None, None).cpu()
     visited = 0
     for m in range(0, L, block_m):
         lo, hi = int(key_lo[0, m:m + block_m].min()), int(key_hi[0, m:m + block_m].max())

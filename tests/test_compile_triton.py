@@ -14,8 +14,9 @@ from videobert._kernels.triton.compile_check import compile_report  # noqa: E402
 
 ARCHS = (80, 90)
 HEAD_DIMS = (32, 64, 128)
-# (HAS_RULES, HAS_DROPOUT): the lightest and the heaviest variant of each kernel
-VARIANTS = ((False, False), (True, True))
+# (HAS_RULES, HAS_DROPOUT): the lightest variant of each kernel, the heaviest with one masked loop (rules) and
+# the heaviest with an unmasked loop beside it (no rules, dropout)
+VARIANTS = ((False, False), (True, True), (False, True))
 
 
 def _attention_signature(kind: str, dtype: str) -> dict:

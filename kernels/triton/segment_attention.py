@@ -7,7 +7,10 @@ per-token windows built on the device from the ids (`attention_metadata`, one la
 in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
 block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
-Windows do not depend on the block size, so block sizes can be autotuned freely.
+Windows do not depend on the block size, so block sizes can be autotuned freely. Without rules, tiles that a
+block may attend whole (the block inside one contiguous sample) skip the mask: each kernel loops over that
+unmasked interior, then over the masked edge tiles, as FlashAttention splits off the causal diagonal; this
+saves the compare-and-select per score that the softmax's ALU budget cannot spare.
 
 Dropout regenerates the reference's Philox mask (`reference.dropout_keep`: index key j, counters
 query i and b * H + h), four decisions per Philox call.
@@ -82,6 +85,29 @@ def _block_prologue(Seg, Mod, Win, Rules, row, pos, B, L, HAS_RULES: tl.constexp
 
 
 @triton.jit
+def _unmasked_span(Dense, row, pos, seg, lo, hi, L, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
+    """How a block's loop over tiles of BLOCK positions covering [lo, hi) splits: (start, mid_lo, mid_hi,
+    masked), where [mid_lo, mid_hi) (multiples of BLOCK) holds the tiles every pair of which is allowed (no
+    rules, and the block's positions all in one contiguous segment; empty otherwise) and `masked` tiles
+    remain, from `start` on, jumping over [mid_lo, mid_hi) (see `_masked_tile_start`)."""
+    start = (lo // BLOCK) * BLOCK
+    mid_lo, mid_hi = start, start
+    if not HAS_RULES:  # with rules the mask stays on: a table of only full rules is the one case it could go
+        contiguous = tl.min(tl.load(Dense + row + pos, mask=pos < L, other=0), axis=0)  # 0 on padding, past L
+        inner_lo, inner_hi = tl.cdiv(lo, BLOCK) * BLOCK, (hi // BLOCK) * BLOCK
+        whole = (contiguous == 1) & (tl.min(seg, axis=0) == tl.max(seg, axis=0)) & (inner_lo < inner_hi)
+        mid_lo, mid_hi = tl.where(whole, inner_lo, start), tl.where(whole, inner_hi, start)
+    return start, mid_lo, mid_hi, tl.cdiv(hi - start, BLOCK) - (mid_hi - mid_lo) // BLOCK
+
+
+@triton.jit
+def _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK: tl.constexpr):
+    """First position of the index-th masked tile: tiles from `start` on, jumping over [mid_lo, mid_hi)."""
+    first = start + index * BLOCK
+    return tl.where(first >= mid_lo, first + (mid_hi - mid_lo), first)
+
+
+@triton.jit
 def _rules_code(Rules, NUM_MODALITIES: tl.constexpr):
     """The (M, M) rules table (contiguous ints in {0, 1, 2}) as one 32-bit code, 2 bits per entry."""
     idx = tl.arange(0, _RULE_SLOTS)
@@ -94,9 +120,9 @@ def _rules_code(Rules, NUM_MODALITIES: tl.constexpr):
 @triton.jit
 def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride_mb, stride_ml, B, L,
                              NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
-    """Per token of one block: canonical segment id, modality id and the four windows (see
-    `attention_metadata`). Each program compares its ids with every chunk of the row whose id range overlaps
-    its own, so contiguous samples cost O(L * sample length) and any layout stays exact."""
+    """Per token of one block: canonical segment id, modality id, the four windows and whether its segment
+    is contiguous (see `attention_metadata`). Each program compares its ids with every chunk of the row whose
+    id range overlaps its own, so contiguous samples cost O(L * sample length) and any layout stays exact."""
     pid, b = tl.program_id(0), tl.program_id(1)
     pos = pid * BLOCK + tl.arange(0, BLOCK)
     seg_row = Seg + b.to(tl.int64) * stride_sb
@@ -106,6 +132,7 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
     block_min = tl.min(tl.where(valid, seg, block_max), axis=0)
     lo = tl.zeros([BLOCK], tl.int32) + L
     hi = tl.zeros([BLOCK], tl.int32)
+    count = tl.zeros([BLOCK], tl.int32)
     if block_max >= 0:
         for start in range(0, L, BLOCK):
             pos_o = start + tl.arange(0, BLOCK)
@@ -116,6 +143,7 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
                 same = seg[:, None] == other[None, :]
                 lo = tl.minimum(lo, tl.min(tl.where(same, pos_o[None, :], L), axis=1))
                 hi = tl.maximum(hi, tl.max(tl.where(same, pos_o[None, :] + 1, 0), axis=1))
+                count += tl.sum(same.to(tl.int32), axis=1)
     key_lo, key_hi, query_lo, query_hi = lo, hi, lo, hi
     valid_q, valid_k = valid, valid
     mod = tl.zeros([BLOCK], tl.int32)
@@ -142,6 +170,37 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
     tl.store(out + 3 * plane, tl.where(valid_q, key_hi, 0), mask=inside)
     tl.store(out + 4 * plane, tl.where(valid_k, query_lo, L), mask=inside)
     tl.store(out + 5 * plane, tl.where(valid_k, query_hi, 0), mask=inside)
+    tl.store(out + 6 * plane, (valid & (hi - lo == count)).to(tl.int32), mask=inside)
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L,
+              stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
+              HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: the updated (acc, l_i, m_i); m_i is in log2 units (scaled)."""
+    pos_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
+        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
+                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid -inf - -inf
+    else:
+        m_new_safe = m_new  # every row has an allowed key in this tile
+    p = tl.exp2(s * scale_log2 - m_new_safe[:, None])  # one FMA per score
+    alpha = tl.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -159,6 +218,8 @@ def _segment_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, HAS_RULES,
+                                                   BLOCK_N)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -166,25 +227,19 @@ def _segment_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        pos_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
-        v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
-        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid -inf - -inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # The unmasked interior, then the masked tiles around it (at most two when the interior is not empty).
+    if not HAS_RULES:
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q,
+                                      rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
+                                      pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
+                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False)
+    for index in range(0, masked):
+        start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q,
+                                  rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
+                                  pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT,
+                                  DOT_PRECISION, BLOCK_N, True)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -209,6 +264,37 @@ def _segment_attention_bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_o
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k, rules_code,
+               Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset, pid_n, pid_bh, threshold,
+               drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows)."""
+    pos_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
+    do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
+    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    p_t = tl.exp2(s_t * scale_log2 - lse[None, :])
+    if MASKED:
+        seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
+        allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
+                                  pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
+        p_t = tl.where(allowed_t, p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep_t = tl.trans(dropout_keep(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold, BLOCK_N))
+        dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _segment_attention_bwd_dkdv_kernel(
         Q, K, V, DO, Lse, Delta, DK, DV, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -224,6 +310,8 @@ def _segment_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, B, L,
                                                        HAS_RULES, NUM_MODALITIES)
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, L, HAS_RULES,
+                                                   BLOCK_M)
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -231,32 +319,47 @@ def _segment_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
-        pos_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
-        do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
-        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
-        delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
-        seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
-        allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
-                                  pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
-                                           BLOCK_N))
-            dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if not HAS_RULES:  # unmasked, then masked query tiles (see the forward)
+        for start_m in range(mid_lo, mid_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
+                                mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset,
+                                pid_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
+                                HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+    for index in range(0, masked):
+        start_m = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_M)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
+                            rules_code, Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset, pid_n,
+                            pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT,
+                            DOT_PRECISION, BLOCK_M, BLOCK_N, True)
 
     mask = (pos_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
     g_off = b * stride_gb + h * stride_gh + pos_n[:, None] * stride_gl + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+             row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
+             HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile's contribution to a query block's dq."""
+    pos_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2(s * scale_log2 - lse[:, None])
+    if MASKED:
+        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
+        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
+                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -275,6 +378,8 @@ def _segment_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, HAS_RULES,
+                                                   BLOCK_N)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
     lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
@@ -283,21 +388,17 @@ def _segment_attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        pos_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
-        v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
-        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if not HAS_RULES:  # unmasked, then masked key tiles (see the forward)
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code,
+                          Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold,
+                          drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+                          False)
+    for index in range(0, masked):
+        start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg,
+                      Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
+                      HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True)
 
     g_ptrs = DQ + b * stride_gb + h * stride_gh + pos_m[:, None] * stride_gl + offs_d[None, :]
     tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
@@ -306,15 +407,17 @@ def _segment_attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------- autotuning
 
 # Each entry: (BLOCK_M, BLOCK_N, warps, stages), then the padded head dims (BLOCK_D, 16 counting as 32) it serves
-# on sm_8x and on sm_9x: exactly those where it compiles without register spills, with and without rules and
-# dropout (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA accumulators in registers, sm_9x
-# has wgmma, hence the different sets).
-FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64, 128)), ((64, 64, 4, 3), (32, 64), (32, 64)),
-             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 128), (32, 64, 128)),
-             ((64, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), (32, 64))]
-DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-              ((32, 64, 8, 3), (32, 64), (32, 64)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-              ((16, 64, 4, 4), (32, 64), (32, 64)), ((64, 64, 8, 3), (), (32, 64))]
+# on sm_8x and on sm_9x: exactly those where it compiles without register spills with neither rules nor
+# dropout, with both, and with dropout alone (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA
+# accumulators in registers, sm_9x has wgmma, hence the different sets).
+FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64)), ((64, 64, 4, 3), (), (32, 64)),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 128), (32, 64)),
+             ((64, 64, 8, 3), (32,), (32, 64, 128)), ((32, 64, 4, 3), (32,), (32, 64)),
+             ((128, 128, 8, 3), (), (32, 64))]
+DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64)),
+              ((32, 64, 8, 3), (32, 64), (32, 64)), ((32, 32, 4, 4), (32, 64, 128), (32, 64)),
+              ((16, 64, 4, 4), (32, 64), (32, 64)), ((64, 64, 8, 3), (), (32, 64)),
+              ((32, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32,), (32, 64, 128)),
             ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
             ((32, 64, 4, 4), (32, 64), (32, 64)), ((128, 32, 8, 3), (32,), (32, 64))]
@@ -367,9 +470,10 @@ _fwd_tuned, _dkdv_tuned, _dq_tuned = (
 
 def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
                        modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
-    """(6, B, L) int32 per token, from one kernel launch (no host sync): the canonical segment id (the
+    """(7, B, L) int32 per token, from one kernel launch (no host sync): the canonical segment id (the
     first position of the token's segment in its row, -1 for padding, so any int64 ids work), the modality
-    id (0 without rules), then the windows key_lo, key_hi, query_lo, query_hi.
+    id (0 without rules), the windows key_lo, key_hi, query_lo, query_hi, and 1 where the token's segment
+    is contiguous (its positions fill its span; 0 on padding).
 
     Query i may only attend keys in [key_lo, key_hi) and key j is only attended by queries in
     [query_lo, query_hi). A segment's span is [first, last + 1) of its positions (ids need not be
@@ -378,7 +482,7 @@ def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.T
     see nothing get the empty window [L, 0).
     """
     B, L = segment_ids.shape
-    meta = torch.empty((6, B, L), device=segment_ids.device, dtype=torch.int32)
+    meta = torch.empty((7, B, L), device=segment_ids.device, dtype=torch.int32)
     if meta.numel() == 0:
         return meta
     has_rules = modality_rules is not None
