@@ -54,9 +54,14 @@ def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, rules_code,
 
 
 @triton.jit
-def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr):
-    mask = (pos[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(base + pos[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr, IN_ROW: tl.constexpr = False):
+    """Rows `pos` of a (L, HEAD_DIM) slice, zero past either end; IN_ROW promises pos < L (no row mask)."""
+    ptrs = base + pos[:, None] * stride_l + offs_d[None, :]
+    if IN_ROW:
+        if HEAD_DIM == offs_d.shape[0]:
+            return tl.load(ptrs)
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tl.load(ptrs, mask=(pos[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
@@ -180,8 +185,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, m
               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: the updated (acc, l_i, m_i); m_i is in log2 units (scaled)."""
     pos_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
-    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
@@ -271,10 +276,14 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows)."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
-    do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
-    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
-    delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
+    q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
+    do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM, not MASKED)
+    if MASKED:
+        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
+        delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
+    else:
+        lse = tl.load(Lse + stats + pos_m) * _LOG2E
+        delta = tl.load(Delta + stats + pos_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     p_t = tl.exp2(s_t * scale_log2 - lse[None, :])
     if MASKED:
@@ -345,8 +354,8 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_
              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key tile's contribution to a query block's dq."""
     pos_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
-    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     p = tl.exp2(s * scale_log2 - lse[:, None])
     if MASKED:
@@ -410,17 +419,17 @@ def _segment_attention_bwd_dq_kernel(
 # on sm_8x and on sm_9x: exactly those where it compiles without register spills with neither rules nor
 # dropout, with both, and with dropout alone (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA
 # accumulators in registers, sm_9x has wgmma, hence the different sets).
-FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64)), ((64, 64, 4, 3), (), (32, 64)),
-             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 128), (32, 64)),
-             ((64, 64, 8, 3), (32,), (32, 64, 128)), ((32, 64, 4, 3), (32,), (32, 64)),
+FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64)), ((64, 64, 4, 3), (), (32,)),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32,), (32, 64)),
+             ((64, 64, 8, 3), (32,), (32, 64)), ((32, 64, 4, 3), (32,), (32, 64)),
              ((128, 128, 8, 3), (), (32, 64))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64)),
               ((32, 64, 8, 3), (32, 64), (32, 64)), ((32, 32, 4, 4), (32, 64, 128), (32, 64)),
               ((16, 64, 4, 4), (32, 64), (32, 64)), ((64, 64, 8, 3), (), (32, 64)),
               ((32, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
-DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32,), (32, 64, 128)),
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32,), (32, 64)),
             ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-            ((32, 64, 4, 4), (32, 64), (32, 64)), ((128, 32, 8, 3), (32,), (32, 64))]
+            ((32, 64, 4, 4), (32, 64), (32,)), ((128, 32, 8, 3), (32,), (32, 64))]
 
 
 def _configs(table):
