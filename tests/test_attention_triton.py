@@ -272,3 +272,11 @@ def test_autotuned_launch_matches_reference(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     q, k, v, seg, mod, rules_t = make_inputs(2, 300, 2, 64, torch.float16, DEVICE, gen, "packed", JOINT)
     check(run_both(q, k, v, seg, mod, rules_t), torch.float16, "autotuned")
+
+
+def test_reset_autotuning_forgets_tuned_configs():
+    """A new workload at the same shapes is tuned afresh (the key cannot see the id layout)."""
+    for tuned in (sa._fwd_tuned, sa._dkdv_tuned, sa._dq_tuned):
+        tuned.cache[("stale",)] = object()
+    sa.reset_autotuning()
+    assert not any(t.cache for t in (sa._fwd_tuned, sa._dkdv_tuned, sa._dq_tuned))

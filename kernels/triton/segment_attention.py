@@ -475,6 +475,14 @@ _fwd_tuned, _dkdv_tuned, _dq_tuned = (
                       (_segment_attention_bwd_dq_kernel, DQ_TABLE)))
 
 
+def reset_autotuning() -> None:
+    """Forget the configs tuned so far. The tuning key holds shapes and flags, not the id layout (reading it
+    would need a host sync), so a new workload at the same shapes (e.g. one sample per row after packed rows)
+    calls this to be tuned on its own data."""
+    for tuned in (_fwd_tuned, _dkdv_tuned, _dq_tuned):
+        tuned.cache.clear()
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
