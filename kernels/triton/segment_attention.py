@@ -45,8 +45,9 @@ INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, rules_code,
                   HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
     """Mask of a tile from broadcastable row/column vectors (works for (M, N) and transposed (N, M) tiles).
-    Positions past the row end load segment id -1, so they need no test of their own."""
-    allowed = (seg_q == seg_k) & (seg_q >= 0)
+    One side is the kernel's own block, whose padding reads -2 (`_block_prologue`); the other side's padding
+    and positions past the row end read -1, so equal ids always mean one real segment."""
+    allowed = seg_q == seg_k
     if HAS_RULES:
         rule = (rules_code >> ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.uint32)) & 3
         allowed = allowed & ((rule == _FULL) | ((rule == _CAUSAL) & (pos_k <= pos_q)))
@@ -82,9 +83,11 @@ def _window(win, row, pos, L, IS_LOW: tl.constexpr):
 
 @triton.jit
 def _block_prologue(Seg, Mod, Win, Rules, row, pos, B, L, HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
-    """What every kernel loads first for its own block of positions: their ids, the rules code, and the union
-    [lo, hi) of their windows (lows at Win, highs in the next plane)."""
+    """What every kernel loads first for its own block of positions: their ids (padding and positions past the
+    row end as -2), the rules code, and the union [lo, hi) of their windows (lows at Win, highs in the next
+    plane)."""
     seg, mod = _load_ids(Seg, Mod, row, pos, L, HAS_RULES)
+    seg = tl.where(seg < 0, -2, seg)  # never equal to a tile's -1: padding needs no test per score
     rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
     return seg, mod, rules_code, _window(Win, row, pos, L, True), _window(Win + B * L, row, pos, L, False)
 
