@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 from videobert._kernels.triton import add_layer_norm as ln  # noqa: E402
 from videobert._kernels.triton import cross_entropy as ce  # noqa: E402
 from videobert._kernels.triton import segment_attention as sa  # noqa: E402
-from videobert._kernels.triton.compile_check import compile_report  # noqa: E402
+from videobert._kernels.triton.compile_check import compile_report, loop_opcodes  # noqa: E402
 
 ARCHS = (80, 90)
 HEAD_DIMS = (32, 64, 128)
@@ -174,3 +174,26 @@ _ALLOWED_SPILL_BYTES = {"cross_entropy linear_fwd sm_80": 1100, "cross_entropy l
 def test_layer_norm_backward_at_8192_is_spill_free(full):
     name, report = layer_norm_report("bwd", 8192, 90, full)
     assert not (report.spill_stores or report.spill_loads), name
+
+
+def attention_loops(kind: str, rules: bool):
+    """SASS opcode counts of each inner loop of an attention kernel's first sm_90 config at D=64 (bf16)."""
+    kernel, table = KERNELS[kind]
+    (block_m, block_n, warps, stages), _, _ = next(e for e in table if sa.serves(e, 64, 9))
+    constexprs = dict(HEAD_DIM=64, BLOCK_D=64, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=False,
+                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    return loop_opcodes(kernel, _attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
+
+
+def test_attention_interior_tiles_compile_unmasked(monkeypatch):
+    """Without rules each attention kernel has two inner loops on sm_90: the interior of one contiguous sample,
+    with no select per score (no mask), and the masked edge tiles; with rules only the masked loop."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cases = [(kind, rules) for kind in KERNELS for rules in (False, True)]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        loops = dict(zip(cases, pool.map(attention_loops, *zip(*cases))))
+    for kind in KERNELS:
+        (interior, masked), (only,) = loops[kind, False], loops[kind, True]
+        assert interior["HGMMA"] == masked["HGMMA"] > 0, kind  # the same tile work
+        assert interior["FSEL"] == 0 < masked["FSEL"], kind
+        assert sum(interior.values()) < 0.85 * sum(masked.values()) and only["FSEL"] > 0, kind
