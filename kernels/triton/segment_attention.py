@@ -182,19 +182,33 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
 
 
 @triton.jit
+def _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L, stride_kl,
+              stride_vl, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """A query block's view of one key tile (forward and dQ): K, V, the raw scores q k^T and, in masked tiles,
+    which pairs are allowed (a constant True in interior tiles, where all are)."""
+    pos_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    allowed = True
+    if MASKED:
+        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
+        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
+                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
+    return k, v, s, allowed
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L,
               stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
               HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: the updated (acc, l_i, m_i); m_i is in log2 units (scaled)."""
-    pos_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
-    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    k, v, s, allowed = _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+                                 row, L, stride_kl, stride_vl, HEAD_DIM, NUM_MODALITIES, HAS_RULES, DOT_PRECISION,
+                                 BLOCK_N, MASKED)
     if MASKED:
-        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
     if MASKED:
@@ -356,15 +370,11 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_
              HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """One key tile's contribution to a query block's dq."""
-    pos_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
-    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    k, v, s, allowed = _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+                                 row, L, stride_kl, stride_vl, HEAD_DIM, NUM_MODALITIES, HAS_RULES, DOT_PRECISION,
+                                 BLOCK_N, MASKED)
     p = tl.exp2(s * scale_log2 - lse[:, None])
     if MASKED:
-        seg_k, mod_k = _load_ids(Seg, Mod, row, pos_n, L, HAS_RULES)
-        allowed = _tile_allowed(seg_q[:, None], seg_k[None, :], mod_q[:, None], mod_k[None, :], pos_m[:, None],
-                                pos_n[None, :], rules_code, HAS_RULES, NUM_MODALITIES)
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
