@@ -110,7 +110,6 @@ def bench_graph_ms(fn: Callable[..., object], sets: Sequence[tuple] | None = Non
     import triton.testing
 
     fn = cycling(fn, sets)
-
     try:
         median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     except Exception as exc:  # e.g. a peer that synchronises with the host inside the call

@@ -175,9 +175,10 @@ def test_windows_are_sound_and_tight():
 
 @pytest.mark.parametrize("rules", [None, JOINT, PREFIX_LM])
 def test_unmasked_interior_tiles(rules, monkeypatch):
-    """Blocks inside one contiguous segment skip the mask on interior tiles (all rules full): exact on rows
-    of long samples, a segment with a hole (another sample inside its span) and padding; and the contiguity
-    flag is what lets a block skip it (forcing it on a segment with a hole changes the result)."""
+    """Without rules, blocks inside one contiguous segment skip the mask on interior tiles: exact on rows of
+    long samples, a segment with a hole (another sample inside its span) and padding, as is the masked path
+    that rules keep on the same rows; and the contiguity flag is what lets a block skip the mask (forcing it
+    on the segment with a hole changes the result)."""
     gen = torch.Generator().manual_seed(12)
     L = 160
     seg = torch.full((2, L), -1)

@@ -45,12 +45,17 @@ KERNELS = {"fwd": (sa._segment_attention_fwd_kernel, sa.FWD_TABLE),
            "dq": (sa._segment_attention_bwd_dq_kernel, sa.DQ_TABLE)}
 
 
+def _attention_constexprs(block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
+    """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
+                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+
+
 def attention_report(kind: str, entry_index: int, head_dim: int, arch: int, rules: bool, dropout: bool):
     """Compile one shipped attention config; returns (description, CompileReport)."""
     kernel, table = KERNELS[kind]
     (block_m, block_n, warps, stages), _, _ = table[entry_index]
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
-                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    constexprs = _attention_constexprs(block_m, block_n, head_dim, rules, dropout)
     report = compile_report(kernel, _attention_signature(kind, "fp16"), constexprs, arch, warps, stages)
     name = (f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages} D={head_dim} sm_{arch} "
             f"rules={rules} dropout={dropout}")
@@ -180,8 +185,7 @@ def attention_loops(kind: str, rules: bool):
     """SASS opcode counts of each inner loop of an attention kernel's first sm_90 config at D=64 (bf16)."""
     kernel, table = KERNELS[kind]
     (block_m, block_n, warps, stages), _, _ = next(e for e in table if sa.serves(e, 64, 9))
-    constexprs = dict(HEAD_DIM=64, BLOCK_D=64, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=False,
-                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    constexprs = _attention_constexprs(block_m, block_n, 64, rules, False)
     return loop_opcodes(kernel, _attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
 
 
