@@ -199,10 +199,66 @@ def test_unmasked_interior_tiles(rules, monkeypatch):
         meta[6] = (meta[0] >= 0).int()  # claim every segment is contiguous
         return meta
     monkeypatch.setattr(sa, "attention_metadata", forced)
+    sa.forget_metadata()  # the ids are the ones just run: their real metadata would be reused
     got = segment_attention(q, k, v, seg.to(DEVICE), backend="triton")
     want = segment_attention(q.double(), k.double(), v.double(), seg.to(DEVICE), backend="torch")
     assert not torch.allclose(got[0, :64].double(), want[0, :64], atol=1e-3)  # segment 0 read segment 1's keys
     assert_close(got[1], want[1].float(), torch.float32, "contiguous row")
+
+
+def test_metadata_is_reused_while_the_same_ids_come_back(monkeypatch):
+    """One metadata launch for a forward and backward through three layers on the same ids; recomputed for a
+    new tensor of equal values, after an in-place change (and then still exact), for other rules, and every
+    time for inference tensors."""
+    launches = []
+    real = sa.attention_metadata
+    monkeypatch.setattr(sa, "attention_metadata", lambda *ids: launches.append(1) or real(*ids))
+    monkeypatch.setattr(sa, "_last_metadata", None)
+    gen = torch.Generator().manual_seed(21)
+    q, k, v, seg, mod, _ = make_inputs(2, 70, 2, 16, torch.float32, DEVICE, gen, "packed", JOINT)
+    x = q.clone().requires_grad_()
+    out = x
+    for _ in range(3):
+        out = segment_attention(out, k, v, seg, backend="triton")
+    out.sum().backward()
+    assert len(launches) == 1
+    segment_attention(q, k, v, seg.clone(), backend="triton")
+    assert len(launches) == 2
+    segment_attention(q, k, v, seg, backend="triton")
+    assert len(launches) == 3
+    seg[:, :10] = 99  # bumps the version counter: stale windows would let these tokens see their old sample
+    check(run_both(q, k, v, seg, None, None), torch.float32, "after an in-place change")
+    assert len(launches) == 4
+    rules = torch.tensor(JOINT, device=DEVICE)
+    check(run_both(q, k, v, seg, mod, rules), torch.float32, "with rules")
+    assert len(launches) == 5
+    with torch.inference_mode():
+        frozen = seg.clone()
+        for _ in range(2):
+            segment_attention(q, k, v, frozen, backend="triton")
+    assert len(launches) == 7
+
+
+@CUDA
+def test_metadata_is_rebuilt_in_cuda_graph_replays():
+    """A captured call rebuilds the metadata from the graph's own ids on every replay (never the reused one)."""
+    gen = torch.Generator().manual_seed(22)
+    q, k, v, seg, _, _ = make_inputs(2, 200, 2, 64, torch.float16, "cuda", gen, "packed", None)
+    static = seg.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # tune and compile outside the capture
+        segment_attention(q, k, v, static, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = segment_attention(q, k, v, static, backend="triton")
+    for layout in ("unsorted", "padding"):
+        ids = random_layout(layout, 2, 200, gen).cuda()
+        static.copy_(ids)
+        graph.replay()
+        want = segment_attention(q.double(), k.double(), v.double(), ids, backend="torch")
+        assert_close(out, want, torch.float16, f"replay on {layout} ids")
 
 
 def test_work_scales_with_squared_sample_lengths():

@@ -9,7 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-@pytest.mark.parametrize("script, expected", [("attention", {"videobert", "sdpa_dense_mask"}),
+@pytest.mark.parametrize("script, expected", [("attention", {"videobert", "videobert+metadata",
+                                                             "sdpa_dense_mask"}),
                                               ("layer_norm", {"videobert_triton", "torch_eager"}),
                                               ("mlm_loss", {"videobert_triton", "torch_eager"})])
 def test_benchmark_smoke(script, expected, tmp_path, monkeypatch, capsys):
@@ -26,6 +27,9 @@ def test_benchmark_smoke(script, expected, tmp_path, monkeypatch, capsys):
     providers = {row["provider"] for row in data["rows"]}
     assert expected <= providers
     assert all(row["ms"] > 0 for row in data["rows"])
+    if script == "attention":  # rows with their per-batch setup compare with this kernel's own with setup
+        ours = [row for row in data["rows"] if row["provider"].startswith("videobert")]
+        assert all(row["speedup_of_videobert"] == 1 for row in ours)
     assert (tmp_path / f"{script}.csv").exists() and (tmp_path / f"{script}.md").exists()
 
 

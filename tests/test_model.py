@@ -129,6 +129,20 @@ def test_encoder_compiles_fullgraph():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_head_positions_are_the_masked_and_cls_positions_in_row_order():
+    from videobert.model import _head_positions
+    config = small_config()
+    batch = random_pretraining_batch(config, 9, 64, seed=4)
+    labels, types, ids = batch.mlm_labels.flatten(), batch.token_type_ids.flatten(), batch.input_ids.flatten()
+    text, visual, cls = _head_positions(batch.input_ids, batch.token_type_ids, batch.mlm_labels, config.cls_token_id)
+    assert torch.equal(text, ((labels != -100) & (types == 0)).nonzero().squeeze(1))
+    assert torch.equal(visual, ((labels != -100) & (types != 0)).nonzero().squeeze(1))
+    assert torch.equal(cls, (ids == config.cls_token_id).nonzero().squeeze(1))
+    assert text.numel() > 0 and visual.numel() > 0 and cls.numel() == 9
+    _, _, cls_only = _head_positions(batch.input_ids, batch.token_type_ids, None, config.cls_token_id)
+    assert torch.equal(cls_only, cls)
+
+
 def test_pretraining_losses_gradients_and_masked_only_head():
     config = small_config(hidden_dropout=0.1, attention_dropout=0.1)
     model = VideoBERTForPretraining(config)

@@ -155,7 +155,8 @@ class VideoBERTForPretraining(nn.Module):
                 vtm_labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
                 video_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Losses and accuracies as a dict of tensors (no host sync).
+        """Losses and accuracies as a dict of tensors; one host sync (the numbers of masked and [CLS] positions)
+        when there are labels.
 
         mlm_labels (B, L): joint-vocabulary target id at masked positions, -100 elsewhere; text positions
         (token type 0) are scored over the word pieces, video positions over the visual tokens.
@@ -163,34 +164,35 @@ class VideoBERTForPretraining(nn.Module):
         samples' [CLS] tokens in the flattened (B * L) rows.
         """
         cfg = self.config
+        if mlm_labels is not None and mlm_labels.shape != input_ids.shape:
+            raise ValueError(f"mlm_labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(mlm_labels.shape)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.bert(input_ids, token_type_ids, segment_ids, position_ids, modality_ids, modality_rules,
                            video_features)
         flat = hidden.flatten(0, 1)
-        zero = flat.new_zeros((), dtype=torch.float32)
         out: dict[str, torch.Tensor] = {}
-        total = zero
+        total = flat.new_zeros((), dtype=torch.float32)
+        if mlm_labels is not None or vtm_labels is not None:
+            text_pos, visual_pos, cls_pos = _head_positions(input_ids, token_type_ids, mlm_labels,
+                                                            cfg.cls_token_id)
         if mlm_labels is not None:
-            if mlm_labels.shape != input_ids.shape:
-                raise ValueError(f"mlm_labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(mlm_labels.shape)}")
-            labels = mlm_labels.flatten()
-            masked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            masked = torch.cat([text_pos, visual_pos])
             h = self.mlm_hidden(flat[masked])
-            labels, is_text = labels[masked], token_type_ids.flatten()[masked] == 0
+            labels = mlm_labels.flatten()[masked]
             weight = self.bert.embeddings.word_embeddings.weight.to(h.dtype)
             bias = self.mlm_bias.to(h.dtype)
             text_vocab, vis = slice(0, cfg.text_vocab_size), slice(cfg.visual_offset, cfg.vocab_size)
-            for name, rows, vocab, shift, w in (("text_mlm", is_text, text_vocab, 0, cfg.text_mlm_weight),
-                                                ("visual_mlm", ~is_text, vis, cfg.visual_offset,
+            n = text_pos.numel()
+            for name, rows, vocab, shift, w in (("text_mlm", slice(0, n), text_vocab, 0, cfg.text_mlm_weight),
+                                                ("visual_mlm", slice(n, None), vis, cfg.visual_offset,
                                                  cfg.visual_mlm_weight)):
                 res = linear_cross_entropy(h[rows], weight[vocab], labels[rows] - shift, bias[vocab],
                                            return_stats=True, backend=cfg.backend)
                 total = total + w * res.loss
-                _record(out, name, res, rows.sum())
+                _record(out, name, res, torch.tensor(labels[rows].numel()))  # a CPU count: no sync
         if vtm_labels is not None:
-            cls_pos = (input_ids.flatten() == cfg.cls_token_id).nonzero().squeeze(1)
             if vtm_labels.shape != cls_pos.shape:
                 raise ValueError(f"vtm_labels must have one entry per [CLS] token ({cls_pos.numel()}), "
                                  f"got shape {tuple(vtm_labels.shape)}")
@@ -226,6 +228,23 @@ class VideoBERTForPretraining(nn.Module):
         heads = _head_state(state, model)
         model.load_state_dict({**model.state_dict(), **heads}, strict=True)
         return model
+
+
+def _head_positions(input_ids: torch.Tensor, token_type_ids: torch.Tensor, mlm_labels: Optional[torch.Tensor],
+                    cls_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat positions (in row order) of the masked text tokens, the masked visual tokens and the [CLS] tokens,
+    with one host sync for their three counts (each `nonzero` would be one)."""
+    ids = input_ids.flatten()
+    if mlm_labels is None:
+        group = torch.full_like(ids, 2)
+    else:  # 0 masked text, 1 masked visual, 2 neither
+        group = torch.where(mlm_labels.flatten() == IGNORE_INDEX, 2, (token_type_ids.flatten() != 0).long())
+    is_cls = ids == cls_token_id
+    counts = torch.stack([(group == 0).sum(), (group == 1).sum(), is_cls.sum()]).tolist()
+    by_group = torch.argsort(group, stable=True)  # stable: row order within each group
+    cls_first = torch.argsort((~is_cls).to(torch.uint8), stable=True)
+    text, visual = by_group[:counts[0]], by_group[counts[0]:counts[0] + counts[1]]
+    return text, visual, cls_first[:counts[2]]
 
 
 def _record(out: dict, name: str, res, count: torch.Tensor) -> None:
