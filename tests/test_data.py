@@ -70,3 +70,13 @@ def test_allowed_pairs_is_the_sum_of_squared_sample_lengths():
 
     seg = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 2, 2]])
     assert allowed_pairs(seg) == 9 + 4 + 36
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_moves_to_the_gpu_without_blocking_and_intact():
+    batch = random_pretraining_batch(VideoBERTConfig.tiny(), 8, 64, seed=3)
+    moved = batch.to("cuda")
+    for name in ("input_ids", "token_type_ids", "segment_ids", "mlm_labels", "vtm_labels"):
+        got, want = getattr(moved, name), getattr(batch, name)
+        assert got.is_cuda and torch.equal(got.cpu(), want), name
+    assert moved.video_features is None and moved.to("cpu").input_ids.device.type == "cpu"

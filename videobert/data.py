@@ -26,10 +26,19 @@ class PackedBatch:
     video_features: Optional[torch.Tensor] = None  # (B, L, F), read at [FEAT] positions (continuous mode)
 
     def to(self, device) -> "PackedBatch":
-        """The same batch on `device`."""
-        return PackedBatch(*(None if t is None else t.to(device) for t in (
-            self.input_ids, self.token_type_ids, self.segment_ids, self.mlm_labels, self.vtm_labels,
-            self.video_features)))
+        """The same batch on `device`. CPU tensors go to a GPU through pinned memory without blocking the host
+        (a copy from pageable memory would wait for all queued GPU work, every step); the copies are ordered
+        on the current stream before anything that reads them."""
+        device = torch.device(device)
+
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            if device.type == "cuda" and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+        return PackedBatch(*(move(t) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
+                                               self.mlm_labels, self.vtm_labels, self.video_features)))
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""
