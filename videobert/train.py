@@ -468,7 +468,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
                 if per_token is None:
                     per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
-            # One synchronisation per step: the summed loss is finite iff every micro-batch's was.
+            # One synchronisation per step (besides the heads' counts of masked positions): the summed loss is
+            # finite iff every micro-batch's was.
             flag = torch.isfinite(totals["loss"]).float().reshape(1)
             if world > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
