@@ -79,13 +79,22 @@ def test_forward_and_all_gradients(backend, device, dtype, hidden, with_residual
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_three_dimensional_input_and_no_bias():
-    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    out = add_layer_norm(x, None, w, None, 1e-6)
-    expected = F.layer_norm(x, (16,), w, None, 1e-6)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(torch.autograd.grad(out.sum(), (x, w)), torch.autograd.grad(expected.sum(), (x, w)))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_three_dimensional_input_and_no_bias(backend, device):
+    dtype = torch.float32 if backend != "torch" else torch.float64
+    backend = usable(backend, device, dtype)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 40, generator=gen, dtype=dtype).to(device).requires_grad_()
+    w = torch.randn(40, generator=gen, dtype=dtype).to(device).requires_grad_()
+    out = add_layer_norm(x, None, w, None, 1e-6, backend=backend)
+    x64, w64 = leaves(x.double(), w.double())
+    expected = F.layer_norm(x64, (40,), w64, None, 1e-6)
+    dout = torch.randn_like(expected)
+    assert_close(out, expected, dtype, "out")
+    for name, got, want in zip(("dx", "dweight"), torch.autograd.grad(out, (x, w), dout.to(dtype)),
+                               torch.autograd.grad(expected, (x64, w64), dout)):
+        assert_close(got, want, dtype, name)
 
 
 def test_gradcheck_with_dropout():

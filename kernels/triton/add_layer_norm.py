@@ -103,15 +103,21 @@ def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPart
 
 
 @triton.jit
-def _column_sum_kernel(Partial, Out, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Out[c] = sum over g of Partial[g, c] in fp32, cast to Out's dtype."""
+def _column_sum_kernel(Partial, Out0, Out1, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out_i[c] = sum over g of Partial[i, g, c] in fp32, cast to Out_i's dtype, for i = program_id(1): dweight
+    and dbias in one launch."""
+    which = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    base = Partial + which.to(tl.int64) * G * N
     acc = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, G, BLOCK_G):
         g = start + tl.arange(0, BLOCK_G)
         mask = (g[:, None] < G) & (cols[None, :] < N)
-        acc += tl.sum(tl.load(Partial + g[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cols < N)
+        acc += tl.sum(tl.load(base + g[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
+    if which == 0:
+        tl.store(Out0 + cols, acc.to(Out0.dtype.element_ty), mask=cols < N)
+    else:
+        tl.store(Out1 + cols, acc.to(Out1.dtype.element_ty), mask=cols < N)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -168,8 +174,8 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     programs = min(num_tiles, programs_per_sm * sms)
     programs = max(programs, 1)
     alloc = torch.empty if M > 0 else torch.zeros  # every program writes its partial row
-    dw_partial = alloc((programs, N), device=s.device, dtype=torch.float32)
-    db_partial = alloc((programs, N), device=s.device, dtype=torch.float32) if has_bias else dw_partial
+    partial = alloc((2 if has_bias else 1, programs, N), device=s.device, dtype=torch.float32)
+    dw_partial, db_partial = partial[0], partial[-1]
     if M > 0:
         _add_layer_norm_bwd_kernel[(programs,)](
             dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
@@ -178,9 +184,8 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
             num_warps=warps)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
-    for partial, total in ((dw_partial, dw), (db_partial, db)):
-        if total is not None:
-            _column_sum_kernel[(triton.cdiv(N, 32),)](partial, total, programs, N, BLOCK_G=64, BLOCK_C=32)
+    _column_sum_kernel[(triton.cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
+                                                                 BLOCK_G=64, BLOCK_C=32)
     return dx, dres, dw, db
 
 
