@@ -213,7 +213,7 @@ def test_metadata_is_reused_while_the_same_ids_come_back(monkeypatch):
     launches = []
     real = sa.attention_metadata
     monkeypatch.setattr(sa, "attention_metadata", lambda *ids: launches.append(1) or real(*ids))
-    monkeypatch.setattr(sa, "_last_metadata", None)
+    sa.forget_metadata()
     gen = torch.Generator().manual_seed(21)
     q, k, v, seg, mod, _ = make_inputs(2, 70, 2, 16, torch.float32, DEVICE, gen, "packed", JOINT)
     x = q.clone().requires_grad_()

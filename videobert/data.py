@@ -14,6 +14,17 @@ from videobert.config import VideoBERTConfig
 from videobert.model import IGNORE_INDEX
 
 
+def to_device(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """`t` on `device` (None stays None). From the CPU to a GPU through pinned memory without blocking the host:
+    a copy from pageable memory would wait for all queued GPU work, at every training step; the copy is
+    ordered on the current stream before anything that reads it."""
+    if t is None:
+        return None
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class PackedBatch:
     """Rows of packed samples: every tensor is (B, L) except vtm_labels (one per sample, in [CLS] order)."""
@@ -26,19 +37,9 @@ class PackedBatch:
     video_features: Optional[torch.Tensor] = None  # (B, L, F), read at [FEAT] positions (continuous mode)
 
     def to(self, device) -> "PackedBatch":
-        """The same batch on `device`. CPU tensors go to a GPU through pinned memory without blocking the host
-        (a copy from pageable memory would wait for all queued GPU work, every step); the copies are ordered
-        on the current stream before anything that reads them."""
-        device = torch.device(device)
-
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None:
-                return None
-            if device.type == "cuda" and t.device.type == "cpu":
-                return t.pin_memory().to(device, non_blocking=True)
-            return t.to(device)
-        return PackedBatch(*(move(t) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
-                                               self.mlm_labels, self.vtm_labels, self.video_features)))
+        """The same batch on `device` (`to_device`)."""
+        return PackedBatch(*(to_device(t, device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
+                                                            self.mlm_labels, self.vtm_labels, self.video_features)))
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""

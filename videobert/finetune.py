@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from videobert.config import VideoBERTConfig
-from videobert.data import encode_sample, pack_tensors, plan_rows
+from videobert.data import encode_sample, pack_tensors, plan_rows, to_device
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
@@ -128,9 +128,10 @@ class TaskBatch:
     order: list  # the samples' indices in [CLS] (row-major) order
 
     def to(self, device) -> "TaskBatch":
-        """The same batch on `device`."""
-        return TaskBatch(self.input_ids.to(device), self.token_type_ids.to(device), self.segment_ids.to(device),
-                         {k: v.to(device) for k, v in self.extra.items()}, self.order)
+        """The same batch on `device` (`to_device`)."""
+        return TaskBatch(to_device(self.input_ids, device), to_device(self.token_type_ids, device),
+                         to_device(self.segment_ids, device), {k: to_device(v, device) for k, v in self.extra.items()},
+                         self.order)
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the task model's forward."""
