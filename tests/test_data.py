@@ -75,7 +75,11 @@ def test_allowed_pairs_is_the_sum_of_squared_sample_lengths():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batch_moves_to_the_gpu_without_blocking_and_intact():
     batch = random_pretraining_batch(VideoBERTConfig.tiny(), 8, 64, seed=3)
-    moved = batch.to("cuda")
+    torch.cuda.set_sync_debug_mode("error")  # a blocking copy (a stream synchronisation) raises here
+    try:
+        moved = batch.to("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     for name in ("input_ids", "token_type_ids", "segment_ids", "mlm_labels", "vtm_labels"):
         got, want = getattr(moved, name), getattr(batch, name)
         assert got.is_cuda and torch.equal(got.cpu(), want), name
