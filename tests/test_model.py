@@ -143,6 +143,25 @@ def test_head_positions_are_the_masked_and_cls_positions_in_row_order():
     assert torch.equal(cls_only, cls)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pretraining_forward_synchronises_once():
+    import warnings
+    config = small_config()
+    model = VideoBERTForPretraining(config).cuda()
+    batch = random_pretraining_batch(config, 6, 64, seed=2).to("cuda")
+    model(**batch.model_inputs())  # compile and autotune (benchmarking synchronises) before counting
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(**batch.model_inputs())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
 def test_pretraining_losses_gradients_and_masked_only_head():
     config = small_config(hidden_dropout=0.1, attention_dropout=0.1)
     model = VideoBERTForPretraining(config)
