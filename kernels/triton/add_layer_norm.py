@@ -82,6 +82,9 @@ def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPart
         dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # reloaded (L1): fewer live registers
+        dw += tl.sum(dout * xhat, axis=0)
+        if HAS_BIAS:
+            db += tl.sum(dout, axis=0)
         g = dout * w[None, :]
         c_xhat = _row_mean(xhat * g, N)
         c_mean = _row_mean(g, N)
@@ -94,9 +97,6 @@ def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPart
             keep = dropout_keep(seed, offset, 0, rows, (rows >> 32).to(tl.uint32), threshold, BLOCK_N)
             ds = tl.where(keep, ds * drop_scale, 0.0)
         tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
-        dw += tl.sum(dout * xhat, axis=0)
-        if HAS_BIAS:
-            db += tl.sum(dout, axis=0)
     tl.store(DWPartial + pid * N + cols, dw, mask=cols < N)
     if HAS_BIAS:
         tl.store(DBPartial + pid * N + cols, db, mask=cols < N)
