@@ -1,4 +1,5 @@
 """The Triton segment attention against the float64 reference and FlexAttention (CPU: TRITON_INTERPRET=1)."""
+import itertools
 import math
 import os
 
@@ -315,12 +316,22 @@ def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (arch_major, 0))
     for table in (sa.FWD_TABLE, sa.DKDV_TABLE, sa.DQ_TABLE):
         configs = sa._configs(table)
-        for length in (32, 512, 4096):
-            kept = sa._pruner(table)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d)
+        for length, dropout in itertools.product((32, 512, 4096), (False, True)):
+            kept = sa._pruner(table)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d,
+                                     HAS_DROPOUT=dropout)
             assert kept
-            served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major)}
+            served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major, dropout)}
             for c in kept:
                 assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served
+
+
+def test_configs_without_dropout_serve_only_launches_without_it():
+    """The 128x128 forward tile spills with dropout at head dim 64: it is a candidate only without dropout."""
+    tile = (128, 128, 8, 3)
+    for arch_major in (8, 9):
+        assert tile in sa.candidates(sa.FWD_TABLE, 64, 2048, arch_major, dropout=False)
+        assert tile not in sa.candidates(sa.FWD_TABLE, 64, 2048, arch_major, dropout=True)
+        assert tile in sa.candidates(sa.FWD_TABLE, 32, 2048, arch_major, dropout=True)
 
 
 @CUDA

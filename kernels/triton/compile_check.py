@@ -1,11 +1,14 @@
 """Compile a Triton kernel for a GPU that is not present and report its resources (registers, spills).
 
-Uses `triton.compile` with an explicit `GPUTarget`, then the `ptxas` shipped in the Triton wheel with
-`-v` on the generated PTX, so shipped configs can be checked for register spills on a CPU-only machine, and
-its `nvdisasm` on the cubin, so the instructions of a kernel's inner loops can be counted there too.
+Uses `triton.compile` with an explicit `GPUTarget` and the argument specialisation of a typical launch, reads
+the resource usage from the verbose log of the ptxas run inside it (the `ptxas` shipped in the Triton wheel,
+with Triton's own flags), so shipped configs can be checked for register spills on a CPU-only machine, and
+runs the wheel's `nvdisasm` on the cubin, so the instructions of a kernel's inner loops can be counted there too.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -40,8 +43,17 @@ def _ptxas(arch: int) -> str:
         return get_ptxas().path
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
-    source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """Compile for sm_`arch`. A signature type may end in ":16" (Triton's AOT notation): the argument is
+    specialised as a launch specialises a pointer that is 16-byte aligned or an integer that divides by 16,
+    which is what lets loads and stores be vectorised; without it the kernel compiles as for odd values."""
+    types, attrs = {}, {}
+    for name, kind in signature.items():
+        types[name], _, divisor = kind.partition(":")
+        if divisor:
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", int(divisor)]]
+    source = ASTSource(fn=fn, signature={**types, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                       attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -49,7 +61,7 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
 def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> list[Counter]:
     """Compile `fn` for sm_`arch` and count the SASS opcodes of each loop body (the instructions from a label
     to the branch back to it), in program order: the per-tile cost of a kernel's inner loops, without a GPU."""
-    compiled = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+    compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
     nvdisasm = os.path.join(os.path.dirname(_ptxas(arch)), "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -73,16 +85,14 @@ def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: in
 
 
 def compile_report(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> CompileReport:
-    """Compile `fn` (a @triton.jit function) for sm_`arch` and read ptxas' resource usage."""
-    compiled = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
-    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        result = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True)
-    text = result.stdout + result.stderr
+    """Compile `fn` (a @triton.jit function) for sm_`arch` and read the resource usage from Triton's own ptxas
+    run (its flags, so these are the registers of the cubin a launch loads)."""
+    log = io.StringIO()
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.compilation.always_compile = True  # a kernel from Triton's cache runs no ptxas, logs nothing
+        compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
+    text = log.getvalue()
     registers = int(re.search(r"Used (\d+) registers", text).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return CompileReport(registers, int(spills.group(1)), int(spills.group(2)), int(compiled.metadata.shared))

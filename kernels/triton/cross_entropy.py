@@ -37,6 +37,11 @@ SOFTMAX_CONFIG = {"fwd": {"gpu": (1, 2048, 4), "interpret": (4, 64, 4)},
 # The linear backward's chunks: 1/CHUNKS of the vocabulary (or of the rows) each, but at least this many
 # vocabulary entries and rows (GEMMs that fill the GPU; several chunks even at test sizes in the interpreter).
 CHUNKS = 16
+# Row stride (elements) of the logits chunk buffers. Without 16-byte rows cuBLAS falls back to slow kernels for
+# V = 30522 or 51258 (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100), and a
+# Triton launch vectorises its loads only for a row stride it specialises as a multiple of 16 (51258 rounded to
+# 8 is, 51250 rounded to 8 is not).
+ROW_ALIGN = 16
 LINEAR_FORWARD = "fused"
 MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
 
@@ -171,7 +176,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
     loss, lse, correct = _row_stats(N, hidden.device)
     if (method or LINEAR_FORWARD) == "chunked":
         rows = _chunk_rows(N, hidden.device)
-        buffer = torch.empty((rows, _round_up(V, 8)), device=hidden.device, dtype=hidden.dtype)
+        buffer = torch.empty((rows, _round_up(V, ROW_ALIGN)), device=hidden.device, dtype=hidden.dtype)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             _softmax_fwd_launch(_chunk_logits(hidden[r0:r1], weight, bias, buffer[:r1 - r0, :V]), labels[r0:r1],
@@ -204,9 +209,8 @@ def _chunk_rows(N: int, device: torch.device) -> int:
 
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing):
     """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
-    gradient kernel (module docstring). One buffer holds the current chunk of logits; its rows are padded to
-    a multiple of 8 elements (16 bytes), without which cuBLAS falls back to slow kernels for V = 30522 or 51258
-    (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100)."""
+    gradient kernel (module docstring). One buffer holds the current chunk of logits, its rows padded to
+    ROW_ALIGN elements."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -219,7 +223,7 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
         return dh, dw, None if db is None else db.zero_()
     cols = min(V, _round_up(max(_config(MIN_CHUNK, hidden.device)[0], triton.cdiv(V, CHUNKS)), 64))
     rows = _chunk_rows(N, hidden.device)
-    col_stride, row_stride = _round_up(cols, 8), _round_up(V, 8)
+    col_stride, row_stride = _round_up(cols, ROW_ALIGN), _round_up(V, ROW_ALIGN)
     buffer = torch.empty(max(N * col_stride, rows * row_stride), device=hidden.device, dtype=hidden.dtype)
     by_cols = buffer[:N * col_stride].view(N, col_stride)
     for c0 in range(0, V, cols):  # dweight (and dbias) of each vocabulary chunk: all rows in one GEMM

@@ -429,36 +429,43 @@ def _segment_attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------- autotuning
 
 # Each entry: (BLOCK_M, BLOCK_N, warps, stages), then the padded head dims (BLOCK_D, 16 counting as 32) it serves
-# on sm_8x and on sm_9x: exactly those where it compiles without register spills with neither rules nor
-# dropout, with both, and with dropout alone (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA
-# accumulators in registers, sm_9x has wgmma, hence the different sets).
-FWD_TABLE = [((128, 64, 8, 3), (32,), (32, 64)), ((64, 64, 4, 3), (), (32,)),
-             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32,), (32, 64)),
-             ((64, 64, 8, 3), (32,), (32, 64)), ((32, 64, 4, 3), (32,), (32, 64)),
-             ((128, 128, 8, 3), (), (32, 64))]
-DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64)),
-              ((32, 64, 8, 3), (32, 64), (32, 64)), ((32, 32, 4, 4), (32, 64, 128), (32, 64)),
-              ((16, 64, 4, 4), (32, 64), (32, 64)), ((64, 64, 8, 3), (), (32, 64)),
+# on sm_8x and on sm_9x: exactly those where it compiles, as a launch specialises it (aligned pointers, strides
+# that divide by 16), without register spills with neither rules nor dropout, with both, and with dropout alone
+# (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA accumulators in registers, sm_9x has wgmma,
+# hence the different sets). An optional fourth element names more head dims (sm_8x, sm_9x) served only without
+# dropout (the Philox bits of a 128x128 tile do not fit beside it; the autotune key holds HAS_DROPOUT). The first
+# entry serving a launch is its untuned default (VIDEOBERT_AUTOTUNE=0).
+FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
+             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
+             ((128, 128, 8, 3), (32,), (32,), ((64,), (64,)))]
+DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+              ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
+              ((16, 64, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64)),
               ((32, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
-DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32,), (32, 64)),
-            ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-            ((32, 64, 4, 4), (32, 64), (32,)), ((128, 32, 8, 3), (32,), (32, 64))]
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64)),
+            ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
+            ((32, 64, 4, 4), (32, 64, 128), (32, 64, 128)), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
 def _configs(table):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s), _, _ in table]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s), *_ in table]
 
 
-def serves(entry, block_d: int, arch_major: int) -> bool:
-    """Whether a table entry is shipped for this padded head dim on this GPU generation."""
-    _, dims_sm8x, dims_sm9x = entry
-    return max(block_d, 32) in (dims_sm8x if arch_major < 9 else dims_sm9x)
+def serves(entry, block_d: int, arch_major: int, dropout: bool = True) -> bool:
+    """Whether a table entry is shipped for this padded head dim on this GPU generation, for launches with
+    dropout or (dropout=False) without."""
+    _, dims_sm8x, dims_sm9x, *without_dropout = entry
+    dims = dims_sm8x if arch_major < 9 else dims_sm9x
+    if not dropout and without_dropout:
+        dims = dims + without_dropout[0][arch_major >= 9]
+    return max(block_d, 32) in dims
 
 
-def candidates(table, block_d: int, l_bucket: int, arch_major: int) -> list:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the entries shipped for this head dim and GPU whose blocks fit the
-    row, best first (at least one: the last shipped entry when none fits)."""
-    shipped = [entry[0] for entry in table if serves(entry, block_d, arch_major)]
+def candidates(table, block_d: int, l_bucket: int, arch_major: int, dropout: bool = True) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the entries shipped for this head dim, GPU and dropout whose blocks
+    fit the row, best first (at least one: the last shipped entry when none fits)."""
+    shipped = [entry[0] for entry in table if serves(entry, block_d, arch_major, dropout)]
     fitting = [c for c in shipped if max(c[0], c[1]) <= max(l_bucket, 32)]
     return fitting or shipped[-1:]
 
@@ -467,7 +474,8 @@ def _pruner(table):
     def prune(configs, named_args, **kwargs):
         """Keep the configs `candidates` names for this launch."""
         args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments separately
-        keep = candidates(table, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0])
+        keep = candidates(table, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0],
+                          args["HAS_DROPOUT"])
         by_blocks = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         return [by_blocks[c] for c in keep]
     return prune
@@ -583,7 +591,7 @@ def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
     if device_is_cuda:
         arch_major = torch.cuda.get_device_capability(args[0].device)[0]
         block_m, block_n, warps, stages = candidates(TABLES[kind], consts["BLOCK_D"], scalars["L_BUCKET"],
-                                                     arch_major)[0]
+                                                     arch_major, consts["HAS_DROPOUT"])[0]
         options = dict(num_warps=warps, num_stages=stages)
     else:
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
