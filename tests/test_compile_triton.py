@@ -12,67 +12,21 @@ triton = pytest.importorskip("triton")
 from videobert._kernels.triton import add_layer_norm as ln  # noqa: E402
 from videobert._kernels.triton import cross_entropy as ce  # noqa: E402
 from videobert._kernels.triton import segment_attention as sa  # noqa: E402
-from videobert._kernels.triton.compile_check import compile_kernel, compile_report, loop_opcodes  # noqa: E402
+from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, NO_DROPOUT_VARIANTS,  # noqa: E402
+                                                     SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
+                                                     attention_kernel, attention_report, attention_signature,
+                                                     compile_kernel, compile_report, loop_opcodes)
 
-ARCHS = (80, 90)
-# Most shared memory one block may have (bytes): A100 163 KiB, H100 227 KiB; a launch asking for more fails.
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-HEAD_DIMS = (32, 64, 128)
-# (HAS_RULES, HAS_DROPOUT): the lightest variant of each kernel, the heaviest with one masked loop (rules) and
-# the heaviest with an unmasked loop beside it (no rules, dropout)
-VARIANTS = ((False, False), (True, True), (False, True))
+KERNELS = {kind: attention_kernel(kind) for kind in ("fwd", "dkdv", "dq")}
 
 
-def as_launched(signature: dict, *multiples_of_16: str) -> dict:
-    """The signature as a typical launch specialises it: every pointer 16-byte aligned (fresh allocations are)
-    and the named integers divisible by 16 (":16", see compile_check), so loads vectorise as they do on a GPU."""
-    return {name: f"{kind}:16" if kind.startswith("*") or name in multiples_of_16 else kind
-            for name, kind in signature.items()}
-
-
-def _attention_signature(kind: str, dtype: str) -> dict:
-    """Argument types of the attention kernels, as a launch with int32 ids and strides specialises them."""
-    tensors = {"fwd": ["Q", "K", "V", "Out"], "dkdv": ["Q", "K", "V", "DO"], "dq": ["Q", "K", "V", "DO"]}[kind]
-    sig = {name: f"*{dtype}" for name in tensors}
-    if kind == "fwd":
-        sig["Lse"] = "*fp32"
-    else:
-        sig.update({"Lse": "*fp32", "Delta": "*fp32"})
-        sig.update({name: f"*{dtype}" for name in (["DK", "DV"] if kind == "dkdv" else ["DQ"])})
-    sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
-    strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
-    strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
-    sig.update({f"stride_{s}": "i32" for s in strides})
-    sig.update({"B": "i32", "H": "i32", "L": "i32"})
-    if kind != "fwd":
-        sig["scale"] = "fp32"
-    sig.update({"scale_log2": "fp32", "seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32",
-                "L_BUCKET": "i32"})
-    # (B, L, H, D) tensors or views of a fused QKV projection: every stride is a multiple of D (32, 64, 128);
-    # training rows are a multiple of 16 long
-    return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
-
-
-KERNELS = {"fwd": (sa._segment_attention_fwd_kernel, sa.FWD_TABLE),
-           "dkdv": (sa._segment_attention_bwd_dkdv_kernel, sa.DKDV_TABLE),
-           "dq": (sa._segment_attention_bwd_dq_kernel, sa.DQ_TABLE)}
-
-
-def _attention_constexprs(block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
-    """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
-                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
-
-
-def attention_report(kind: str, entry_index: int, head_dim: int, arch: int, rules: bool, dropout: bool):
+def shipped_attention_report(kind: str, entry_index: int, head_dim: int, arch: int, rules: bool, dropout: bool):
     """Compile one shipped attention config; returns (description, CompileReport)."""
-    kernel, table = KERNELS[kind]
-    (block_m, block_n, warps, stages), *_ = table[entry_index]
-    constexprs = _attention_constexprs(block_m, block_n, head_dim, rules, dropout)
-    report = compile_report(kernel, _attention_signature(kind, "fp16"), constexprs, arch, warps, stages)
+    config = KERNELS[kind][1][entry_index][0]
+    block_m, block_n, warps, stages = config
     name = (f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages} D={head_dim} sm_{arch} "
             f"rules={rules} dropout={dropout}")
-    return name, report
+    return name, attention_report(kind, config, head_dim, arch, rules, dropout)
 
 
 def _cases():
@@ -82,7 +36,7 @@ def _cases():
                 if sa.serves(entry, head_dim, arch // 10):
                     variants = VARIANTS
                 elif sa.serves(entry, head_dim, arch // 10, dropout=False):
-                    variants = ((False, False), (True, False))
+                    variants = NO_DROPOUT_VARIANTS
                 else:
                     continue
                 for rules, dropout in variants:
@@ -162,7 +116,7 @@ def _run(case):
         return metadata_report(*case[1:])
     if case[0] == "layer_norm":
         return layer_norm_report(*case[1:])
-    return attention_report(*case)
+    return shipped_attention_report(*case)
 
 
 def _layer_norm_fwd_ptx(signature: dict) -> str:
@@ -200,29 +154,29 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_run, cases))
-    spilling = [f"{name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads"
-                for name, r in results if r.spill_stores + r.spill_loads > _ALLOWED_SPILL_BYTES.get(name, 0)]
+    spilling = [f"{name}: a {r.stack} B stack frame (register spills)" for name, r in results
+                if r.stack > _ALLOWED_STACK_BYTES.get(name, 0)]
     assert not spilling, "\n".join(spilling)
     too_big = [f"{name}: {r.shared} B of shared memory" for name, r in results
                if r.shared > SHARED_MEMORY_LIMIT[int(re.search(r"sm_(\d+)", name).group(1))]]
     assert not too_big, "\n".join(too_big)
 
 
-# Known, measured exceptions (bytes of spill stores + loads per thread, upper bounds), compiled as launched (Triton
-# 3.9). The linear cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (64 B) but ran at
-# 392 TFLOP/s on an H100 (bench/tune.py), 2.4x the spill-free (64, 128, 32, 8, 3). The LayerNorm backward at
-# hidden 8192 holds 16 columns per thread of the dweight and dbias partial sums beside the row's values at the
-# 128-register cap of 16 warps; with residual, bias, dropout and the extra ds input it spills 84 B on sm_90
-# (none without them, none on sm_80); 32 warps (a 64-register cap) spill more.
-_ALLOWED_SPILL_BYTES = {"cross_entropy linear_fwd sm_80": 96, "layer_norm bwd N=8192 sm_90 full=True": 96}
+# Known, measured exceptions (stack bytes per thread, upper bounds), compiled as launched (Triton 3.9). The linear
+# cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (a 32 B frame) but ran at 392 TFLOP/s
+# on an H100 (bench/tune.py), 2.4x the spill-free (64, 128, 32, 8, 3). The LayerNorm backward at hidden 8192 holds
+# 16 columns per thread of the dweight and dbias partial sums beside the row's values at the 128-register cap of
+# 16 warps; with residual, bias, dropout and the extra ds input it spills on sm_90 (a 40 B frame; none without
+# them, none on sm_80); 32 warps (a 64-register cap) spill more.
+_ALLOWED_STACK_BYTES = {"cross_entropy linear_fwd sm_80": 64, "layer_norm bwd N=8192 sm_90 full=True": 64}
 
 
 def attention_loops(kind: str, rules: bool):
     """SASS opcode counts of each inner loop of an attention kernel's first sm_90 config at D=64 (bf16)."""
     kernel, table = KERNELS[kind]
     (block_m, block_n, warps, stages), *_ = next(e for e in table if sa.serves(e, 64, 9))
-    constexprs = _attention_constexprs(block_m, block_n, 64, rules, False)
-    return loop_opcodes(kernel, _attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
+    constexprs = attention_constexprs(block_m, block_n, 64, rules, False)
+    return loop_opcodes(kernel, attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
 
 
 def test_attention_interior_tiles_compile_unmasked(monkeypatch):

@@ -1,14 +1,12 @@
 """Compile a Triton kernel for a GPU that is not present and report its resources (registers, spills).
 
-Uses `triton.compile` with an explicit `GPUTarget` and the argument specialisation of a typical launch, reads
-the resource usage from the verbose log of the ptxas run inside it (the `ptxas` shipped in the Triton wheel,
-with Triton's own flags), so shipped configs can be checked for register spills on a CPU-only machine, and
-runs the wheel's `nvdisasm` on the cubin, so the instructions of a kernel's inner loops can be counted there too.
+Uses `triton.compile` with an explicit `GPUTarget` and the argument specialisation of a typical launch, then the
+CUDA tools shipped in the Triton wheel on the cubin it built: `cuobjdump -res-usage` for registers and stack
+(register spills), so shipped configs can be checked on a CPU-only machine, and `nvdisasm`, so the instructions
+of a kernel's inner loops can be counted there too.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import subprocess
@@ -23,11 +21,11 @@ from triton.compiler import ASTSource
 
 @dataclass(frozen=True)
 class CompileReport:
-    """Resources of one compiled kernel: registers per thread, spill bytes, static shared memory bytes."""
+    """Resources of one compiled kernel: registers per thread, stack frame bytes per thread (register spills: a
+    Triton kernel keeps nothing else in local memory), shared memory bytes."""
 
     registers: int
-    spill_stores: int
-    spill_loads: int
+    stack: int
     shared: int
 
 
@@ -41,6 +39,21 @@ def _ptxas(arch: int) -> str:
         return get_ptxas(arch).path
     except TypeError:  # Triton versions whose get_ptxas takes no arch
         return get_ptxas().path
+
+
+def _cuda_tool(arch: int, name: str) -> str:
+    """A CUDA binary tool (cuobjdump, nvdisasm) shipped beside the wheel's ptxas."""
+    return os.path.join(os.path.dirname(_ptxas(arch)), name)
+
+
+def _cubin_tool(compiled, arch: int, tool: str, *flags: str) -> str:
+    """Output of `tool flags` on the compiled kernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([_cuda_tool(arch, tool), *flags, cubin], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
@@ -62,12 +75,7 @@ def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: in
     """Compile `fn` for sm_`arch` and count the SASS opcodes of each loop body (the instructions from a label
     to the branch back to it), in program order: the per-tile cost of a kernel's inner loops, without a GPU."""
     compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
-    nvdisasm = os.path.join(os.path.dirname(_ptxas(arch)), "nvdisasm")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass = _cubin_tool(compiled, arch, "nvdisasm", "-c")
     labels, opcodes, loops = {}, [], []
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
@@ -85,14 +93,125 @@ def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: in
 
 
 def compile_report(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> CompileReport:
-    """Compile `fn` (a @triton.jit function) for sm_`arch` and read the resource usage from Triton's own ptxas
-    run (its flags, so these are the registers of the cubin a launch loads)."""
-    log = io.StringIO()
-    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
-        triton.knobs.nvidia.dump_ptxas_log = True
-        triton.knobs.compilation.always_compile = True  # a kernel from Triton's cache runs no ptxas, logs nothing
-        compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
-    text = log.getvalue()
-    registers = int(re.search(r"Used (\d+) registers", text).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return CompileReport(registers, int(spills.group(1)), int(spills.group(2)), int(compiled.metadata.shared))
+    """Compile `fn` (a @triton.jit function) for sm_`arch` and read the resource usage of its cubin (cuobjdump):
+    the registers and stack of the very cubin a launch loads, built with Triton's own ptxas flags (a separate
+    plain ptxas run allocates registers differently); Triton's cache serves repeated compiles."""
+    compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cubin_tool(compiled, arch, "cuobjdump", "-res-usage"))
+    return CompileReport(int(usage.group(1)), int(usage.group(2)), int(compiled.metadata.shared))
+
+
+# ---------------------------------------------------------------------------------------------- attention tables
+
+ARCHS = (80, 90)
+HEAD_DIMS = (32, 64, 128)
+# Most shared memory one block may have (bytes): A100 163 KiB, H100 227 KiB; a launch asking for more fails.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# (HAS_RULES, HAS_DROPOUT): the lightest variant of an attention kernel, the heaviest with one masked loop (rules)
+# and the heaviest with an unmasked loop beside it (no rules, dropout); entries served only without dropout are
+# checked with and without rules
+VARIANTS = ((False, False), (True, True), (False, True))
+NO_DROPOUT_VARIANTS = ((False, False), (True, False))
+
+
+def as_launched(signature: dict, *multiples_of_16: str) -> dict:
+    """The signature as a typical launch specialises it: every pointer 16-byte aligned (fresh allocations are)
+    and the named integers divisible by 16 (":16"), so loads vectorise as they do on a GPU."""
+    return {name: f"{kind}:16" if kind.startswith("*") or name in multiples_of_16 else kind
+            for name, kind in signature.items()}
+
+
+def attention_signature(kind: str, dtype: str) -> dict:
+    """Argument types of an attention kernel ("fwd", "dkdv", "dq") as a launch with int32 ids specialises them:
+    (B, L, H, D) tensors or views of a fused QKV projection have strides that are multiples of D (32, 64, 128),
+    and training rows are a multiple of 16 long."""
+    tensors = {"fwd": ["Q", "K", "V", "Out"], "dkdv": ["Q", "K", "V", "DO"], "dq": ["Q", "K", "V", "DO"]}[kind]
+    sig = {name: f"*{dtype}" for name in tensors}
+    if kind == "fwd":
+        sig["Lse"] = "*fp32"
+    else:
+        sig.update({"Lse": "*fp32", "Delta": "*fp32"})
+        sig.update({name: f"*{dtype}" for name in (["DK", "DV"] if kind == "dkdv" else ["DQ"])})
+    sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
+    strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
+    strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
+    sig.update({f"stride_{s}": "i32" for s in strides})
+    sig.update({"B": "i32", "H": "i32", "L": "i32"})
+    if kind != "fwd":
+        sig["scale"] = "fp32"
+    sig.update({"scale_log2": "fp32", "seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32",
+                "L_BUCKET": "i32"})
+    return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
+
+
+def attention_constexprs(block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
+    """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
+                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def attention_kernel(kind: str):
+    """The jit function and shipped table of an attention kernel."""
+    from videobert._kernels.triton import segment_attention as sa
+
+    return {"fwd": (sa._segment_attention_fwd_kernel, sa.FWD_TABLE),
+            "dkdv": (sa._segment_attention_bwd_dkdv_kernel, sa.DKDV_TABLE),
+            "dq": (sa._segment_attention_bwd_dq_kernel, sa.DQ_TABLE)}[kind]
+
+
+def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: bool, dropout: bool,
+                     dtype: str = "fp16") -> CompileReport:
+    """Compile an attention kernel with config (BLOCK_M, BLOCK_N, warps, stages) as launched."""
+    block_m, block_n, warps, stages = config
+    return compile_report(attention_kernel(kind)[0], attention_signature(kind, dtype),
+                          attention_constexprs(block_m, block_n, head_dim, rules, dropout), arch, warps, stages)
+
+
+def fits(report: CompileReport, arch: int) -> bool:
+    """No register spills (no stack) and within the card's shared memory."""
+    return report.stack == 0 and report.shared <= SHARED_MEMORY_LIMIT[arch]
+
+
+def _fits_case(case) -> bool:
+    return fits(attention_report(*case), case[3])
+
+
+def table_entry(kind: str, config: tuple, pool) -> tuple:
+    """The table entry `config` earns: (config, head dims on sm_8x, on sm_9x[, (more head dims without dropout on
+    sm_8x, on sm_9x)]) from compiling every head dim, arch and variant in `pool` (an executor)."""
+    cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in ARCHS
+             for rules, dropout in VARIANTS + NO_DROPOUT_VARIANTS[1:]]
+    ok = dict(zip(cases, pool.map(_fits_case, cases)))
+
+    def dims(arch: int, variants) -> tuple:
+        return tuple(d for d in HEAD_DIMS if all(ok[(kind, config, d, arch, *v)] for v in variants))
+
+    every = tuple(dims(arch, VARIANTS) for arch in ARCHS)
+    without = tuple(tuple(d for d in dims(arch, NO_DROPOUT_VARIANTS) if d not in served)
+                    for arch, served in zip(ARCHS, every))
+    return (config, *every) + ((without,) if any(without) else ())
+
+
+def main(argv=None) -> int:
+    """Print the attention table entries that configs earn (the shipped tables' configs by default)."""
+    import argparse
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parser = argparse.ArgumentParser(description="Compile attention configs for sm_80 and sm_90 as launched and "
+                                                 "print the table entries they earn (no GPU needed).")
+    parser.add_argument("--kind", choices=("fwd", "dkdv", "dq"), action="append", help="default: all three")
+    parser.add_argument("--config", action="append", metavar="M,N,WARPS,STAGES",
+                        help="configs to try instead of the shipped ones (repeatable)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for kind in args.kind or ("fwd", "dkdv", "dq"):
+            configs = ([tuple(int(x) for x in c.split(",")) for c in args.config] if args.config
+                       else [entry[0] for entry in attention_kernel(kind)[1]])
+            print(f"{kind}: {[table_entry(kind, config, pool) for config in configs]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

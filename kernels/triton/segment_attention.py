@@ -431,10 +431,11 @@ def _segment_attention_bwd_dq_kernel(
 # Each entry: (BLOCK_M, BLOCK_N, warps, stages), then the padded head dims (BLOCK_D, 16 counting as 32) it serves
 # on sm_8x and on sm_9x: exactly those where it compiles, as a launch specialises it (aligned pointers, strides
 # that divide by 16), without register spills with neither rules nor dropout, with both, and with dropout alone
-# (tests/test_compile_triton.py checks every entry; sm_8x keeps MMA accumulators in registers, sm_9x has wgmma,
-# hence the different sets). An optional fourth element names more head dims (sm_8x, sm_9x) served only without
-# dropout (the Philox bits of a 128x128 tile do not fit beside it; the autotune key holds HAS_DROPOUT). The first
-# entry serving a launch is its untuned default (VIDEOBERT_AUTOTUNE=0).
+# (tests/test_compile_triton.py checks every entry, `python -m videobert._kernels.triton.compile_check` derives
+# them; sm_8x keeps MMA accumulators in registers, sm_9x has wgmma, hence the different sets). An optional fourth
+# element names more head dims (sm_8x, sm_9x) served only without dropout (the Philox bits of a 128x128 tile do
+# not fit beside it; the autotune key holds HAS_DROPOUT). The first entry serving a launch is its untuned default
+# (VIDEOBERT_AUTOTUNE=0).
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
              ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
              ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
