@@ -16,6 +16,7 @@ from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, NO_DROPOU
                                                      SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
                                                      attention_kernel, attention_report, attention_signature,
                                                      compile_kernel, compile_report, loop_opcodes)
+from videobert._kernels.triton.compile_check import main as compile_check_main  # noqa: E402
 
 KERNELS = {kind: attention_kernel(kind) for kind in ("fwd", "dkdv", "dq")}
 
@@ -135,6 +136,17 @@ def test_compile_check_specialises_like_a_launch(monkeypatch):
         launched, odd = pool.map(_layer_norm_fwd_ptx, [as_launched(sig, "N"), sig])
     assert "ld.global.v4" in launched and "ld.global.b16" not in launched
     assert "ld.global.v4" not in odd and "ld.global.b16" in odd
+
+
+@pytest.mark.parametrize("argv, message", [(["--config", "128,64,8"], "expected M,N,WARPS,STAGES"),
+                                           (["--config", "96,64,8,3"], "powers of"),
+                                           (["--config", "a,b,c,d"], "four positive integers"),
+                                           (["--kind", "bwd"], "invalid choice"),
+                                           (["--workers", "0"], "expected a positive integer")])
+def test_config_sweep_rejects_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_every_head_dim_and_arch_has_configs():

@@ -7,11 +7,14 @@ of a kernel's inner loops can be counted there too.
 """
 from __future__ import annotations
 
+import argparse
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import triton
@@ -192,23 +195,39 @@ def table_entry(kind: str, config: tuple, pool) -> tuple:
     return (config, *every) + ((without,) if any(without) else ())
 
 
+def _config_arg(text: str) -> tuple:
+    """An attention config from "M,N,WARPS,STAGES": four positive integers, the block sizes powers of two."""
+    try:
+        config = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        config = ()
+    if len(config) != 4 or min(config) < 1 or any(b & (b - 1) for b in config[:2]):
+        raise argparse.ArgumentTypeError(f"expected M,N,WARPS,STAGES (four positive integers, M and N powers of "
+                                         f"two), got {text!r}")
+    return config
+
+
+def _positive_int(text: str) -> int:
+    """A count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     """Print the attention table entries that configs earn (the shipped tables' configs by default)."""
-    import argparse
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     parser = argparse.ArgumentParser(description="Compile attention configs for sm_80 and sm_90 as launched and "
                                                  "print the table entries they earn (no GPU needed).")
     parser.add_argument("--kind", choices=("fwd", "dkdv", "dq"), action="append", help="default: all three")
-    parser.add_argument("--config", action="append", metavar="M,N,WARPS,STAGES",
+    parser.add_argument("--config", action="append", type=_config_arg, metavar="M,N,WARPS,STAGES",
                         help="configs to try instead of the shipped ones (repeatable)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                        help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for kind in args.kind or ("fwd", "dkdv", "dq"):
-            configs = ([tuple(int(x) for x in c.split(",")) for c in args.config] if args.config
-                       else [entry[0] for entry in attention_kernel(kind)[1]])
+            configs = args.config or [entry[0] for entry in attention_kernel(kind)[1]]
             print(f"{kind}: {[table_entry(kind, config, pool) for config in configs]}", flush=True)
     return 0
 
