@@ -216,7 +216,6 @@ def _positive_int(text: str) -> int:
 
 def main(argv=None) -> int:
     """Print the attention table entries that configs earn (the shipped tables' configs by default)."""
-
     parser = argparse.ArgumentParser(description="Compile attention configs for sm_80 and sm_90 as launched and "
                                                  "print the table entries they earn (no GPU needed).")
     parser.add_argument("--kind", choices=("fwd", "dkdv", "dq"), action="append", help="default: all three")
