@@ -157,9 +157,9 @@ def attention_kernel(kind: str):
     """The jit function and shipped table of an attention kernel."""
     from videobert._kernels.triton import segment_attention as sa
 
-    return {"fwd": (sa._segment_attention_fwd_kernel, sa.FWD_TABLE),
-            "dkdv": (sa._segment_attention_bwd_dkdv_kernel, sa.DKDV_TABLE),
-            "dq": (sa._segment_attention_bwd_dq_kernel, sa.DQ_TABLE)}[kind]
+    kernels = {"fwd": sa._segment_attention_fwd_kernel, "dkdv": sa._segment_attention_bwd_dkdv_kernel,
+               "dq": sa._segment_attention_bwd_dq_kernel}
+    return kernels[kind], sa.TABLES[kind]
 
 
 def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: bool, dropout: bool,
@@ -183,7 +183,7 @@ def table_entry(kind: str, config: tuple, pool) -> tuple:
     """The table entry `config` earns: (config, head dims on sm_8x, on sm_9x[, (more head dims without dropout on
     sm_8x, on sm_9x)]) from compiling every head dim, arch and variant in `pool` (an executor)."""
     cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in ARCHS
-             for rules, dropout in VARIANTS + NO_DROPOUT_VARIANTS[1:]]
+             for rules, dropout in dict.fromkeys(VARIANTS + NO_DROPOUT_VARIANTS)]
     ok = dict(zip(cases, pool.map(_fits_case, cases)))
 
     def dims(arch: int, variants) -> tuple:
