@@ -3,6 +3,7 @@ the card's shared memory."""
 import itertools
 import multiprocessing
 import re
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -79,8 +80,10 @@ def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
     return f"layer_norm {kind} N={hidden} sm_{arch} full={full}", compile_report(kernel, sig, flags, arch, warps, 1)
 
 
-def cross_entropy_report(kind: str, arch: int):
-    """Compile a cross-entropy kernel with its GPU config (bf16 inputs, bias, int64 labels)."""
+def cross_entropy_launch(kind: str):
+    """(kernel, signature, constexprs, warps, stages) of a cross-entropy kernel with its GPU config (bf16 inputs,
+    bias, int64 labels), as launched: N and D divide by 16 in the benchmark's shapes, V (51258) and so the
+    logits' row stride do not."""
     rows = {"Labels": "*i64", "Lse": "*fp32"}
     scalars = {"N": "i32", "V": "i32"}
     if kind.startswith("linear"):
@@ -94,7 +97,7 @@ def cross_entropy_report(kind: str, arch: int):
     else:
         bm, bv, warps = ce.SOFTMAX_CONFIG[kind.split("_")[1]]["gpu"]
         stages = 1
-        consts = dict(BLOCK_M=bm, BLOCK_V=bv)
+        consts = dict(ALIGN=ce.TILE_ALIGN, BLOCK_M=bm, BLOCK_V=bv)
         if kind == "softmax_fwd":
             kernel, sig = ce._softmax_ce_fwd_kernel, {"Z": "*bf16", "Labels": "*i64", "Loss": "*fp32",
                                                       "Lse": "*fp32", "Correct": "*i8", **scalars, "stride_z": "i32",
@@ -104,10 +107,21 @@ def cross_entropy_report(kind: str, arch: int):
                                                       "DZ": "*bf16", "N": "i32", "width": "i32", "col0": "i32",
                                                       "V": "i32", "stride_z": "i32", "stride_dz": "i32",
                                                       "ignore_index": "i32", "label_smoothing": "fp32"}
-            consts["HAS_DLSE"] = True
-    # N and D divide by 16 in the benchmark's shapes; V (51258) and so the logits' row stride do not
-    sig = as_launched(sig, "N", "D", "stride_h", "stride_w")
+            consts.update(HAS_DLSE=True, SAME_STRIDE=True)
+    return kernel, as_launched(sig, "N", "D", "stride_h", "stride_w"), consts, warps, stages
+
+
+def cross_entropy_report(kind: str, arch: int):
+    """Compile a cross-entropy kernel as launched; returns (description, CompileReport)."""
+    kernel, sig, consts, warps, stages = cross_entropy_launch(kind)
     return f"cross_entropy {kind} sm_{arch}", compile_report(kernel, sig, consts, arch, warps, stages)
+
+
+def _global_accesses(kind: str) -> Counter:
+    """The global load and store instructions in the sm_90 PTX of a cross-entropy kernel as launched."""
+    kernel, sig, consts, warps, stages = cross_entropy_launch(kind)
+    ptx = compile_kernel(kernel, sig, consts, 90, warps, stages).asm["ptx"]
+    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx))
 
 
 def _run(case):
@@ -136,6 +150,20 @@ def test_compile_check_specialises_like_a_launch(monkeypatch):
         launched, odd = pool.map(_layer_norm_fwd_ptx, [as_launched(sig, "N"), sig])
     assert "ld.global.v4" in launched and "ld.global.b16" not in launched
     assert "ld.global.v4" not in odd and "ld.global.b16" in odd
+
+
+def test_softmax_kernels_vectorise_at_odd_row_strides(monkeypatch):
+    """Logits 51258 wide have a row stride no launch specialises, yet the softmax kernels' interior tiles load
+    (and the backward stores) 16 bytes per access, from row starts rounded down to TILE_ALIGN; only the two
+    edge tiles of a row access elements one by one."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        fwd, bwd = pool.map(_global_accesses, ["softmax_fwd", "softmax_bwd"])
+    per_thread = {kind: ce.SOFTMAX_CONFIG[kind]["gpu"][1] // (32 * ce.SOFTMAX_CONFIG[kind]["gpu"][2])
+                  for kind in ("fwd", "bwd")}  # bf16 elements of a tile per thread
+    assert fwd["ld.global.v4.b32"] == per_thread["fwd"] // 8 and fwd["ld.global.b16"] == 2 * per_thread["fwd"]
+    assert bwd["ld.global.v4.b32"] == bwd["st.global.v4.b32"] == per_thread["bwd"] // 8
+    assert bwd["st.global.b16"] == 2 * per_thread["bwd"]
 
 
 @pytest.mark.parametrize("argv, message", [(["--config", "128,64,8"], "expected M,N,WARPS,STAGES"),

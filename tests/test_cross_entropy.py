@@ -340,6 +340,37 @@ def test_fused_softmax_cross_entropy_backward_in_place(backend):
     torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("V", [1, 2, 15, 64, 129, 1037])
+@pytest.mark.parametrize("layout", ["dense", "view"])
+def test_triton_softmax_kernels_take_any_row_layout(V, layout):
+    """The softmax kernels tile each row from its start rounded down to TILE_ALIGN elements: rows that start
+    anywhere (a column slice of a wider buffer, odd widths), narrower than one alignment step or than a tile, and
+    a gradient written in place (the rows' own layout) or into a dense buffer (another stride)."""
+    device = _triton_or_skip()
+    from videobert._kernels.triton import cross_entropy as ce
+
+    gen = torch.Generator().manual_seed(V)
+    N, ls = 7, 0.1
+    full = torch.randn(N, V + 13, generator=gen).to(device)
+    logits = full[:, 3:3 + V] if layout == "view" else full[:, :V].contiguous()
+    labels = make_labels(N, V, gen).to(device)
+    dloss = torch.randn(N, generator=gen).to(device)
+    l64 = logits.double().requires_grad_()
+    per_row = F.cross_entropy(l64, labels, reduction="none", label_smoothing=ls)
+    (e_grad,) = torch.autograd.grad(per_row, l64, dloss.double())
+    loss, lse, correct = ce.softmax_cross_entropy_fwd(logits, labels, -100, ls)
+    assert_close(loss, per_row, torch.float32, "loss")
+    valid = labels != -100
+    assert torch.equal(correct[valid], logits[valid].argmax(1) == labels[valid]) and not correct[~valid].any()
+    assert_close(ce.softmax_cross_entropy_bwd(dloss, None, logits, labels, lse, -100, ls), e_grad, torch.float32,
+                 "dlogits (dense output)")
+    before = full.clone()
+    assert ce.softmax_cross_entropy_bwd(dloss, None, logits, labels, lse, -100, ls, out=logits) is logits
+    assert_close(logits, e_grad, torch.float32, "dlogits (in place)")
+    if layout == "view":  # the columns around the rows are untouched
+        assert torch.equal(full[:, :3], before[:, :3]) and torch.equal(full[:, 3 + V:], before[:, 3 + V:])
+
+
 @pytest.mark.parametrize("op", ["linear", "softmax"])
 def test_triton_cross_entropy_ops_pass_opcheck(op):
     device = _triton_or_skip()

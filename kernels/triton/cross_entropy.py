@@ -37,11 +37,13 @@ SOFTMAX_CONFIG = {"fwd": {"gpu": (1, 2048, 4), "interpret": (4, 64, 4)},
 # The linear backward's chunks: 1/CHUNKS of the vocabulary (or of the rows) each, but at least this many
 # vocabulary entries and rows (GEMMs that fill the GPU; several chunks even at test sizes in the interpreter).
 CHUNKS = 16
-# Row stride (elements) of the logits chunk buffers. Without 16-byte rows cuBLAS falls back to slow kernels for
-# V = 30522 or 51258 (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100), and a
-# Triton launch vectorises its loads only for a row stride it specialises as a multiple of 16 (51258 rounded to
-# 8 is, 51250 rounded to 8 is not).
+# Row stride (elements) of the logits chunk buffers: without 16-byte rows cuBLAS falls back to slow kernels for
+# V = 30522 or 51258 (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100).
 ROW_ALIGN = 16
+# The softmax kernels start each row's tiles at its offset rounded down to this many elements (16 bytes or more
+# in every dtype), so their loads and stores vectorise at any row stride (a launch specialises a stride only
+# when it divides by 16: user logits 51258 wide got element loads); at most every BLOCK_V.
+TILE_ALIGN = 16
 LINEAR_FORWARD = "fused"
 MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
 
@@ -66,12 +68,13 @@ def _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS: t
 
 @triton.jit
 def _online_update(z, cols, labels, V, m, s, target, total):
-    """Fold a logit tile into the running max m, sum of exp(z - m), target logit and logit sum."""
+    """Fold a logit tile into the running max m, sum of exp(z - m), target logit and logit sum; `cols` (a row
+    of them or one row per logit row) are the tile's vocabulary indices, those outside [0, V) hold -inf."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-    target += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
-    total += tl.sum(tl.where(cols[None, :] < V, z, 0.0), axis=1)
+    target += tl.sum(tl.where(cols == labels[:, None], z, 0.0), axis=1)
+    total += tl.sum(tl.where((cols >= 0) & (cols < V), z, 0.0), axis=1)
     return m_new, s, target, total
 
 
@@ -88,12 +91,12 @@ def _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, lab
 
 @triton.jit
 def _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing):
-    """d(loss * dloss + lse * dlse)/dz of a tile in fp32 (cols: vocabulary indices of its columns); zero on
-    ignored rows and columns past V."""
+    """d(loss * dloss + lse * dlse)/dz of a tile in fp32 (cols: vocabulary indices of its columns, one row per
+    logit row); zero on ignored rows and columns past V."""
     p = tl.exp(z - lse[:, None])
     g = p * (dloss + dlse)[:, None] - (label_smoothing / V) * dloss[:, None]
-    g -= tl.where(cols[None, :] == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
-    return tl.where(valid[:, None] & (cols[None, :] < V), g, 0.0)
+    g -= tl.where(cols == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
+    return tl.where(valid[:, None] & (cols < V), g, 0.0)
 
 
 @triton.jit
@@ -118,41 +121,93 @@ def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, N, V, D, strid
             cols = v0 + tl.arange(0, BLOCK_V)
             z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
                             BLOCK_M, BLOCK_V, BLOCK_K)
-            m, s, target, total = _online_update(z, cols, labels, V, m, s, target, total)
+            m, s, target, total = _online_update(z, cols[None, :], labels, V, m, s, target, total)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
 @triton.jit
+def _row_tiles(rows, stride, n, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Each row's start offset rounded down to ALIGN elements (`base`) and the start's distance past it
+    (`shift`): tiles at base + t * BLOCK_V are 16-byte aligned whatever the row stride (a user's 51258-wide
+    logits), so their loads vectorise. Tile 0 and tiles from `tail` to `count` hold row ends (masked); tiles
+    1 .. tail - 1 lie inside every row of the block (no column mask, which would also stop vectorisation)."""
+    start = rows * stride
+    shift = start % ALIGN
+    base = tl.multiple_of(start - shift, ALIGN)
+    tail = tl.maximum((n + tl.min(shift, axis=0).to(tl.int32)) // BLOCK_V, 1)
+    count = tl.cdiv(n + tl.max(shift, axis=0).to(tl.int32), BLOCK_V)
+    return base, shift, tail, count
+
+
+@triton.jit
+def _tile_offsets(base, shift, rows, t, n, N, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Offsets from the aligned row bases of tile t, its columns within the rows, and the load/store mask."""
+    idx = t * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = idx[None, :] - shift[:, None]
+    mask = (rows < N)[:, None]
+    if MASKED:
+        mask = mask & (cols >= 0) & (cols < n)
+    return base[:, None] + idx[None, :], cols, mask
+
+
+@triton.jit
+def _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total, MASKED: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    offsets, cols, mask = _tile_offsets(base, shift, rows, t, V, N, MASKED, BLOCK_V)
+    z = tl.load(Z + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+    return _online_update(z, cols, labels, V, m, s, target, total)
+
+
+@triton.jit
 def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore_index, label_smoothing,
-                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                           ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     target = tl.zeros([BLOCK_M], tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < V),
-                        other=float("-inf")).to(tl.float32)
-            m, s, target, total = _online_update(z, cols, labels, V, m, s, target, total)
+        base, shift, tail, count = _row_tiles(rows, stride_z, V, ALIGN, BLOCK_V)
+        m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, 0, N, V, m, s, target, total, True,
+                                                BLOCK_V)
+        for t in range(1, tail):
+            m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total,
+                                                    False, BLOCK_V)
+        for t in range(tail, count):
+            m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total,
+                                                    True, BLOCK_V)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
 @triton.jit
+def _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V, stride_dz,
+                      label_smoothing, SAME_STRIDE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    offsets, cols, mask = _tile_offsets(base, shift, rows, t, width, N, MASKED, BLOCK_V)
+    z = tl.load(Z + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+    g = _grad_tile(z, col0 + cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
+    # With the logits' row stride the gradient's tiles are aligned as theirs are (in place, or a dense copy).
+    dz = DZ + offsets if SAME_STRIDE else DZ + rows[:, None] * stride_dz + cols
+    tl.store(dz, g.to(DZ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _softmax_ce_bwd_kernel(Z, Labels, Lse, DLoss, DLse, DZ, N, width, col0, V, stride_z, stride_dz, ignore_index,
-                           label_smoothing, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                           label_smoothing, HAS_DLSE: tl.constexpr, SAME_STRIDE: tl.constexpr, ALIGN: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """Gradient of `width` columns of logits, vocabulary entries col0 .. col0 + width - 1 of V."""
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
     dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
     dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
-    for v0 in range(0, width, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = (rows[:, None] < N) & (cols[None, :] < width)
-        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        g = _grad_tile(z, col0 + cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
-        tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
+    base, shift, tail, count = _row_tiles(rows, stride_z, width, ALIGN, BLOCK_V)
+    _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, 0, N, width, col0, V, stride_dz,
+                      label_smoothing, SAME_STRIDE, True, BLOCK_V)
+    for t in range(1, tail):
+        _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V,
+                          stride_dz, label_smoothing, SAME_STRIDE, False, BLOCK_V)
+    for t in range(tail, count):
+        _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V,
+                          stride_dz, label_smoothing, SAME_STRIDE, True, BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -250,8 +305,8 @@ def _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_
     if N:
         bm, bv, warps = _config(SOFTMAX_CONFIG["fwd"], logits.device)
         _softmax_ce_fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
-                                                       ignore_index, label_smoothing, BLOCK_M=bm, BLOCK_V=bv,
-                                                       num_warps=warps)
+                                                       ignore_index, label_smoothing, ALIGN=TILE_ALIGN, BLOCK_M=bm,
+                                                       BLOCK_V=bv, num_warps=warps)
 
 
 def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
@@ -275,7 +330,8 @@ def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, la
         _softmax_ce_bwd_kernel[(triton.cdiv(N, bm),)](
             logits, labels, lse, dloss.float().contiguous(), dloss if dlse is None else dlse.float().contiguous(),
             grad, N, width, col0, width if vocab is None else vocab, logits.stride(0), grad.stride(0), ignore_index,
-            label_smoothing, HAS_DLSE=dlse is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+            label_smoothing, HAS_DLSE=dlse is not None, SAME_STRIDE=grad.stride(0) == logits.stride(0),
+            ALIGN=TILE_ALIGN, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
     return grad
 
 
