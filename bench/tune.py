@@ -2,8 +2,9 @@
 these tables (each says which constant it informs).
 
 - layer_norm_tuning: the LayerNorm backward, bf16, 16k rows, residual and bias. Triton: elements per program
-  (rows per program x padded hidden), warps, programs per multiprocessor (`launch_config`, PROGRAMS_PER_SM in
-  kernels/triton/add_layer_norm.py); CUDA: its grid (`auto` is what the launcher picks).
+  (rows per program x padded hidden), warps, programs per multiprocessor, software-pipelining depth of the loop
+  over row tiles (`launch_config`, PROGRAMS_PER_SM, BWD_LOOP_STAGES in kernels/triton/add_layer_norm.py); CUDA:
+  its grid (`auto` is what the launcher picks).
 - softmax_ce_tuning: the Triton softmax cross-entropy forward and backward, (BLOCK_M, BLOCK_V, warps)
   (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258.
 - linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
@@ -42,18 +43,25 @@ def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
     sets = rotating(dout, s, mean, rstd, w)
     block_n = triton.next_power_of_2(hidden)
     default = tln.launch_config(hidden, backward=True)
+    shipped = (*default[1:], tln.PROGRAMS_PER_SM, tln.BWD_LOOP_STAGES)
     row_choices = sorted({max(1, e // block_n) for e in (block_n, 2048, 4096, 8192)})
+    # First the shipped tile with deeper loop pipelining and 3 programs per multiprocessor (untimed so far),
+    # then every tile shape, warps and programs per multiprocessor without pipelining, while the budget lasts.
+    candidates = [(*default[1:], per_sm, stages) for stages in (1, 2, 3) for per_sm in (2, 3)]
+    candidates += [(rows, warps, per_sm, 1) for rows, warps, per_sm in
+                   itertools.product(row_choices, (4, 8, 16), (2, 4, 8))]
     out = []
-    for rows, warps, per_sm in itertools.product(row_choices, (4, 8, 16), (2, 4, 8)):
+    for rows, warps, per_sm, stages in dict.fromkeys(candidates):
         if time.monotonic() > deadline or warps * 32 > block_n * rows:
             continue
         config = (block_n, rows, warps)
+        # A config that cannot run (e.g. more shared memory than the card has) prints why and gives None.
         timing = bench_graph_ms(lambda dout, s, mean, rstd, w: tln.add_layer_norm_bwd(
-            dout, None, s, mean, rstd, w, True, True, 0.0, None, config=config, programs_per_sm=per_sm),
-            sets, rep_ms=10)
+            dout, None, s, mean, rstd, w, True, True, 0.0, None, config=config, programs_per_sm=per_sm,
+            loop_stages=stages), sets, rep_ms=10)
         if timing:
             out.append(dict(kernel="triton_bwd", hidden=hidden, rows_per_program=rows, warps=warps,
-                            per_sm=per_sm, default=config == default and per_sm == tln.PROGRAMS_PER_SM,
+                            per_sm=per_sm, loop_stages=stages, default=(rows, warps, per_sm, stages) == shipped,
                             device_ms=timing[0], pct_of_copy=_pct(hidden, timing[0], copy_gbps), blocks=""))
     return out
 
@@ -81,7 +89,7 @@ def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
             torch.cuda.current_stream().cuda_stream), sets, rep_ms=10)
         if timing:
             out.append(dict(kernel="cuda_bwd", hidden=hidden, rows_per_program="", warps="", per_sm=label,
-                            default=label == "auto", device_ms=timing[0],
+                            loop_stages="", default=label == "auto", device_ms=timing[0],
                             pct_of_copy=_pct(hidden, timing[0], copy_gbps), blocks=blocks))
     return out
 

@@ -97,6 +97,28 @@ def test_three_dimensional_input_and_no_bias(backend, device):
         assert_close(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("hidden", [768, 4096])
+def test_triton_backward_schedules_agree(hidden):
+    """The Triton backward's tuning knobs (programs per multiprocessor, pipelining depth of its loop over row
+    tiles; bench/tune.py sweeps them) change the schedule only: dx and dresidual are identical, dweight and dbias
+    equal up to the order of their partial sums."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    usable("triton", device, torch.float32)
+    from videobert._kernels.triton import add_layer_norm as tln
+
+    gen = torch.Generator().manual_seed(hidden)
+    x, dout = (torch.randn(37, hidden, generator=gen).to(device) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device)
+    _, s, mean, rstd = tln.add_layer_norm_fwd(x, None, w, None, 1e-5, 0.0, None)
+    dx, dres, dw, db = tln.add_layer_norm_bwd(dout, None, s, mean, rstd, w, True, True, 0.0, None)
+    for per_sm, stages in [(1, 1), (3, 2), (2, 3)]:
+        got = tln.add_layer_norm_bwd(dout, None, s, mean, rstd, w, True, True, 0.0, None, programs_per_sm=per_sm,
+                                     loop_stages=stages)
+        assert torch.equal(got[0], dx) and torch.equal(got[1], dres), (per_sm, stages)
+        assert_close(got[2], dw.double(), torch.float32, "dweight")
+        assert_close(got[3], db.double(), torch.float32, "dbias")
+
+
 def test_gradcheck_with_dropout():
     gen = torch.Generator().manual_seed(0)
     x, r = (torch.randn(5, 11, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))

@@ -68,12 +68,14 @@ def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, s
 def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPartial, DBPartial, M, N, num_tiles,
                                seed, offset, threshold, drop_scale, HAS_DS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
+                               BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     dw = tl.zeros([BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
-    for tile in range(pid, num_tiles, tl.num_programs(0)):
+    # LOOP_STAGES > 1: Triton's pipeliner copies the next tiles' rows into shared memory (cp.async) while this
+    # one is reduced, so loads stay in flight across iterations; 1 keeps them in registers, issued per tile.
+    for tile in tl.range(pid, num_tiles, tl.num_programs(0), num_stages=LOOP_STAGES):
         rows, offs, mask = _row_tile(tile, M, N, ROWS, BLOCK_N)
         flat_rows = tl.reshape(rows, (ROWS,))
         mean = tl.load(Mean + flat_rows, mask=flat_rows < M, other=0.0)
@@ -136,6 +138,9 @@ def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
 
 
 PROGRAMS_PER_SM = 2  # backward programs (and dweight/dbias partial rows) per multiprocessor: 2 beat 4 and 8
+# Software-pipelining depth of the backward's loop over row tiles (bench/tune.py sweeps 1, 2, 3; the H100 sweep
+# that chose the launch config ran 1, and deeper stages have not been timed on a GPU yet).
+BWD_LOOP_STAGES = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,9 +166,9 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=No
 
 
 def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng, config=None,
-                       programs_per_sm=PROGRAMS_PER_SM):
-    """Backward launcher: (dx, dresidual or None, dweight, dbias or None). `config` (BLOCK_N, ROWS, warps) and
-    `programs_per_sm` override the defaults (for tuning)."""
+                       programs_per_sm=PROGRAMS_PER_SM, loop_stages=BWD_LOOP_STAGES):
+    """Backward launcher: (dx, dresidual or None, dweight, dbias or None). `config` (BLOCK_N, ROWS, warps),
+    `programs_per_sm` and `loop_stages` override the defaults (for tuning)."""
     N = s.shape[-1]
     M = s.numel() // N
     dx = torch.empty_like(s)
@@ -181,7 +186,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
             dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
             db_partial, M, N, num_tiles, **dropout_args(dropout_p, rng), HAS_DS=ds is not None,
             HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n,
-            num_warps=warps)
+            LOOP_STAGES=loop_stages, num_warps=warps)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
     _column_sum_kernel[(triton.cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
