@@ -108,6 +108,8 @@ def _rates(flops, ms, p20, p80, peak_tflops):
 
 
 def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
+    """Rows of every provider (fwd, bwd, fwd+bwd) on one layout ("packed" VideoBERT-like samples or "single"
+    sample rows) and shape; TFLOP/s counted on allowed pairs only."""
     B = max(1, TOKENS_PER_BATCH // L) if on_gpu() else 2
     if layout == "packed":
         seg, _ = videobert_rows(B, L, gen)

@@ -83,6 +83,7 @@ def fwd_bwd(fn):
 
 
 def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: float) -> list[dict]:
+    """Rows of every provider (fwd, bwd, fwd+bwd) at one shape: times, GB/s and share of the copy bandwidth."""
     # Inputs come from the CPU generator: a peer whose CUDA-graph capture fails can leave the CUDA generator
     # unusable for the rest of the process.
     x, r, dout = (torch.randn(rows, hidden).to(device, dtype) for _ in range(3))

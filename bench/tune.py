@@ -34,6 +34,7 @@ HIDDEN = (768, 1024, 2048, 4096, 8192)
 
 
 def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
+    """Device times of the Triton LayerNorm backward per launch choice at this hidden size, until `deadline`."""
     from videobert._kernels.triton import add_layer_norm as tln
 
     x, r, dout = (torch.randn(ROWS, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -67,6 +68,7 @@ def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
 
 
 def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
+    """Device times of the CUDA LayerNorm backward per grid size (none without the extension)."""
     try:
         from videobert._kernels import cuda  # noqa: F401  (loads the extension)
     except ImportError as exc:
@@ -100,6 +102,7 @@ def _pct(hidden: int, ms: float, copy_gbps: float) -> float:
 
 
 def softmax_rows(copy_gbps: float) -> list[dict]:
+    """Device times of the Triton softmax cross-entropy forward and backward per (BLOCK_M, BLOCK_V, warps)."""
     from videobert._kernels.triton import cross_entropy as ce
 
     N, V = 16384, 51258
@@ -136,6 +139,7 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
 
 
 def linear_rows(matmul_tflops: float) -> list[dict]:
+    """Times of the linear cross-entropy forward per method and fused-kernel config."""
     from videobert._kernels.triton import cross_entropy as ce
 
     N, D, V = 16384, 1024, 51258

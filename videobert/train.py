@@ -291,6 +291,7 @@ class _Progress:
         self.start, self.tokens, self.loss = time.perf_counter(), 0, None
 
     def update(self, step: int) -> None:
+        """Redraw the bar at `step`."""
         if not self.enabled:
             return
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -302,6 +303,7 @@ class _Progress:
         sys.stderr.flush()
 
     def clear(self) -> None:
+        """Erase the bar (before a log line or at the end)."""
         if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()

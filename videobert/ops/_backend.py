@@ -63,6 +63,7 @@ def eager_autograd(op: str, setup_context: Callable, backward: Callable, non_dif
     class EagerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
+            """The backend's forward; the custom op's setup_context saves what the backward needs."""
             output = run(op, inputs[-1], "fwd", *inputs[:-1])  # the last input is the backend
             setup_context(ctx, inputs, output)
             ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
@@ -70,6 +71,7 @@ def eager_autograd(op: str, setup_context: Callable, backward: Callable, non_dif
 
         @staticmethod
         def backward(ctx, *grads):
+            """The custom op's backward formula with the backend's backward launched directly."""
             return backward(ctx, *grads, backward_op=lambda *args: run(op, args[-1], "bwd", *args[:-1]))
 
     EagerFunction.__name__ = EagerFunction.__qualname__ = f"Eager_{op}"
