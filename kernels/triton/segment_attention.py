@@ -45,8 +45,8 @@ INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 def _tile_allowed(seg_q, seg_k, mod_q, mod_k, pos_q, pos_k, rules_code,
                   HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
     """Mask of a tile from broadcastable row/column vectors (works for (M, N) and transposed (N, M) tiles).
-    One side is the kernel's own block, whose padding reads -2 (`_block_prologue`); the other side's padding
-    and positions past the row end read -1, so equal ids always mean one real segment."""
+    One side is the kernel's own block, whose padding reads -1 (`_block_prologue`); the other side's padding
+    and positions past the row end read 0, so equal ids always mean one real segment."""
     allowed = seg_q == seg_k
     if HAS_RULES:
         rule = (rules_code >> ((mod_q * NUM_MODALITIES + mod_k) * 2).to(tl.uint32)) & 3
@@ -67,8 +67,9 @@ def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr, IN_ROW: t
 
 @triton.jit
 def _load_ids(Seg, Mod, row, pos, L, HAS_RULES: tl.constexpr):
-    """Segment ids (-1 past the row end) and modality ids (0 without rules) of positions `pos`."""
-    seg = tl.load(Seg + row + pos, mask=pos < L, other=-1)
+    """Canonical segment ids (0 on padding and past the row end: a zero fill, no select per id after the
+    load) and modality ids (0 without rules) of positions `pos`."""
+    seg = tl.load(Seg + row + pos, mask=pos < L, other=0)
     mod = tl.load(Mod + row + pos, mask=pos < L, other=0) if HAS_RULES else pos * 0
     return seg, mod
 
@@ -84,10 +85,10 @@ def _window(win, row, pos, L, IS_LOW: tl.constexpr):
 @triton.jit
 def _block_prologue(Seg, Mod, Win, Rules, row, pos, B, L, HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
     """What every kernel loads first for its own block of positions: their ids (padding and positions past the
-    row end as -2), the rules code, and the union [lo, hi) of their windows (lows at Win, highs in the next
+    row end as -1), the rules code, and the union [lo, hi) of their windows (lows at Win, highs in the next
     plane)."""
     seg, mod = _load_ids(Seg, Mod, row, pos, L, HAS_RULES)
-    seg = tl.where(seg < 0, -2, seg)  # never equal to a tile's -1: padding needs no test per score
+    seg = tl.where(seg == 0, -1, seg)  # never equal to a tile's 0: padding needs no test per score
     rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
     return seg, mod, rules_code, _window(Win, row, pos, L, True), _window(Win + B * L, row, pos, L, False)
 
@@ -172,7 +173,7 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
     out = Meta + b.to(tl.int64) * L + pos
     plane = B * L  # B == 1 arrives as a constexpr (Triton specialises 1), so no .to() here
     inside = pos < L
-    tl.store(out, tl.where(valid, lo, -1), mask=inside)
+    tl.store(out, tl.where(valid, lo + 1, 0), mask=inside)
     tl.store(out + plane, mod, mask=inside)
     tl.store(out + 2 * plane, tl.where(valid_q, key_lo, L), mask=inside)
     tl.store(out + 3 * plane, tl.where(valid_q, key_hi, 0), mask=inside)
@@ -438,7 +439,7 @@ def _segment_attention_bwd_dq_kernel(
 # (VIDEOBERT_AUTOTUNE=0).
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
              ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
+             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (64, 128), (32, 64, 128)),
              ((128, 128, 8, 3), (32,), (32,), ((64,), (64,)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
@@ -509,8 +510,8 @@ def reset_autotuning() -> None:
 
 def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
                        modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
-    """(7, B, L) int32 per token, from one kernel launch (no host sync): the canonical segment id (the
-    first position of the token's segment in its row, -1 for padding, so any int64 ids work), the modality
+    """(7, B, L) int32 per token, from one kernel launch (no host sync): the canonical segment id (one more
+    than the first position of the token's segment in its row, 0 for padding, so any int64 ids work), the modality
     id (0 without rules), the windows key_lo, key_hi, query_lo, query_hi, and 1 where the token's segment
     is contiguous (its positions fill its span; 0 on padding).
 
