@@ -296,8 +296,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n,
     pos_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
     do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM, not MASKED)
-    if MASKED:
-        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
+    if MASKED:  # rows past the row end read id 0, which the mask never allows: a zero fill is enough
+        lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=0.0) * _LOG2E
         delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
     else:
         lse = tl.load(Lse + stats + pos_m) * _LOG2E
