@@ -83,6 +83,7 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
     runner = torch.compile(step) if compile_model else step
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     layout = 1 if name.startswith("hugging_face") else 0
+    keys_per_token = [allowed_pairs(packed.segment_ids) / stats.tokens for packed, _, stats in data]  # not timed
     timed_tokens, mean_keys = 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +101,7 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             timed_tokens += stats.tokens
-            mean_keys += allowed_pairs(packed_or_padded[0].segment_ids) / stats.tokens / steps
+            mean_keys += keys_per_token[i % len(data)] / steps
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
