@@ -114,16 +114,26 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
     return row
 
 
+def _presets(text: str) -> list[str]:
+    """Preset names from "base,large"; each must be a VideoBERTConfig preset."""
+    names = text.split(",")
+    if not names or any(name not in ("tiny", "base", "large") for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated presets of tiny, base, large, got {text!r}")
+    return names
+
+
 def main(argv=None) -> int:
     """Run the end-to-end benchmark; writes train.{csv,json,md} under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="base only, fewer steps")
-    parser.add_argument("--presets", default="base,large")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, and base only unless --presets")
+    parser.add_argument("--presets", type=_presets, help="comma-separated presets of tiny, base, large (default: "
+                                                         "base,large; base with --quick)")
     parser.add_argument("--videos", type=int, default=256, help="videos per batch (about 60 real tokens each)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of each provider")
     args = parser.parse_args(argv)
     if on_gpu():
-        device, presets = torch.device("cuda"), (["base"] if args.quick else args.presets.split(","))
+        default = "base" if args.quick else "base,large"
+        device, presets = torch.device("cuda"), args.presets or default.split(",")
         steps, warmup = (10, 3) if args.quick else (20, 5)
         videos, row_length = args.videos, 512
     else:

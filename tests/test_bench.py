@@ -51,6 +51,14 @@ def test_end_to_end_training_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert 0 < hf["padded_waste"] < 1 and hf["speedup_over_hugging_face"] == 1
 
 
+@pytest.mark.parametrize("presets", ["huge", "base,", "base,xl"])
+def test_training_benchmark_rejects_unknown_presets(presets, capsys):
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("train").main(["--presets", presets])
+    assert exit_info.value.code == 2 and "expected comma-separated presets" in capsys.readouterr().err
+
+
 def test_rotating_sets_exceed_the_cache_and_cycle():
     """`rotating` copies the inputs (values and requires_grad kept, memory not shared) until a cycle reads
     `min_bytes`; `bench_ms` hands consecutive calls the next set."""
