@@ -80,15 +80,16 @@ def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
     return f"layer_norm {kind} N={hidden} sm_{arch} full={full}", compile_report(kernel, sig, flags, arch, warps, 1)
 
 
-def cross_entropy_launch(kind: str):
+def cross_entropy_launch(kind: str, smoothing: bool = True):
     """(kernel, signature, constexprs, warps, stages) of a cross-entropy kernel with its GPU config (bf16 inputs,
-    bias, int64 labels), as launched: N and D divide by 16 in the benchmark's shapes, V (51258) and so the
-    logits' row stride do not."""
+    bias, int64 labels, label smoothing on: the heavier variant), as launched: N and D divide by 16 in the
+    benchmark's shapes, V (51258) and so the logits' row stride do not."""
     rows = {"Labels": "*i64", "Lse": "*fp32"}
     scalars = {"N": "i32", "V": "i32"}
     if kind.startswith("linear"):
         bm, bv, bk, warps, stages = ce.LINEAR_CONFIG["gpu"]
-        consts = dict(HAS_BIAS=True, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+        consts = dict(HAS_BIAS=True, HAS_SMOOTHING=smoothing, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_V=bv,
+                      BLOCK_K=bk)
         common = {"H": "*bf16", "W": "*bf16", "Bias": "*bf16", "Labels": "*i64"}
         tail = {**scalars, "D": "i32", "stride_h": "i32", "stride_w": "i32", "ignore_index": "i32",
                 "label_smoothing": "fp32"}
@@ -99,6 +100,7 @@ def cross_entropy_launch(kind: str):
         stages = 1
         consts = dict(ALIGN=ce.TILE_ALIGN, BLOCK_M=bm, BLOCK_V=bv)
         if kind == "softmax_fwd":
+            consts["HAS_SMOOTHING"] = smoothing
             kernel, sig = ce._softmax_ce_fwd_kernel, {"Z": "*bf16", "Labels": "*i64", "Loss": "*fp32",
                                                       "Lse": "*fp32", "Correct": "*i8", **scalars, "stride_z": "i32",
                                                       "ignore_index": "i32", "label_smoothing": "fp32"}
@@ -164,6 +166,26 @@ def test_softmax_kernels_vectorise_at_odd_row_strides(monkeypatch):
     assert fwd["ld.global.v4.b32"] == per_thread["fwd"] // 8 and fwd["ld.global.b16"] == 2 * per_thread["fwd"]
     assert bwd["ld.global.v4.b32"] == bwd["st.global.v4.b32"] == per_thread["bwd"] // 8
     assert bwd["st.global.b16"] == 2 * per_thread["bwd"]
+
+
+def cross_entropy_loops(kind: str, smoothing: bool) -> list[Counter]:
+    """SASS opcode counts of each loop of a cross-entropy kernel as launched on sm_90."""
+    kernel, sig, consts, warps, stages = cross_entropy_launch(kind, smoothing)
+    return loop_opcodes(kernel, sig, consts, 90, warps, stages)
+
+
+def test_cross_entropy_loops_exponentiate_once_per_element(monkeypatch):
+    """Every exponential in the cross-entropy kernels' loops is one MUFU (exp2: `tl.exp` would add a
+    subnormal fix-up, an FSETP and two FMULs per element), and a whole tile's loop selects at most once per
+    element (the target's, only run in tiles holding one): no column or ignored-row masks there."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cases = [(kind, smoothing) for kind in ("linear_fwd", "softmax_fwd", "softmax_bwd") for smoothing in (False, True)]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        found = dict(zip(cases, pool.map(cross_entropy_loops, *zip(*cases))))
+    for (kind, smoothing), loops in found.items():
+        assert all(loop["FSETP"] <= 2 for loop in loops), (kind, smoothing)  # the per-row -inf tests only
+        whole = loops[1] if kind == "linear_fwd" else loops[0]  # the linear forward's first loop is its K loop
+        assert 0 < whole["FSEL"] <= whole["MUFU"], (kind, smoothing)
 
 
 @pytest.mark.parametrize("argv, message", [(["--config", "128,64,8"], "expected M,N,WARPS,STAGES"),

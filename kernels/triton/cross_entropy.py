@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.triton.launch import dot_precision
+from videobert._kernels.triton.launch import LOG2E, dot_precision
+
+_LOG2E = tl.constexpr(LOG2E)
 
 # Launch configs on a GPU, from bench/tune.py on an H100 (bf16, N=16k, D=1024, V=51258) and spill-free on sm_80
 # and sm_90 (tests/test_compile_triton.py); smaller ones keep the interpreter quick.
@@ -51,30 +53,54 @@ MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
 @triton.jit
 def _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """fp32 logits of rows x cols (-inf in columns past V)."""
+                BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+    """fp32 logits of rows x cols; a MASKED tile may reach past V (-inf there), others lie inside."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D),
                     other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < D),
-                    other=0.0)
+        w_mask = (cols[:, None] < V) & (ks[None, :] < D) if MASKED else ks[None, :] < D
+        w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if MASKED:
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+        return tl.where(cols[None, :] < V, acc, float("-inf"))
     if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cols[None, :] < V, acc, float("-inf"))
+        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
-def _online_update(z, cols, labels, V, m, s, target, total):
-    """Fold a logit tile into the running max m, sum of exp(z - m), target logit and logit sum; `cols` (a row
-    of them or one row per logit row) are the tile's vocabulary indices, those outside [0, V) hold -inf."""
+def _exp(x):
+    """e^x as exp2 (`tl.exp` adds a subnormal-range fix-up of three instructions per element; results below
+    2^-126 flush to zero, which no softmax sum or gradient here can tell)."""
+    return tl.exp2(x * _LOG2E)
+
+
+@triton.jit
+def _has_target(labels, tile_lo, BLOCK_V: tl.constexpr):
+    """Whether any row's target column lies in the tile whose first column is `tile_lo` (per row or one)."""
+    rel = labels - tile_lo
+    return tl.max(((rel >= 0) & (rel < BLOCK_V)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _online_update(z, cols, tile_lo, labels, in_row, m, s, target, total, HAS_SMOOTHING: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold a logit tile into the running max m, sum of exp(z - m), target logit and (label smoothing) logit
+    sum. `cols` (one row for all rows) numbers the tile's columns from `tile_lo` on, as `labels` number the
+    targets; a MASKED tile holds -inf where `in_row` is False, others lie inside the rows. Per element: the max,
+    one exp and the sum, plus a compare and select only in tiles holding some row's target, and the logit sum
+    only with smoothing."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-    target += tl.sum(tl.where(cols == labels[:, None], z, 0.0), axis=1)
-    total += tl.sum(tl.where((cols >= 0) & (cols < V), z, 0.0), axis=1)
+    s = s * _exp(m - m_safe) + tl.sum(_exp(z - m_safe[:, None]), axis=1)
+    if _has_target(labels, tile_lo, BLOCK_V):
+        target += tl.sum(tl.where(cols == labels[:, None], z, 0.0), axis=1)
+    if HAS_SMOOTHING:
+        total += tl.sum(tl.where(in_row, z, 0.0) if MASKED else z, axis=1)
     return m_new, s, target, total
 
 
@@ -90,13 +116,24 @@ def _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, lab
 
 
 @triton.jit
-def _grad_tile(z, cols, labels, valid, lse, dloss, dlse, V, label_smoothing):
-    """d(loss * dloss + lse * dlse)/dz of a tile in fp32 (cols: vocabulary indices of its columns, one row per
-    logit row); zero on ignored rows and columns past V."""
-    p = tl.exp(z - lse[:, None])
-    g = p * (dloss + dlse)[:, None] - (label_smoothing / V) * dloss[:, None]
-    g -= tl.where(cols == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
-    return tl.where(valid[:, None] & (cols < V), g, 0.0)
+def _grad_tile(z, cols, tile_lo, labels, lse, dloss, dlse, V, label_smoothing, BLOCK_V: tl.constexpr):
+    """d(loss * dloss + lse * dlse)/dz of a tile in fp32 (`cols` numbers its columns from `tile_lo` on, as
+    `labels` number the targets); `lse`, `dloss` and `dlse` come from `_grad_rows` (ignored rows give zeros
+    without a select per element)."""
+    g = _exp(z - lse[:, None]) * (dloss + dlse)[:, None] - (label_smoothing / V) * dloss[:, None]
+    if _has_target(labels, tile_lo, BLOCK_V):
+        g -= tl.where(cols == labels[:, None], (1.0 - label_smoothing) * dloss[:, None], 0.0)
+    return g
+
+
+@triton.jit
+def _grad_rows(Lse, DLoss, DLse, rows, valid, N, HAS_DLSE: tl.constexpr):
+    """Per-row (lse, dloss, dlse) for `_grad_tile`: on ignored rows lse = +inf and zero upstream gradients, so
+    their softmax and every term vanish."""
+    lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
+    dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
+    dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
+    return tl.where(valid, lse, float("inf")), tl.where(valid, dloss, 0.0), tl.where(valid, dlse, 0.0)
 
 
 @triton.jit
@@ -109,19 +146,28 @@ def _row_block(Labels, pid, N, ignore_index, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, N, V, D, stride_h, stride_w, ignore_index,
-                          label_smoothing, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                          label_smoothing, HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     target = tl.zeros([BLOCK_M], tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # blocks of ignored rows cost nothing
-        for v0 in range(0, V, BLOCK_V):
+        # Whole tiles without column masks, then the partial last one.
+        for v0 in range(0, V - BLOCK_V + 1, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
-                            BLOCK_M, BLOCK_V, BLOCK_K)
-            m, s, target, total = _online_update(z, cols[None, :], labels, V, m, s, target, total)
+                            BLOCK_M, BLOCK_V, BLOCK_K, False)
+            m, s, target, total = _online_update(z, cols[None, :], v0, labels, True, m, s, target, total,
+                                                 HAS_SMOOTHING, False, BLOCK_V)
+        for v0 in range((V // BLOCK_V) * BLOCK_V, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
+                            BLOCK_M, BLOCK_V, BLOCK_K, True)
+            m, s, target, total = _online_update(z, cols[None, :], v0, labels, cols[None, :] < V, m, s, target,
+                                                 total, HAS_SMOOTHING, True, BLOCK_V)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
@@ -141,26 +187,29 @@ def _row_tiles(rows, stride, n, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _tile_offsets(base, shift, rows, t, n, N, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Offsets from the aligned row bases of tile t, its columns within the rows, and the load/store mask."""
-    idx = t * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = idx[None, :] - shift[:, None]
+    """Tile t's offsets, its positions from the aligned row bases (a row's element j sits at j + shift; one row
+    for all rows, so per-element work needs no per-row term), and the load/store mask: the block's rows and, in
+    MASKED tiles, positions inside the rows' n elements."""
+    idx = (t * BLOCK_V + tl.arange(0, BLOCK_V))[None, :]
     mask = (rows < N)[:, None]
     if MASKED:
-        mask = mask & (cols >= 0) & (cols < n)
-    return base[:, None] + idx[None, :], cols, mask
+        mask = mask & (idx >= shift[:, None]) & (idx < (shift + n)[:, None])
+    return base[:, None] + idx, idx, mask
 
 
 @triton.jit
-def _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total, MASKED: tl.constexpr,
-                      BLOCK_V: tl.constexpr):
-    offsets, cols, mask = _tile_offsets(base, shift, rows, t, V, N, MASKED, BLOCK_V)
+def _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total, HAS_SMOOTHING: tl.constexpr,
+                      MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    offsets, idx, mask = _tile_offsets(base, shift, rows, t, V, N, MASKED, BLOCK_V)
     z = tl.load(Z + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-    return _online_update(z, cols, labels, V, m, s, target, total)
+    return _online_update(z, idx, t * BLOCK_V, labels + shift, mask, m, s, target, total, HAS_SMOOTHING, MASKED,
+                          BLOCK_V)
 
 
 @triton.jit
 def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore_index, label_smoothing,
-                           ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                           HAS_SMOOTHING: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_V: tl.constexpr):
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
@@ -168,25 +217,26 @@ def _softmax_ce_fwd_kernel(Z, Labels, Loss, Lse, Correct, N, V, stride_z, ignore
     total = tl.zeros([BLOCK_M], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         base, shift, tail, count = _row_tiles(rows, stride_z, V, ALIGN, BLOCK_V)
-        m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, 0, N, V, m, s, target, total, True,
-                                                BLOCK_V)
+        m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, 0, N, V, m, s, target, total,
+                                                HAS_SMOOTHING, True, BLOCK_V)
         for t in range(1, tail):
             m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total,
-                                                    False, BLOCK_V)
+                                                    HAS_SMOOTHING, False, BLOCK_V)
         for t in range(tail, count):
             m, s, target, total = _softmax_fwd_tile(Z, base, shift, rows, labels, t, N, V, m, s, target, total,
-                                                    True, BLOCK_V)
+                                                    HAS_SMOOTHING, True, BLOCK_V)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
 @triton.jit
-def _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V, stride_dz,
+def _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, lse, dloss, dlse, t, N, width, V, stride_dz,
                       label_smoothing, SAME_STRIDE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
-    offsets, cols, mask = _tile_offsets(base, shift, rows, t, width, N, MASKED, BLOCK_V)
+    """`labels`: the targets' positions from the aligned row bases (see `_softmax_ce_bwd_kernel`)."""
+    offsets, idx, mask = _tile_offsets(base, shift, rows, t, width, N, MASKED, BLOCK_V)
     z = tl.load(Z + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-    g = _grad_tile(z, col0 + cols, labels, valid, lse, dloss, dlse, V, label_smoothing)
+    g = _grad_tile(z, idx, t * BLOCK_V, labels, lse, dloss, dlse, V, label_smoothing, BLOCK_V)
     # With the logits' row stride the gradient's tiles are aligned as theirs are (in place, or a dense copy).
-    dz = DZ + offsets if SAME_STRIDE else DZ + rows[:, None] * stride_dz + cols
+    dz = DZ + offsets if SAME_STRIDE else DZ + rows[:, None] * stride_dz + (idx - shift[:, None])
     tl.store(dz, g.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -196,18 +246,17 @@ def _softmax_ce_bwd_kernel(Z, Labels, Lse, DLoss, DLse, DZ, N, width, col0, V, s
                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """Gradient of `width` columns of logits, vocabulary entries col0 .. col0 + width - 1 of V."""
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
-    lse = tl.load(Lse + rows, mask=rows < N, other=0.0)
-    dloss = tl.load(DLoss + rows, mask=rows < N, other=0.0)
-    dlse = tl.load(DLse + rows, mask=rows < N, other=0.0) if HAS_DLSE else dloss * 0.0
+    lse, dloss, dlse = _grad_rows(Lse, DLoss, DLse, rows, valid, N, HAS_DLSE)
     base, shift, tail, count = _row_tiles(rows, stride_z, width, ALIGN, BLOCK_V)
-    _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, 0, N, width, col0, V, stride_dz,
-                      label_smoothing, SAME_STRIDE, True, BLOCK_V)
+    at = labels - col0 + shift  # targets as positions from the aligned row bases
+    _softmax_bwd_tile(Z, DZ, base, shift, rows, at, lse, dloss, dlse, 0, N, width, V, stride_dz, label_smoothing,
+                      SAME_STRIDE, True, BLOCK_V)
     for t in range(1, tail):
-        _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V,
-                          stride_dz, label_smoothing, SAME_STRIDE, False, BLOCK_V)
+        _softmax_bwd_tile(Z, DZ, base, shift, rows, at, lse, dloss, dlse, t, N, width, V, stride_dz,
+                          label_smoothing, SAME_STRIDE, False, BLOCK_V)
     for t in range(tail, count):
-        _softmax_bwd_tile(Z, DZ, base, shift, rows, labels, valid, lse, dloss, dlse, t, N, width, col0, V,
-                          stride_dz, label_smoothing, SAME_STRIDE, True, BLOCK_V)
+        _softmax_bwd_tile(Z, DZ, base, shift, rows, at, lse, dloss, dlse, t, N, width, V, stride_dz,
+                          label_smoothing, SAME_STRIDE, True, BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -241,8 +290,8 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
         _linear_ce_fwd_kernel[(triton.cdiv(N, bm),)](
             hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
             weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
-            DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
-            num_stages=stages)
+            HAS_SMOOTHING=label_smoothing > 0, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv,
+            BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return loss, lse, correct.bool()
 
 
@@ -305,8 +354,9 @@ def _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_
     if N:
         bm, bv, warps = _config(SOFTMAX_CONFIG["fwd"], logits.device)
         _softmax_ce_fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
-                                                       ignore_index, label_smoothing, ALIGN=TILE_ALIGN, BLOCK_M=bm,
-                                                       BLOCK_V=bv, num_warps=warps)
+                                                       ignore_index, label_smoothing,
+                                                       HAS_SMOOTHING=label_smoothing > 0, ALIGN=TILE_ALIGN,
+                                                       BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
 
 
 def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):

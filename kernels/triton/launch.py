@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the Triton launchers: dropout arguments and the precision of fp32 dots."""
+"""Host-side helpers shared by the Triton launchers: dropout arguments, the precision of fp32 dots, and log2(e)
+(the kernels take exponentials as exp2, one MUFU instruction)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +7,8 @@ from typing import Optional
 import torch
 
 from videobert._kernels.reference import dropout_threshold
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 
 def dropout_args(dropout_p: float, rng: Optional[torch.Tensor]) -> dict:

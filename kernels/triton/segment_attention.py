@@ -25,14 +25,13 @@ import triton
 import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
-from videobert._kernels.triton.launch import dot_precision, dropout_args
+from videobert._kernels.triton.launch import LOG2E, dot_precision, dropout_args
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 _RULE_SLOTS = tl.constexpr(MAX_MODALITIES * MAX_MODALITIES)
 _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
-LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
