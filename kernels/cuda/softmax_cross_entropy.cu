@@ -23,7 +23,7 @@ struct Stats {
 __device__ __forceinline__ Stats merge(Stats a, Stats b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {m, 0.f, a.total + b.total};
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m), a.total + b.total};
+  return {m, a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m), a.total + b.total};
 }
 
 __device__ __forceinline__ Stats block_merge(Stats v, Stats* smem) {
@@ -65,16 +65,16 @@ __global__ void __launch_bounds__(kThreads) softmax_ce_fwd_kernel(
     float tile_max = -INFINITY, tile_total = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (col + j < v) {
+      if (VECTORIZED || col + j < v) {  // vectorised rows hold whole vectors: no test per element
         tile_max = fmaxf(tile_max, x[j]);
         tile_total += x[j];
       }
     }
     const float m = fmaxf(st.m, tile_max);
-    float s = st.m == -INFINITY ? 0.f : st.s * expf(st.m - m);
+    float s = st.m == -INFINITY ? 0.f : st.s * fast_exp(st.m - m);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (col + j < v) s += expf(x[j] - m);
+      if (VECTORIZED || col + j < v) s += fast_exp(x[j] - m);
     }
     st = {m, s, st.total + tile_total};
   }
@@ -98,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) softmax_ce_bwd_kernel(
   const int64_t row = blockIdx.x;
   const int64_t label = labels[row];
   const bool valid = label != ignore_index;
-  const float lse = lse_in[row], dloss = valid ? dloss_in[row] : 0.f;
+  // An ignored row gets lse = +inf and zero upstream gradients: every term vanishes, no select per element.
+  const float lse = valid ? lse_in[row] : INFINITY, dloss = valid ? dloss_in[row] : 0.f;
   const float scale = dloss + (valid && dlse_in != nullptr ? dlse_in[row] : 0.f);
   const float uniform = label_smoothing / static_cast<float>(v) * dloss;
   const float hit = (1.f - label_smoothing) * dloss;
@@ -108,8 +109,10 @@ __global__ void __launch_bounds__(kThreads) softmax_ce_bwd_kernel(
     float x[VEC], out[VEC];
     load<T, VEC, VECTORIZED>(z, col, v, x);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      out[j] = valid ? expf(x[j] - lse) * scale - uniform - (col + j == label ? hit : 0.f) : 0.f;
+    for (int j = 0; j < VEC; ++j) out[j] = fast_exp(x[j] - lse) * scale - uniform;
+    if (label >= col && label < col + VEC) {  // the target lies in this thread's vector
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] -= col + j == label ? hit : 0.f;
     }
     store<T, VEC, VECTORIZED>(g, col, v, out);
   }
