@@ -225,12 +225,12 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
 
 
 # Known, measured exceptions (stack bytes per thread, upper bounds), compiled as launched (Triton 3.9). The linear
-# cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (a 32 B frame) but ran at 392 TFLOP/s
+# cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (a 16 B frame) but ran at 392 TFLOP/s
 # on an H100 (bench/tune.py), 2.4x the spill-free (64, 128, 32, 8, 3). The LayerNorm backward at hidden 8192 holds
 # 16 columns per thread of the dweight and dbias partial sums beside the row's values at the 128-register cap of
 # 16 warps; with residual, bias, dropout and the extra ds input it spills on sm_90 (a 40 B frame; none without
 # them, none on sm_80); 32 warps (a 64-register cap) spill more.
-_ALLOWED_STACK_BYTES = {"cross_entropy linear_fwd sm_80": 64, "layer_norm bwd N=8192 sm_90 full=True": 64}
+_ALLOWED_STACK_BYTES = {"cross_entropy linear_fwd sm_80": 32, "layer_norm bwd N=8192 sm_90 full=True": 64}
 
 
 def attention_loops(kind: str, rules: bool):
