@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, markdown_table, measure_peaks, on_gpu, write_results  # noqa: E402
 
-from videobert.config import VideoBERTConfig  # noqa: E402
+from videobert.config import PRESETS, VideoBERTConfig  # noqa: E402
 from videobert.corpus import synthetic_corpus  # noqa: E402
 from videobert.data import allowed_pairs  # noqa: E402
 from videobert.model import VideoBERTForPretraining  # noqa: E402
@@ -117,8 +117,8 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
 def _presets(text: str) -> list[str]:
     """Preset names from "base,large"; each must be a VideoBERTConfig preset."""
     names = text.split(",")
-    if not names or any(name not in ("tiny", "base", "large") for name in names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated presets of tiny, base, large, got {text!r}")
+    if any(name not in PRESETS for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated presets of {', '.join(PRESETS)}, got {text!r}")
     return names
 
 
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     """Run the end-to-end benchmark; writes train.{csv,json,md} under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps, and base only unless --presets")
-    parser.add_argument("--presets", type=_presets, help="comma-separated presets of tiny, base, large (default: "
-                                                         "base,large; base with --quick)")
+    parser.add_argument("--presets", type=_presets, help=f"comma-separated presets of {', '.join(PRESETS)} "
+                                                         "(default: base,large; base with --quick)")
     parser.add_argument("--videos", type=int, default=256, help="videos per batch (about 60 real tokens each)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of each provider")
     args = parser.parse_args(argv)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from videobert.config import PRESETS
+
 
 def _info(args: argparse.Namespace) -> int:
     from videobert.ops import available_backends
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and which backend of each op is available").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="train the encoder on one packed batch of random samples")
-    demo.add_argument("--preset", default="tiny", choices=("tiny", "base", "large"))
+    demo.add_argument("--preset", default="tiny", choices=PRESETS)
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--samples", type=int, default=16)
     demo.add_argument("--row-length", type=int, default=128)

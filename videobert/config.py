@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 EXTRA_SPECIAL_TOKENS = ("[>]", "[FEAT]")
+PRESETS = ("tiny", "base", "large")  # the VideoBERTConfig classmethods of these names
 
 
 @dataclass
@@ -100,9 +101,9 @@ class VideoBERTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VideoBERTConfig":
-        """The preset called `name` ("tiny", "base" or "large")."""
-        if name not in ("tiny", "base", "large"):
-            raise ValueError(f"preset must be one of 'tiny', 'base', 'large', got {name!r}")
+        """The preset called `name` (one of PRESETS: "tiny", "base" or "large")."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
         return getattr(cls, name)(**overrides)
 
     def to_dict(self) -> dict:

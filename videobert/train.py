@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from videobert.config import VideoBERTConfig
+from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs
 from videobert.model import VideoBERTForPretraining
 from videobert.profiling import nvtx_range
@@ -535,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser, fields: type = TrainArgs, cho
                   required: tuple = ()) -> None:
     """Flags for a run-arguments dataclass, one per field (`--field-name`): booleans as switches, `choices` per
     field name, `required` ones without a default. `videobert pretrain` takes TrainArgs's."""
-    choices = {"preset": ("tiny", "base", "large"), "on_nan": ("stop", "skip"), **(choices or {})}
+    choices = {"preset": PRESETS, "on_nan": ("stop", "skip"), **(choices or {})}
     for name, default in asdict(fields()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
