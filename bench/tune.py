@@ -10,6 +10,9 @@ these tables (each says which constant it informs).
 - linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
   as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
   LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258.
+- linear_ce_backward_tuning: the linear cross-entropy backward per method, one sweep (fp32 dhidden accumulator)
+  and two sweeps, with its scratch memory, bf16 N=16k, D=1024, V in (51258, 30522) (SCRATCH_SHARE and
+  LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one sweep where it fits).
 Small kernels are timed as CUDA-graph replays (device time, no host launch overhead), millisecond-scale ones
 with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]. Needs a GPU (exits 0 without one).
 """
@@ -171,6 +174,42 @@ def linear_rows(matmul_tflops: float) -> list[dict]:
     return out
 
 
+def linear_backward_rows() -> list[dict]:
+    """Times and scratch memory of the linear cross-entropy backward per method, and which one the launcher
+    picks by default."""
+    from videobert._kernels.triton import cross_entropy as ce
+
+    N, D = 16384, 1024
+    out = []
+    for V in (51258, 30522):
+        hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+        weight = (torch.randn(V, D, device="cuda") * D ** -0.5).to(torch.bfloat16)
+        labels = torch.randint(0, V, (N,), device="cuda")
+        _, lse, _ = ce.linear_cross_entropy_fwd(hidden, weight, labels, None, -100, 0.0)
+        dloss = torch.full((N,), 1.0 / N, device="cuda")
+        default = "two_sweeps" if ce._one_sweep_cols(N, D, V, hidden.dtype, hidden.device) is None else "one_sweep"
+        for method in ce.LINEAR_BACKWARD_METHODS:
+            def backward(method=method):
+                return ce.linear_cross_entropy_bwd(dloss, None, hidden, weight, labels, None, lse, -100, 0.0,
+                                                   method=method)
+            try:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                grads = backward()
+                torch.cuda.synchronize()
+                scratch = torch.cuda.max_memory_allocated() - base - sum(g.numel() * g.element_size()
+                                                                         for g in grads if g is not None)
+                del grads
+                ms = bench_ms(backward)[0]
+            except Exception as exc:  # a method that cannot run here is reported, not fatal
+                print(f"linear backward {method} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                continue
+            out.append(dict(V=V, method=method, default=method == default, bwd_ms=ms,
+                            scratch_mib=scratch / 2**20, scratch_pct_of_fp32_logits=100 * scratch / (4 * N * V)))
+    return out
+
+
 def main(argv=None) -> int:
     """Run the sweeps; writes <table>.{csv,json,md} beside the other results."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -196,6 +235,9 @@ def main(argv=None) -> int:
     linear = linear_rows(peaks["matmul_tflops"])
     write_results("linear_ce_tuning", linear, {"peaks": peaks})
     print(markdown_table(linear))
+    backward = linear_backward_rows()
+    write_results("linear_ce_backward_tuning", backward, {"peaks": peaks})
+    print(markdown_table(backward))
     best = {}
     for row in results:
         key = (row["kernel"], row["hidden"])

@@ -264,6 +264,55 @@ def test_triton_linear_forward_methods_match_float64(method):
     assert torch.equal(correct, valid & (target >= logits.max(-1).values))
 
 
+@pytest.mark.parametrize("method", ["one_sweep", "two_sweeps"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_linear_backward_methods_match_float64(method, dtype):
+    """Both backward algorithms (one sweep with an fp32 dhidden accumulator, two sweeps without) give the
+    reference's gradients of hidden, weight and bias over several chunks, with smoothing, ignored rows, a
+    per-row upstream gradient and one through lse."""
+    from videobert._kernels.triton import cross_entropy as ce
+
+    device = _triton_or_skip()
+    gen = torch.Generator().manual_seed(16)
+    N, D, V = 37, 64, 1000
+    hidden = torch.randn(N, D, generator=gen).to(device, dtype)
+    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype)
+    bias = (0.1 * torch.randn(V, generator=gen)).to(device, dtype)
+    labels = make_labels(N, V, gen).to(device)
+    dloss, dlse = torch.randn(N, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
+    _, lse, _ = ce.linear_cross_entropy_fwd(hidden, weight, labels, bias, -100, 0.1)
+    grads = ce.linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, -100, 0.1, method=method)
+
+    p64 = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = F.linear(*p64)
+    valid = labels != -100
+    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
+    e_lse = torch.where(valid, torch.logsumexp(logits, -1), 0.0)
+    e_grads = torch.autograd.grad((loss, e_lse), p64, (dloss.double(), dlse.double()))
+    for name, g, e in zip(("dhidden", "dweight", "dbias"), grads, e_grads):
+        assert g.dtype == dtype, name
+        assert_close(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype, D, V, method", [
+    (torch.bfloat16, 1024, 51258, "one_sweep"), (torch.bfloat16, 768, 51258, "one_sweep"),
+    (torch.bfloat16, 1024, 30522, "two_sweeps"), (torch.bfloat16, 1024, 20736, "two_sweeps"),
+    (torch.float32, 4096, 30522, "one_sweep"), (torch.float32, 1024, 20736, "two_sweeps")])
+def test_linear_backward_default_method_keeps_scratch_in_budget(dtype, D, V, method):
+    """On a GPU the backward takes one sweep where its fp32 accumulator and chunks of at least MIN_CHUNK
+    vocabulary entries fit SCRATCH_SHARE of the fp32 logits (fp32 inputs need no accumulator), else two."""
+    from videobert._kernels.triton import cross_entropy as ce
+
+    N, cuda = 16384, torch.device("cuda")  # only the device type matters: no GPU is used
+    cols = ce._one_sweep_cols(N, D, V, dtype, cuda)
+    assert ("two_sweeps" if cols is None else "one_sweep") == method
+    if cols is not None:
+        element = torch.finfo(dtype).bits // 8
+        scratch = N * cols * element + (0 if dtype == torch.float32 else N * D * 4)
+        assert ce.MIN_CHUNK["gpu"][0] <= cols <= V and cols % ce.ROW_ALIGN == 0
+        assert scratch <= ce.SCRATCH_SHARE * N * V * 4
+
+
 def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
     device = _triton_or_skip()
     gen = torch.Generator().manual_seed(5)

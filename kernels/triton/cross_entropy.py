@@ -7,11 +7,14 @@ an online max / sum-exp, the target logit and (for label smoothing) the logit su
 written. Row blocks whose rows are all ignored skip every tile.
 Linear backward: dweight and dhidden each reduce over a whole dimension (all rows, all vocabulary entries) that
 register tiles cannot hold at hidden sizes near 1k; accumulating tile products with atomics instead took about
-200 ms at N=16k, D=1024, V=51k on an H100 (6x eager). So the backward makes two sweeps of chunked GEMMs (cuBLAS
-on a GPU) around the Triton gradient kernel: per vocabulary chunk, recompute its logits for all rows, turn them
-into `dloss * (softmax - (1 - ls) * onehot - ls / V) + dlse * softmax` in place and take dweight (and dbias) of
-the chunk in one GEMM; then per row chunk likewise for dhidden. Each gradient is one GEMM's fp32 accumulation,
-rounded once; a chunk holds 1/CHUNKS of the (N, V) logits in the inputs' dtype, nothing of size (N, V) exists.
+200 ms at N=16k, D=1024, V=51k on an H100 (6x eager). So the backward runs chunked GEMMs (cuBLAS on a GPU) around
+the Triton gradient kernel: per vocabulary chunk, recompute its logits for all rows, turn them into
+`dloss * (softmax - (1 - ls) * onehot - ls / V) + dlse * softmax` in place and take dweight (and dbias) of the
+chunk in one GEMM. dhidden sums over every chunk: "one_sweep" adds each chunk's share in the same sweep into an
+fp32 (N, D) accumulator (fp16/bf16 GEMMs accumulating in fp32, rounded once at the end: 6 N D V flops in all);
+"two_sweeps" recomputes the logits per row chunk over the whole vocabulary instead and takes dhidden of the rows
+in one GEMM (8 N D V flops, no accumulator), for when the accumulator would not fit the scratch budget
+(SCRATCH_SHARE). A chunk holds a slice of the (N, V) logits in the inputs' dtype; nothing of size (N, V) exists.
 Softmax forward/backward: the same online statistics over given logits, and the gradient written once per
 element (optionally into the logits buffer).
 """
@@ -36,9 +39,14 @@ LINEAR_CONFIG = {"gpu": (128, 128, 64, 8, 3), "interpret": (16, 64, 32, 4, 1)}
 # 78% of copy bandwidth, against 36% and 47% for (4, 1024, 8).
 SOFTMAX_CONFIG = {"fwd": {"gpu": (1, 2048, 4), "interpret": (4, 64, 4)},
                   "bwd": {"gpu": (1, 8192, 16), "interpret": (4, 64, 4)}}
-# The linear backward's chunks: 1/CHUNKS of the vocabulary (or of the rows) each, but at least this many
-# vocabulary entries and rows (GEMMs that fill the GPU; several chunks even at test sizes in the interpreter).
+# The chunked sweeps: 1/CHUNKS of the vocabulary (or of the rows) each, but at least MIN_CHUNK vocabulary entries
+# and rows (GEMMs that fill the GPU; several chunks even at test sizes in the interpreter).
 CHUNKS = 16
+MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
+# The linear backward's scratch memory (chunk buffer and accumulator) as a share of the (N, V) fp32 logits eager
+# PyTorch would hold (the MLM-loss issue's budget is 5%): "one_sweep" is the default where its chunks of at least
+# MIN_CHUNK entries and its accumulator fit this, "two_sweeps" (1/CHUNKS of bf16 logits: 1/32) elsewhere.
+SCRATCH_SHARE = 1 / 25
 # Row stride (elements) of the logits chunk buffers: without 16-byte rows cuBLAS falls back to slow kernels for
 # V = 30522 or 51258 (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100).
 ROW_ALIGN = 16
@@ -47,7 +55,7 @@ ROW_ALIGN = 16
 # when it divides by 16: user logits 51258 wide got element loads); at most every BLOCK_V.
 TILE_ALIGN = 16
 LINEAR_FORWARD = "fused"
-MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
+LINEAR_BACKWARD_METHODS = ("one_sweep", "two_sweeps")
 
 
 @triton.jit
@@ -311,10 +319,40 @@ def _chunk_rows(N: int, device: torch.device) -> int:
     return min(N, max(_config(MIN_CHUNK, device)[1], triton.cdiv(N, CHUNKS)))
 
 
-def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing):
+# fp16/bf16 GEMMs accumulating into an fp32 `self` (torch.addmm(..., out_dtype=torch.float32)) run on CUDA from
+# PyTorch 2.10 on (2.8 and 2.9 took out_dtype only with `self` in the operands' dtype).
+_MIXED_ADDMM = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 10)
+
+
+def _accumulate_mm(acc, a, b, first: bool) -> None:
+    """acc = (0 if first else acc) + a @ b for an fp32 `acc`; fp16/bf16 operands are multiplied and accumulated in
+    fp32 by the GEMM itself, so no product is rounded to their dtype."""
+    beta = 0 if first else 1
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, beta=beta, out=acc)
+    elif a.is_cuda and _MIXED_ADDMM:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
+    else:  # the CPU (the interpreter's tests) and older PyTorch have no mixed-precision GEMM
+        torch.addmm(acc, a.float(), b.float(), beta=beta, out=acc)
+
+
+def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device) -> Optional[int]:
+    """Vocabulary entries per chunk of the one-sweep backward within SCRATCH_SHARE of the fp32 logits (a multiple
+    of ROW_ALIGN, at most V), or None where not even MIN_CHUNK entries fit beside the accumulator or the GPU's
+    PyTorch cannot accumulate fp16/bf16 products in fp32."""
+    half = dtype != torch.float32
+    if half and device.type == "cuda" and not _MIXED_ADDMM:
+        return None
+    row_budget = SCRATCH_SHARE * 4 * V - (4 * D if half else 0)  # bytes per row: the accumulator's, the chunk's
+    cols = int(row_budget // (torch.finfo(dtype).bits // 8)) // ROW_ALIGN * ROW_ALIGN
+    return min(V, cols) if cols >= min(V, _config(MIN_CHUNK, device)[0]) else None
+
+
+def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
+                             method: Optional[str] = None):
     """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
-    gradient kernel (module docstring). One buffer holds the current chunk of logits, its rows padded to
-    ROW_ALIGN elements."""
+    gradient kernel (module docstring). `method`: "one_sweep" or "two_sweeps"; by default one sweep where it fits
+    SCRATCH_SHARE. One buffer holds the current chunk of logits, its rows padded to ROW_ALIGN elements."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -325,10 +363,22 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
     if N == 0:
         dw.zero_()
         return dh, dw, None if db is None else db.zero_()
-    cols = min(V, _round_up(max(_config(MIN_CHUNK, hidden.device)[0], triton.cdiv(V, CHUNKS)), 64))
+    if method not in (None,) + LINEAR_BACKWARD_METHODS:
+        raise ValueError(f"method must be one of {LINEAR_BACKWARD_METHODS} or None, got {method!r}")
+    one_sweep_cols = _one_sweep_cols(N, D, V, hidden.dtype, hidden.device)
+    if method is None:
+        method = "two_sweeps" if one_sweep_cols is None else "one_sweep"
+    min_cols = _config(MIN_CHUNK, hidden.device)[0]
+    if method == "one_sweep":
+        cols = one_sweep_cols or min(V, _round_up(min_cols, ROW_ALIGN))  # bench/tune.py may ask for it anywhere
+        acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
+    else:
+        cols = min(V, _round_up(max(min_cols, triton.cdiv(V, CHUNKS)), 64))
     rows = _chunk_rows(N, hidden.device)
     col_stride, row_stride = _round_up(cols, ROW_ALIGN), _round_up(V, ROW_ALIGN)
-    buffer = torch.empty(max(N * col_stride, rows * row_stride), device=hidden.device, dtype=hidden.dtype)
+    one_sweep = method == "one_sweep"
+    buffer = torch.empty(max(N * col_stride, 0 if one_sweep else rows * row_stride), device=hidden.device,
+                         dtype=hidden.dtype)
     by_cols = buffer[:N * col_stride].view(N, col_stride)
     for c0 in range(0, V, cols):  # dweight (and dbias) of each vocabulary chunk: all rows in one GEMM
         c1 = min(V, c0 + cols)
@@ -338,6 +388,12 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
         torch.mm(g.T, hidden, out=dw[c0:c1])
         if db is not None:
             db[c0:c1] = g.sum(0, dtype=torch.float32)
+        if one_sweep:  # and this chunk's share of dhidden
+            _accumulate_mm(acc, g, weight[c0:c1], first=c0 == 0)
+    if one_sweep:
+        if acc is not dh:
+            dh.copy_(acc)
+        return dh, dw, db
     by_rows = buffer[:rows * row_stride].view(rows, row_stride)
     for r0 in range(0, N, rows):  # dhidden of each row chunk: the whole vocabulary in one GEMM
         r1 = min(N, r0 + rows)
