@@ -44,7 +44,9 @@ def test_end_to_end_training_benchmark_smoke(tmp_path, monkeypatch, capsys):
 
     assert module.main([]) == 0
     assert "NOT GPU figures" in capsys.readouterr().out
-    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert data["meta"]["vocab_size"] == 30522 + 2 + 20736  # BERT's word pieces, [>] [FEAT], visual tokens
+    rows = data["rows"]
     assert {r["provider"] for r in rows} == {"videobert_fused", "videobert_reference_ops", "hugging_face_bert_sdpa"}
     assert all(r["tokens_per_s"] > 0 and r["steps_per_s"] > 0 for r in rows)
     hf = next(r for r in rows if r["provider"] == "hugging_face_bert_sdpa")
