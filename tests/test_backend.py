@@ -115,3 +115,16 @@ def test_no_top_level_kernels_module_is_installed():
     assert Path(ours).name == "__init__.py"
     # "none", or another distribution's module (the PyPI package of that name), never our folder
     assert top == "none" or not top.startswith(str(ROOT)), f"a top-level 'kernels' resolves to {top}"
+
+
+def test_triton_launch_helpers():
+    """The plain-int grid helpers agree with Triton's (constexpr functions, slow on the host); the dropout
+    arguments are Triton's int32 view of the offset, the keep threshold and scale, and neutral without dropout."""
+    triton = pytest.importorskip("triton")
+    from videobert._kernels.triton.launch import cdiv, dropout_args, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 1100))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in (1, 3, 16, 64, 129))
+    assert dropout_args(0.0, None) == dict(seed=0, offset=0, threshold=0, drop_scale=1.0)
+    args = dropout_args(0.25, torch.tensor([7, 2**32 + 2**31 + 5]))
+    assert args == dict(seed=7, offset=-(2**31) + 5, threshold=2**29, drop_scale=1 / 0.75)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.triton.launch import dropout_args
+from videobert._kernels.triton.launch import cdiv, dropout_args, next_power_of_2
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HIDDEN = 8192
@@ -130,7 +130,7 @@ def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     N = 2048 (many loads in flight per thread beat more warps: 16 warps ran at 10-20% of copy bandwidth there,
     4 warps at 61-81%; 8k elements were a little faster but spill), one row over 16 warps above (80-87% at
     4096)."""
-    block_n = max(16, triton.next_power_of_2(N))
+    block_n = max(16, next_power_of_2(N))
     if backward:
         return (block_n, max(1, 4096 // block_n), 4) if block_n <= 2048 else (block_n, 1, 16)
     rows = max(1, min(16, 4096 // block_n))
@@ -158,7 +158,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=No
     if M == 0:
         return out, s, mean, rstd
     block_n, rows, warps = config or launch_config(N)
-    _add_layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+    _add_layer_norm_fwd_kernel[(cdiv(M, rows),)](
         x, x if residual is None else residual, weight, weight if bias is None else bias, out, s, mean, rstd, M, N,
         eps, **dropout_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
@@ -174,7 +174,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     dx = torch.empty_like(s)
     dres = torch.empty_like(s) if has_residual else None
     block_n, rows, warps = config or launch_config(N, backward=True)
-    num_tiles = triton.cdiv(M, rows)
+    num_tiles = cdiv(M, rows)
     sms = _multiprocessors(s.device.index or 0) if s.is_cuda else 1
     programs = min(num_tiles, programs_per_sm * sms)
     programs = max(programs, 1)
@@ -189,7 +189,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
             LOOP_STAGES=loop_stages, num_warps=warps)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
-    _column_sum_kernel[(triton.cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
+    _column_sum_kernel[(cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
                                                                  BLOCK_G=64, BLOCK_C=32)
     return dx, dres, dw, db
 

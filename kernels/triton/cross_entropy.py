@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.triton.launch import LOG2E, dot_precision
+from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision
 
 _LOG2E = tl.constexpr(LOG2E)
 
@@ -295,7 +295,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
                                 loss[r0:r1], lse[r0:r1], correct[r0:r1], ignore_index, label_smoothing)
     elif N:
         bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
-        _linear_ce_fwd_kernel[(triton.cdiv(N, bm),)](
+        _linear_ce_fwd_kernel[(cdiv(N, bm),)](
             hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
             weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
             HAS_SMOOTHING=label_smoothing > 0, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv,
@@ -316,7 +316,7 @@ def _round_up(n: int, multiple: int) -> int:
 def _chunk_rows(N: int, device: torch.device) -> int:
     """Rows per chunk of the whole-vocabulary sweeps (chunked forward, dhidden): 1/CHUNKS of them, at least the
     minimum."""
-    return min(N, max(_config(MIN_CHUNK, device)[1], triton.cdiv(N, CHUNKS)))
+    return min(N, max(_config(MIN_CHUNK, device)[1], cdiv(N, CHUNKS)))
 
 
 # fp16/bf16 GEMMs accumulating into an fp32 `self` (torch.addmm(..., out_dtype=torch.float32)) run on CUDA from
@@ -373,7 +373,7 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
         cols = one_sweep_cols or min(V, _round_up(min_cols, ROW_ALIGN))  # bench/tune.py may ask for it anywhere
         acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
     else:
-        cols = min(V, _round_up(max(min_cols, triton.cdiv(V, CHUNKS)), 64))
+        cols = min(V, _round_up(max(min_cols, cdiv(V, CHUNKS)), 64))
     rows = _chunk_rows(N, hidden.device)
     col_stride, row_stride = _round_up(cols, ROW_ALIGN), _round_up(V, ROW_ALIGN)
     one_sweep = method == "one_sweep"
@@ -409,7 +409,7 @@ def _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_
     N, V = logits.shape
     if N:
         bm, bv, warps = _config(SOFTMAX_CONFIG["fwd"], logits.device)
-        _softmax_ce_fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
+        _softmax_ce_fwd_kernel[(cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
                                                        ignore_index, label_smoothing,
                                                        HAS_SMOOTHING=label_smoothing > 0, ALIGN=TILE_ALIGN,
                                                        BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
@@ -433,7 +433,7 @@ def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, la
     grad = torch.empty_like(logits) if out is None else out
     if N:
         bm, bv, warps = _config(SOFTMAX_CONFIG["bwd"], logits.device)
-        _softmax_ce_bwd_kernel[(triton.cdiv(N, bm),)](
+        _softmax_ce_bwd_kernel[(cdiv(N, bm),)](
             logits, labels, lse, dloss.float().contiguous(), dloss if dlse is None else dlse.float().contiguous(),
             grad, N, width, col0, width if vocab is None else vocab, logits.stride(0), grad.stride(0), ignore_index,
             label_smoothing, HAS_DLSE=dlse is not None, SAME_STRIDE=grad.stride(0) == logits.stride(0),

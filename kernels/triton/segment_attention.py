@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
-from videobert._kernels.triton.launch import LOG2E, dot_precision, dropout_args
+from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision, dropout_args, next_power_of_2
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HEAD_DIM = 128
@@ -530,35 +530,40 @@ def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.T
     mod = modality_ids if has_rules else segment_ids
     rules = modality_rules.contiguous() if has_rules else segment_ids
     block = 64 if segment_ids.is_cuda else 32
-    _segment_metadata_kernel[(triton.cdiv(L, block), B)](
+    _segment_metadata_kernel[(cdiv(L, block), B)](
         segment_ids, mod, rules, meta, segment_ids.stride(0), segment_ids.stride(1), mod.stride(0), mod.stride(1),
         B, L, NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules, BLOCK=block)
     return meta
 
 
-# The last ids given to `reused_metadata` and their metadata: (id tensors, their version counters, metadata).
+# The last ids given to `reused_metadata`, their version counters and metadata planes.
 _last_metadata: Optional[tuple] = None
 
 
+def _planes(meta: torch.Tensor) -> tuple:
+    """(canonical ids, modality ids, the five window planes) of `attention_metadata`'s tensor."""
+    return meta[0], meta[1], meta[2:]
+
+
 def reused_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
-                    modality_rules: Optional[torch.Tensor]) -> torch.Tensor:
-    """`attention_metadata` of these ids, reused while the very same id tensors come back unchanged (same
-    objects, same version counters), as they do for every layer of a model's forward and backward: one launch
-    per batch instead of two per layer. Recomputed for any other tensors, after any in-place change, during
-    CUDA graph capture (a replay must rebuild it from the graph's own ids) and for inference tensors (which
-    have no version counter)."""
+                    modality_rules: Optional[torch.Tensor]) -> tuple:
+    """`attention_metadata` of these ids as its planes (`_planes`), reused while the very same id tensors come
+    back unchanged (same objects, same version counters), as they do for every layer of a model's forward and
+    backward: one launch per batch instead of two per layer. Recomputed for any other tensors, after any in-place
+    change, during CUDA graph capture (a replay must rebuild it from the graph's own ids) and for inference
+    tensors (which have no version counter)."""
     global _last_metadata
     ids = (segment_ids, modality_ids, modality_rules)
     present = [t for t in ids if t is not None]
     if any(t.is_inference() for t in present) or (segment_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return attention_metadata(*ids)
+        return _planes(attention_metadata(*ids))
     versions = tuple(t._version for t in present)
     last = _last_metadata  # one read: another thread may replace it meanwhile
     if last is not None and all(a is b for a, b in zip(last[0], ids)) and last[1] == versions:
         return last[2]
-    meta = attention_metadata(*ids)
-    _last_metadata = (ids, versions, meta)  # holds the ids alive, so no other tensor can take their place
-    return meta
+    planes = _planes(attention_metadata(*ids))
+    _last_metadata = (ids, versions, planes)  # holds the ids alive, so no other tensor can take their place
+    return planes
 
 
 def forget_metadata() -> None:
@@ -571,24 +576,23 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     """Kernel arguments shared by the forward and backward launches."""
     B, L, H, D = q.shape
     has_rules = modality_rules is not None
-    meta = reused_metadata(segment_ids, modality_ids, modality_rules)
-    seg, mod, windows = meta[0], meta[1], meta[2:]
+    seg, mod, windows = reused_metadata(segment_ids, modality_ids, modality_rules)
     rules = modality_rules.contiguous() if has_rules else seg
-    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng), L_BUCKET=triton.next_power_of_2(max(L, 1)))
-    consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng), L_BUCKET=next_power_of_2(max(L, 1)))
+    consts = dict(HEAD_DIM=D, BLOCK_D=max(16, next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
                   HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
     return seg, mod, windows, rules, scalars, consts
 
 
 def _strides(*tensors):
-    return [s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2))]
+    return [s for t in tensors for s in t.stride()[:3]]
 
 
 def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
     B, H = scalars["B"], scalars["H"]
     if device_is_cuda and autotune_enabled():
-        grid = lambda meta: (triton.cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
+        grid = lambda meta: (cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
         tuned[grid](*args, **scalars, **consts)
         return
     if device_is_cuda:
@@ -599,7 +603,7 @@ def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
     else:
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
     block = block_m if grid_dim == "BLOCK_M" else block_n
-    tuned.fn[(triton.cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
+    tuned.fn[(cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
                                                           BLOCK_N=block_n, **options)
 
 
@@ -629,7 +633,7 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
                                                         rng)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     block = 64 if q.is_cuda else 32
-    _segment_attention_bwd_preprocess_kernel[(triton.cdiv(L, block), B * H)](
+    _segment_attention_bwd_preprocess_kernel[(cdiv(L, block), B * H)](
         out, dout, delta, *_strides(out, dout), H, L, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block)
     scalars = dict(scalars, scale=softmax_scale, scale_log2=softmax_scale * LOG2E)
     strides = _strides(q, k, v, dout)
