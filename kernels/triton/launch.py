@@ -31,7 +31,8 @@ def dropout_args(dropout_p: float, rng: Optional[torch.Tensor]) -> dict:
     1 / (1 - p) scale; seed, offset and threshold 0 and scale 1 when there is no dropout."""
     if dropout_p == 0:
         return _NO_DROPOUT
-    seed, offset = (int(rng[0]), int(rng[1]) & 0xFFFFFFFF) if rng is not None else (0, 0)
+    seed, offset = rng.tolist() if rng is not None else (0, 0)  # one host read, not one per element
+    offset &= 0xFFFFFFFF
     return dict(seed=seed, offset=offset - 2**32 if offset >= 2**31 else offset,
                 threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
 

@@ -74,11 +74,13 @@ def make_rng(dropout_p: float, rng: Optional[torch.Tensor]) -> Optional[torch.Te
         return None
     if rng is None:
         # A fresh 62-bit seed per call from the (seedable) default generator; CPU, so no device sync.
-        return torch.stack([torch.randint(0, 2**62, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
+        rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+        rng[1] = 0
+        return rng
     check_tensor("rng", rng, dtypes=(torch.int64,), shape=(2,), device=torch.device("cpu"))
     return rng
 
 
 def rng_pair(rng: Optional[torch.Tensor]) -> tuple[int, int]:
     """(seed, offset) as Python ints, (0, 0) when there is no dropout."""
-    return (0, 0) if rng is None else (int(rng[0]), int(rng[1]))
+    return (0, 0) if rng is None else tuple(rng.tolist())
