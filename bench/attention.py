@@ -4,7 +4,9 @@ Rows of VideoBERT-like packed samples (text 10-60 tokens, video 10-120, plus [CL
 sample each, D=64 with BERT-base/large head counts, L in 512..4096, 16k tokens per batch. Forward, backward
 and forward+backward; TFLOP/s count only allowed (query, key) pairs (forward 4*H*D per pair, backward 2.5x).
 Per-batch setups (this kernel's metadata, FlexAttention's block mask) are timed alone and also reported added
-to each call ("videobert+metadata", "flex+create_block_mask"), which compare with each other.
+to each call ("videobert+metadata", "flex+create_block_mask"), which compare with each other. `ms` is the time per
+call as a caller sees it, host overhead included (a small packed case can be bound by it); `device_ms` replays the
+calls from a CUDA graph (device time alone; this kernel's includes its metadata launch, which a capture rebuilds).
 Usage: python bench/attention.py [--quick]. Without a GPU it runs a toy smoke pass on the CPU and says so.
 """
 from __future__ import annotations
@@ -20,8 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, rotating,  # noqa: E402
-                    write_results)
+from common import (bench_graph_ms, bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
+                    rotating, write_results)
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
 from videobert._kernels.triton.segment_attention import attention_metadata, reset_autotuning  # noqa: E402
@@ -118,30 +120,43 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     seg = seg.to(device)
     pairs = allowed_pairs(seg.cpu())
     fwd_flops = 4.0 * pairs * H * D
-    q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    sets = rotating(q, k, v, torch.randn_like(q))  # the output has q's shape: the last one is its gradient
+    # From the CPU generator: a peer whose CUDA-graph capture fails can leave the CUDA generator unusable.
+    q, k, v, dout = (torch.randn(B, L, H, D).to(device, dtype) for _ in range(4))
+    sets = rotating(*(t.requires_grad_() for t in (q, k, v)), dout)  # dout: the gradient of the output (q's shape)
     reset_autotuning()  # each layout is its own workload: packed rows must not pick one-sample rows' tiles
-    rows = []
-    for name, (setup, fn) in providers(seg).items():
-        setup_ms = setup[1] if setup else None
-        timings = {}
+    named = providers(seg)
+    timings = {}
+    for name, (setup, fn) in named.items():
+        timings[name] = {}
         try:
-            timings["fwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v), sets)
+            timings[name]["fwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v), sets)
             graphs = [(fn(q, k, v), dout) for q, k, v, dout in sets]
-            timings["bwd"] = bench_ms(lambda out, dout: out.backward(dout, retain_graph=True), graphs)
+            timings[name]["bwd"] = bench_ms(lambda out, dout: out.backward(dout, retain_graph=True), graphs)
             del graphs
-            timings["fwd+bwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v).backward(dout), sets)
+            timings[name]["fwd+bwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v).backward(dout), sets)
         except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
-            print(f"{name} on {layout} L={L}: no {'fwd' if not timings else 'bwd'} "
+            print(f"{name} on {layout} L={L}: no {'fwd' if not timings[name] else 'bwd'} "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
-        for mode, (ms, p20, p80) in timings.items():
+    rows = []
+    for name, (setup, fn) in named.items():  # device times after every eager timing: a failed capture spoils none
+        device = {}
+        if timings[name]:
+            device["fwd"] = bench_graph_ms(lambda q, k, v, dout: fn(q, k, v), sets)
+            device["fwd+bwd"] = bench_graph_ms(
+                lambda q, k, v, dout: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), sets)
+            if device["fwd"] and device["fwd+bwd"]:
+                device["bwd"] = (device["fwd+bwd"][0] - device["fwd"][0],)
+        setup_ms = setup[1] if setup else None
+        for mode, (ms, p20, p80) in timings[name].items():
             flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            device_ms = device[mode][0] if device.get(mode) else None
             row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
                        provider=name, **_rates(flops, ms, p20, p80, peak_tflops),
+                       device_ms=device_ms or "", device_tflops=flops / device_ms / 1e9 if device_ms else "",
                        setup_ms=setup_ms if setup_ms is not None else "")
             rows.append(row)
             if setup_ms is not None and mode != "bwd":
-                rows.append(dict(row, provider=f"{name}+{setup[0]}", with_setup=True,
+                rows.append(dict(row, provider=f"{name}+{setup[0]}", with_setup=True, device_ms="", device_tflops="",
                                  **_rates(flops, ms + setup_ms, p20 + setup_ms, p80 + setup_ms, peak_tflops)))
     # Rows with their per-batch setup compare with this kernel's own row with setup, the others without.
     ours = {(r["mode"], r.get("with_setup", False)): r["ms"] for r in rows if r["provider"].startswith("videobert")}
