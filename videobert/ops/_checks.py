@@ -74,9 +74,7 @@ def make_rng(dropout_p: float, rng: Optional[torch.Tensor]) -> Optional[torch.Te
         return None
     if rng is None:
         # A fresh 62-bit seed per call from the (seedable) default generator; CPU, so no device sync.
-        rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
-        rng[1] = 0
-        return rng
+        return torch.stack([torch.randint(0, 2**62, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
     check_tensor("rng", rng, dtypes=(torch.int64,), shape=(2,), device=torch.device("cpu"))
     return rng
 
