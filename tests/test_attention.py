@@ -68,6 +68,7 @@ def random_layout(kind, B, L, gen):
 
 
 def make_inputs(B, L, H, D, dtype, device, gen, layout="packed", rules=None):
+    """(q, k, v, segment_ids, modality_ids, rules) on `device`; modality ids and rules only with `rules`."""
     q, k, v = (torch.randn(B, L, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     seg = random_layout(layout, B, L, gen).to(device)
     mod = torch.randint(0, 2, (B, L), generator=gen).to(device) if rules is not None else None

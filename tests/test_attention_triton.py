@@ -36,6 +36,7 @@ def run_both(q, k, v, seg, mod, rules, dropout_p=0.0, rng=None):
 
 
 def check(results, dtype, what=""):
+    """Each of out, dq, dk, dv finite, in `dtype` and close to its reference."""
     for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
         assert got.dtype == dtype and torch.isfinite(got).all(), name
         assert_close(got, want, dtype, f"{what} {name}")

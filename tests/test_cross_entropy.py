@@ -19,6 +19,7 @@ def expected_loss(logits64, labels, ignore_index, label_smoothing, reduction):
 
 
 def make_labels(N, V, gen, ignored_fraction=0.3, ignore_index=-100):
+    """N targets in [0, V), about `ignored_fraction` of them `ignore_index`."""
     labels = torch.randint(0, V, (N,), generator=gen)
     return torch.where(torch.rand(N, generator=gen) < ignored_fraction, ignore_index, labels)
 

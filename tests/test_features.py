@@ -16,6 +16,7 @@ def tiny_backbone():
 
 
 def write_video(path, seconds=2.0, fps=25, size=32):
+    """An MPEG-4 file of grey frames whose level changes every frame."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width = stream.height = size

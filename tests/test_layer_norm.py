@@ -39,6 +39,7 @@ BACKENDS = ["torch", "triton", "cuda"]
 
 
 def leaves(*tensors):
+    """Fresh leaf copies that require grad (None stays None)."""
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
 

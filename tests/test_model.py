@@ -9,6 +9,7 @@ from videobert.data import encode_sample, pack_samples, random_pretraining_batch
 
 
 def small_config(**overrides):
+    """A two-layer, 32-wide config without dropout (overrides applied)."""
     return VideoBERTConfig(**{**dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                                      max_position_embeddings=64, text_vocab_size=1000, num_visual_tokens=144,
                                      hidden_dropout=0.0, attention_dropout=0.0), **overrides})

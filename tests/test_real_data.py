@@ -27,6 +27,7 @@ then fry it
 
 
 def write_video(root, video_id, clips=6, dim=4, sentences=None, tokens=True):
+    """A real-data folder entry: features (and tokens) .npy and a sentences file for `video_id`."""
     (root / "features").mkdir(parents=True, exist_ok=True)
     (root / "text").mkdir(exist_ok=True)
     np.save(root / "features" / f"{video_id}.npy", np.random.default_rng(0).normal(size=(clips, dim)).astype("f4"))

@@ -14,15 +14,18 @@ from videobert.text_tokenizer import TextTokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    """A WordPiece vocabulary of 300 trained on the synthetic corpus."""
     return TextTokenizer.train((s.text for v in synthetic_corpus(50) for s in v.sentences), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
 def config(tokenizer):
+    """The tiny preset with the tokenizer's vocabulary."""
     return VideoBERTConfig.tiny(**tokenizer.config_overrides())
 
 
 def stream(tokenizer, config, **kw):
+    """A pretraining stream over 64 seeded synthetic videos."""
     return PretrainingStream(synthetic_videos(seed=5, num_visual_tokens=config.num_visual_tokens), 64,
                              tokenizer.encode, config, **kw)
 

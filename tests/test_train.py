@@ -17,6 +17,7 @@ SMALL = dict(videos_per_batch=2, num_videos=40, eval_videos=4, row_length=64, lo
 
 
 def metrics(out):
+    """The JSON lines of a run folder's metrics.jsonl."""
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
