@@ -11,8 +11,9 @@ these tables (each says which constant it informs).
   as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
   LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258.
 - linear_ce_backward_tuning: the linear cross-entropy backward per method, one sweep (fp32 dhidden accumulator)
-  and two sweeps, with its scratch memory, bf16 N=16k, D=1024, V in (51258, 30522) (SCRATCH_SHARE and
-  LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one sweep where it fits).
+  at several chunk widths and two sweeps, with its scratch memory, bf16 N=16k, D=1024, V in (51258, 30522)
+  (SCRATCH_SHARE, MIN_CHUNK and LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one
+  sweep where it fits).
 Small kernels are timed as CUDA-graph replays (device time, no host launch overhead), millisecond-scale ones
 with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]. Needs a GPU (exits 0 without one).
 """
@@ -188,10 +189,12 @@ def linear_backward_rows() -> list[dict]:
         _, lse, _ = ce.linear_cross_entropy_fwd(hidden, weight, labels, None, -100, 0.0)
         dloss = torch.full((N,), 1.0 / N, device="cuda")
         default = "two_sweeps" if ce._one_sweep_cols(N, D, V, hidden.dtype, hidden.device) is None else "one_sweep"
-        for method in ce.LINEAR_BACKWARD_METHODS:
-            def backward(method=method):
+        cases = [(method, None) for method in ce.LINEAR_BACKWARD_METHODS]
+        cases += [("one_sweep", chunk) for chunk in (1024, 2048, 4096, 8192)]
+        for method, chunk in cases:
+            def backward(method=method, chunk=chunk):
                 return ce.linear_cross_entropy_bwd(dloss, None, hidden, weight, labels, None, lse, -100, 0.0,
-                                                   method=method)
+                                                   method=method, chunk=chunk)
             try:
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
@@ -205,8 +208,9 @@ def linear_backward_rows() -> list[dict]:
             except Exception as exc:  # a method that cannot run here is reported, not fatal
                 print(f"linear backward {method} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 continue
-            out.append(dict(V=V, method=method, default=method == default, bwd_ms=ms,
-                            scratch_mib=scratch / 2**20, scratch_pct_of_fp32_logits=100 * scratch / (4 * N * V)))
+            out.append(dict(V=V, method=method, chunk=chunk or "default", default=method == default and not chunk,
+                            bwd_ms=ms, scratch_mib=scratch / 2**20,
+                            scratch_pct_of_fp32_logits=100 * scratch / (4 * N * V)))
     return out
 
 

@@ -265,12 +265,12 @@ def test_triton_linear_forward_methods_match_float64(method):
     assert torch.equal(correct, valid & (target >= logits.max(-1).values))
 
 
-@pytest.mark.parametrize("method", ["one_sweep", "two_sweeps"])
+@pytest.mark.parametrize("method, chunk", [("one_sweep", None), ("two_sweeps", None), ("one_sweep", 300)])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
-def test_triton_linear_backward_methods_match_float64(method, dtype):
+def test_triton_linear_backward_methods_match_float64(method, chunk, dtype):
     """Both backward algorithms (one sweep with an fp32 dhidden accumulator, two sweeps without) give the
-    reference's gradients of hidden, weight and bias over several chunks, with smoothing, ignored rows, a
-    per-row upstream gradient and one through lse."""
+    reference's gradients of hidden, weight and bias over several chunks (their default widths, or 300 entries:
+    a partial last chunk), with smoothing, ignored rows, a per-row upstream gradient and one through lse."""
     from videobert._kernels.triton import cross_entropy as ce
 
     device = _triton_or_skip()
@@ -282,7 +282,8 @@ def test_triton_linear_backward_methods_match_float64(method, dtype):
     labels = make_labels(N, V, gen).to(device)
     dloss, dlse = torch.randn(N, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
     _, lse, _ = ce.linear_cross_entropy_fwd(hidden, weight, labels, bias, -100, 0.1)
-    grads = ce.linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, -100, 0.1, method=method)
+    grads = ce.linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, -100, 0.1, method=method,
+                                        chunk=chunk)
 
     p64 = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     logits = F.linear(*p64)
@@ -293,6 +294,9 @@ def test_triton_linear_backward_methods_match_float64(method, dtype):
     for name, g, e in zip(("dhidden", "dweight", "dbias"), grads, e_grads):
         assert g.dtype == dtype, name
         assert_close(g, e, dtype, name)
+    for bad, match in ((dict(method="three_sweeps"), "method must be one of"), (dict(chunk=0), "chunk must be")):
+        with pytest.raises(ValueError, match=match):
+            ce.linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, -100, 0.1, **bad)
 
 
 @pytest.mark.parametrize("dtype, D, V, method", [

@@ -349,10 +349,11 @@ def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.de
 
 
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
-                             method: Optional[str] = None):
+                             method: Optional[str] = None, chunk: Optional[int] = None):
     """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
     gradient kernel (module docstring). `method`: "one_sweep" or "two_sweeps"; by default one sweep where it fits
-    SCRATCH_SHARE. One buffer holds the current chunk of logits, its rows padded to ROW_ALIGN elements."""
+    SCRATCH_SHARE. `chunk` overrides the vocabulary entries per chunk (for tuning). One buffer holds the current
+    chunk of logits, its rows padded to ROW_ALIGN elements."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -368,12 +369,15 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
     one_sweep_cols = _one_sweep_cols(N, D, V, hidden.dtype, hidden.device)
     if method is None:
         method = "two_sweeps" if one_sweep_cols is None else "one_sweep"
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of vocabulary entries, got {chunk!r}")
     min_cols = _config(MIN_CHUNK, hidden.device)[0]
     if method == "one_sweep":
         cols = one_sweep_cols or min(V, _round_up(min_cols, ROW_ALIGN))  # bench/tune.py may ask for it anywhere
         acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
     else:
         cols = min(V, _round_up(max(min_cols, cdiv(V, CHUNKS)), 64))
+    cols = cols if chunk is None else min(V, chunk)
     rows = _chunk_rows(N, hidden.device)
     col_stride, row_stride = _round_up(cols, ROW_ALIGN), _round_up(V, ROW_ALIGN)
     one_sweep = method == "one_sweep"
