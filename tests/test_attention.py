@@ -1,4 +1,6 @@
-"""segment_attention: the op against an independent float64 computation, gradients, masks, dropout, errors."""
+"""segment_attention (and its varlen form): the op against an independent float64 computation, gradients, masks,
+dropout, errors."""
+import itertools
 import math
 
 import pytest
@@ -6,7 +8,7 @@ import torch
 
 from conftest import DEVICES, assert_close
 from videobert._kernels import reference
-from videobert.ops import segment_attention
+from videobert.ops import segment_attention, segment_attention_varlen
 from videobert.ops.attention import _segment_attention_backward_op, _segment_attention_op
 
 JOINT = [[1, 1], [1, 1]]
@@ -245,3 +247,53 @@ def test_bad_inputs_raise_clear_errors(overrides, error, match):
         args["dropout_p"] = 0.1
     with pytest.raises(error, match=match):
         segment_attention(**args)
+
+
+def varlen_inputs(lengths, H, D, dtype, device, gen):
+    """(q, k, v) of (T, H, D), cu_seqlens, and the (1, T) segment ids built sample by sample in Python."""
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
+    seg = torch.tensor([[s for s, n in enumerate(lengths) for _ in range(n)]], dtype=torch.int64)
+    return q, k, v, cu_seqlens, seg
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 17, 1, 9], [1], [33], [0, 4, 0]])
+@pytest.mark.parametrize("rules", [None, PREFIX_LM])
+def test_varlen_matches_float64(lengths, rules):
+    """segment_attention_varlen (flash-attn's cu_seqlens layout, empty samples included) gives each sample
+    attention within itself, with modality rules, outputs and gradients against the naive float64 computation."""
+    gen = torch.Generator().manual_seed(sum(lengths) + len(lengths))
+    q, k, v, cu_seqlens, seg = varlen_inputs(lengths, 2, 16, torch.float64, "cpu", gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mod = torch.randint(0, 2, (q.shape[0],), generator=gen) if rules is not None else None
+    rules_t = torch.tensor(rules) if rules is not None else None
+    out = segment_attention_varlen(q, k, v, cu_seqlens, mod, rules_t, backend="torch")
+    assert out.shape == q.shape
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = naive_mask(seg, None if mod is None else mod[None], rules)
+    expected = naive_attention(q[None], k[None], v[None], allowed, 1 / math.sqrt(16))[0]
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    assert_close(out, expected, torch.float64, "out")
+    for name, g, e in zip("qkv", grads, expected_grads):
+        assert_close(g, e, torch.float64, f"d{name}")
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(q=torch.randn(1, 5, 2, 8)), ValueError, "q must be 3-D"),
+    (dict(k=torch.randn(5, 2, 4)), ValueError, r"k must have shape \(5, 2, 8\)"),
+    (dict(cu_seqlens=torch.tensor([0.0, 5.0])), TypeError, "cu_seqlens must have dtype in"),
+    (dict(cu_seqlens=torch.tensor([[0, 5]])), ValueError, "cu_seqlens must be 1-D"),
+    (dict(cu_seqlens=torch.zeros(0, dtype=torch.long)), ValueError, "at least one offset"),
+    (dict(cu_seqlens=torch.tensor([0, 4])), ValueError, r"rise from 0 to the number of tokens \(5\)"),
+    (dict(cu_seqlens=torch.tensor([1, 5])), ValueError, "rise from 0"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError, "without decreasing"),
+    (dict(modality_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError, "modality_ids must be 1-D"),
+])
+def test_varlen_bad_inputs_raise_clear_errors(overrides, error, match):
+    q = torch.randn(5, 2, 8)
+    args = dict(q=q, k=q.clone(), v=q.clone(), cu_seqlens=torch.tensor([0, 2, 5]))
+    args.update(overrides)
+    with pytest.raises(error, match=match):
+        segment_attention_varlen(**args)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import CUDA, assert_close
-from test_attention import ALL_CAUSAL, JOINT, LATE_FUSION, PREFIX_LM, make_inputs, naive_mask, random_layout
-from videobert.ops import BackendUnavailableError, segment_attention
+from test_attention import (ALL_CAUSAL, JOINT, LATE_FUSION, PREFIX_LM, make_inputs, naive_mask, random_layout,
+                            varlen_inputs)
+from videobert.ops import BackendUnavailableError, segment_attention, segment_attention_varlen
 from videobert.ops.attention import _segment_attention_op
 
 triton = pytest.importorskip("triton")
@@ -349,3 +350,20 @@ def test_reset_autotuning_forgets_tuned_configs():
         tuned.cache[("stale",)] = object()
     sa.reset_autotuning()
     assert not any(t.cache for t in (sa._fwd_tuned, sa._dkdv_tuned, sa._dq_tuned))
+
+
+@pytest.mark.parametrize("rules", [None, PREFIX_LM])
+def test_varlen_matches_float64_reference(rules):
+    """segment_attention_varlen on the Triton backend (cu_seqlens with an empty sample, lengths off the block
+    sizes) against the float64 reference on the same samples."""
+    gen = torch.Generator().manual_seed(77 + (rules is None))
+    q, k, v, cu_seqlens, _ = varlen_inputs([5, 0, 37, 1, 20], 2, 32, torch.float32, DEVICE, gen)
+    mod = torch.randint(0, 2, (q.shape[0],), generator=gen).to(DEVICE) if rules is not None else None
+    rules_t = torch.tensor(rules, device=DEVICE) if rules is not None else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = segment_attention_varlen(*leaves, cu_seqlens, mod, rules_t, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = segment_attention_varlen(*ref_leaves, cu_seqlens, mod, rules_t, backend="torch")
+    check(((out, *grads), (ref, *torch.autograd.grad(ref, ref_leaves, dout.double()))), torch.float32, "varlen")

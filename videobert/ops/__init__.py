@@ -6,12 +6,13 @@ available for the inputs' device and dtype; on CPU that is the PyTorch reference
 `torch.compile(fullgraph=True)`.
 """
 from videobert.ops._backend import BackendUnavailableError, available_backends
-from videobert.ops.attention import segment_attention
+from videobert.ops.attention import segment_attention, segment_attention_varlen
 from videobert.ops.cross_entropy import CrossEntropyResult, linear_cross_entropy, softmax_cross_entropy
 from videobert.ops.layer_norm import add_layer_norm
 
 __all__ = [
     "segment_attention",
+    "segment_attention_varlen",
     "add_layer_norm",
     "linear_cross_entropy",
     "softmax_cross_entropy",

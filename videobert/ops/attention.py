@@ -1,4 +1,5 @@
-"""`segment_attention`: attention over packed video-and-text rows with segment and modality masks.
+"""`segment_attention`: attention over packed video-and-text rows with segment and modality masks, and
+`segment_attention_varlen` for samples packed without padding (flash-attn's cu_seqlens layout).
 
 Layers: functional API (validation, backend choice) -> `videobert::segment_attention` custom op
 (+ fake + autograd through `videobert::segment_attention_backward`) -> the backend's launcher.
@@ -13,7 +14,7 @@ import torch
 from videobert._kernels import reference
 from videobert.ops import _backend
 from videobert.ops._checks import (INT_DTYPES, check_probability, check_range, check_same_dtype, check_tensor,
-                                   make_rng, rng_pair)
+                                   make_rng, rng_pair, value_checks_enabled)
 
 OP = "segment_attention"
 
@@ -131,3 +132,36 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     out, _ = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
                 make_rng(dropout_p, rng), resolved)
     return out
+
+
+def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             modality_ids: Optional[torch.Tensor] = None,
+                             modality_rules: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
+                             softmax_scale: Optional[float] = None, rng: Optional[torch.Tensor] = None,
+                             backend: str = "auto") -> torch.Tensor:
+    """`segment_attention` over samples packed without padding, as flash-attn's varlen functions take them:
+    q, k, v (T, H, D) holding the samples back to back, `cu_seqlens` (S + 1,) their cumulative lengths from 0 to
+    T (empty samples allowed); `modality_ids` (T,) and `modality_rules` as in `segment_attention`. Each token
+    attends within its own sample (self-attention: one cu_seqlens for queries and keys). Returns (T, H, D).
+    """
+    check_tensor("q", q, ndim=3)
+    T = q.shape[0]
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3, shape=tuple(q.shape), device=q.device)
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, ndim=1, device=q.device)
+    if cu_seqlens.numel() == 0:
+        raise ValueError("cu_seqlens must hold at least one offset (0), got an empty tensor")
+    if value_checks_enabled(cu_seqlens):
+        ends_ok = int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T
+        if not ends_ok or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens ({T}) without decreasing, "
+                             f"got {cu_seqlens[:8].tolist()}{' ...' if cu_seqlens.numel() > 8 else ''}")
+    if modality_ids is not None:
+        check_tensor("modality_ids", modality_ids, dtypes=INT_DTYPES, shape=(T,), ndim=1, device=q.device)
+        modality_ids = modality_ids[None]
+    # Token i belongs to sample s where cu_seqlens[s] <= i < cu_seqlens[s + 1]: one search on the device.
+    positions = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
+    segment_ids = torch.searchsorted(cu_seqlens, positions, right=True)[None] - 1
+    out = segment_attention(q[None], k[None], v[None], segment_ids, modality_ids, modality_rules,
+                            dropout_p=dropout_p, softmax_scale=softmax_scale, rng=rng, backend=backend)
+    return out[0]
