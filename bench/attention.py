@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_graph_ms, bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
+from common import (bench_ms, device_name, device_times, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
                     rotating, write_results)
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
@@ -139,17 +139,13 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
     rows = []
     for name, (setup, fn) in named.items():  # device times after every eager timing: a failed capture spoils none
-        device = {}
-        if timings[name]:
-            device["fwd"] = bench_graph_ms(lambda q, k, v, dout: fn(q, k, v), sets)
-            device["fwd+bwd"] = bench_graph_ms(
-                lambda q, k, v, dout: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), sets)
-            if device["fwd"] and device["fwd+bwd"]:
-                device["bwd"] = (device["fwd+bwd"][0] - device["fwd"][0],)
+        on_device = device_times(lambda q, k, v, dout: fn(q, k, v),
+                                 lambda q, k, v, dout: torch.autograd.grad(fn(q, k, v), (q, k, v), dout),
+                                 sets) if timings[name] else {}
         setup_ms = setup[1] if setup else None
         for mode, (ms, p20, p80) in timings[name].items():
             flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-            device_ms = device[mode][0] if device.get(mode) else None
+            device_ms = on_device.get(mode)
             row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
                        provider=name, **_rates(flops, ms, p20, p80, peak_tflops),
                        device_ms=device_ms or "", device_tflops=flops / device_ms / 1e9 if device_ms else "",

@@ -118,6 +118,35 @@ def bench_graph_ms(fn: Callable[..., object], sets: Sequence[tuple] | None = Non
     return median, p20, p80
 
 
+def device_times(fwd: Callable[..., object], fwd_bwd: Callable[..., object],
+                 sets: Sequence[tuple]) -> dict[str, float]:
+    """Median device milliseconds per mode ("fwd", "fwd+bwd" and their difference "bwd") from CUDA-graph replays
+    of `fwd` and `fwd_bwd` over the rotating sets; a mode whose capture failed (or every mode without a GPU) is
+    left out."""
+    times = {}
+    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        timed = bench_graph_ms(fn, sets)
+        if timed:
+            times[mode] = timed[0]
+    if len(times) == 2:
+        times["bwd"] = times["fwd+bwd"] - times["fwd"]
+    return times
+
+
+def extra_memory_bytes(fn: Callable[[], Sequence]) -> int | None:
+    """Bytes `fn()` allocates at its peak beyond the tensors it returns (the scratch of an op whose outputs are
+    its gradients), or None without a GPU."""
+    if not on_gpu():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outputs = fn()
+    torch.cuda.synchronize()
+    returned = sum(t.numel() * t.element_size() for t in outputs if t is not None)
+    return torch.cuda.max_memory_allocated() - base - returned
+
+
 def measure_peaks() -> dict:
     """The card's dense bf16 matmul rate (TFLOP/s) and device-to-device copy bandwidth (GB/s, read + write),
     measured now: the references that percentages in the tables are taken against."""

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_graph_ms, bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
+from common import (bench_ms, device_name, device_times, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
                     rotating, write_results)
 
 from videobert.ops import BackendUnavailableError, add_layer_norm  # noqa: E402
@@ -110,15 +110,10 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
     # Device times after every eager timing, ours first: a failed capture cannot spoil the eager figures.
     results = []
     for name, fn in named.items():
-        device = {}
-        if timings[name]:
-            device["fwd"] = bench_graph_ms(lambda x, r, w, b, dout: fn(x, r, w, b), sets)
-            device["fwd+bwd"] = bench_graph_ms(fwd_bwd(fn), sets)
-            if device["fwd"] and device["fwd+bwd"]:
-                device["bwd"] = (device["fwd+bwd"][0] - device["fwd"][0],)
+        on_device = device_times(lambda x, r, w, b, dout: fn(x, r, w, b), fwd_bwd(fn), sets) if timings[name] else {}
         for mode, (ms, p20, p80) in timings[name].items():
             gbps = moved[mode] / ms / 1e6
-            device_ms = device[mode][0] if device.get(mode) else None
+            device_ms = on_device.get(mode)
             device_gbps = moved[mode] / device_ms / 1e6 if device_ms else None
             results.append(dict(rows=rows, hidden=hidden, dtype=str(dtype).replace("torch.", ""), mode=mode,
                                 provider=name, ms=ms, p20_ms=p20, p80_ms=p80, gbps=gbps,

@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_ms, device_name, markdown_table, measure_peaks, on_gpu, plot, rotating,  # noqa: E402
-                    write_results)
+from common import (bench_ms, device_name, extra_memory_bytes, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
+                    rotating, write_results)
 
 from videobert.ops import BackendUnavailableError, linear_cross_entropy, softmax_cross_entropy  # noqa: E402
 from videobert.ops._backend import resolve  # noqa: E402
@@ -63,7 +63,6 @@ def run_case(N: int, D: int, V: int, dtype, device) -> list[dict]:
     weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
     labels = torch.randint(0, V, (N,), generator=gen)
     labels = torch.where(torch.rand(N, generator=gen) < 0.1, -100, labels).to(device)
-    grads_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
     eager_logits_bytes = N * V * 4
     sets = rotating(hidden, weight, labels)
     results = []
@@ -72,15 +71,8 @@ def run_case(N: int, D: int, V: int, dtype, device) -> list[dict]:
             return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight))
         try:
             step(*sets[0])
-            extra = ""
-            if on_gpu():
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                grads = step(*sets[0])
-                torch.cuda.synchronize()
-                extra = (torch.cuda.max_memory_allocated() - base - grads_bytes) / 2**20
-                del grads
+            extra = extra_memory_bytes(lambda: step(*sets[0]))  # beyond the gradients it returns
+            extra = "" if extra is None else extra / 2**20
             ms, p20, p80 = bench_ms(step, sets)
         except Exception as exc:  # a peer that cannot run this case is reported, not fatal
             print(f"{name} N={N} D={D} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")

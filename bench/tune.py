@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_graph_ms, bench_ms, markdown_table, measure_peaks, on_gpu, rotating,  # noqa: E402
-                    write_results)
+from common import (bench_graph_ms, bench_ms, extra_memory_bytes, markdown_table, measure_peaks, on_gpu,  # noqa: E402
+                    rotating, write_results)
 
 ROWS = 16384
 HIDDEN = (768, 1024, 2048, 4096, 8192)
@@ -196,14 +196,7 @@ def linear_backward_rows() -> list[dict]:
                 return ce.linear_cross_entropy_bwd(dloss, None, hidden, weight, labels, None, lse, -100, 0.0,
                                                    method=method, chunk=chunk)
             try:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                grads = backward()
-                torch.cuda.synchronize()
-                scratch = torch.cuda.max_memory_allocated() - base - sum(g.numel() * g.element_size()
-                                                                         for g in grads if g is not None)
-                del grads
+                scratch = extra_memory_bytes(backward)  # beyond the gradients it returns
                 ms = bench_ms(backward)[0]
             except Exception as exc:  # a method that cannot run here is reported, not fatal
                 print(f"linear backward {method} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
