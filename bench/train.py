@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     # The synthetic tokenizer's few hundred word pieces sit inside BERT's 30522, which the models keep: their
     # masked-token heads score the real joint vocabulary (30522 + specials + 20736 visual tokens).
     overrides = {**tokenizer.config_overrides(), "text_vocab_size": VideoBERTConfig.text_vocab_size}
+    meta = {"peaks": peaks, "videos_per_batch": videos, "row_length": row_length,
+            "vocab_size": VideoBERTConfig.preset(presets[0], **overrides).vocab_size}  # the same for every preset
     for preset in presets:
         config = VideoBERTConfig.preset(preset, **overrides)
         data = batches(config, tokenizer, videos, 4, row_length)
@@ -170,8 +172,7 @@ def main(argv=None) -> int:
                     print(f"{label} {preset}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     continue
                 results.append(dict(preset=preset, **row, padded_waste=waste if "hugging" in name else ""))
-                write_results("train", results, {"peaks": peaks, "videos_per_batch": videos,
-                                                 "row_length": row_length, "vocab_size": config.vocab_size})
+                write_results("train", results, meta)  # after every row: a later crash keeps the earlier ones
         hf = {r["provider"].replace("hugging_face_bert_sdpa", ""): r["tokens_per_s"] for r in results
               if r["preset"] == preset and r["provider"].startswith("hugging_face")}
         for row in results:
@@ -179,8 +180,7 @@ def main(argv=None) -> int:
                 base = hf.get("+compile" if row["provider"].endswith("+compile") else "")
                 row["speedup_over_hugging_face"] = row["tokens_per_s"] / base if base else ""
     if results:
-        write_results("train", results, {"peaks": peaks, "videos_per_batch": videos, "row_length": row_length,
-                                         "vocab_size": config.vocab_size})
+        write_results("train", results, meta)
     print(markdown_table(results))
     print(f"({device_name()})")
     return 0

@@ -314,8 +314,7 @@ def test_linear_backward_default_method_keeps_scratch_in_budget(dtype, D, V, met
     cols = ce._one_sweep_cols(N, D, V, dtype, cuda)
     assert ("two_sweeps" if cols is None else "one_sweep") == method
     if cols is not None:
-        element = torch.finfo(dtype).bits // 8
-        scratch = N * cols * element + (0 if dtype == torch.float32 else N * D * 4)
+        scratch = N * cols * dtype.itemsize + (0 if dtype == torch.float32 else N * D * 4)
         assert ce.MIN_CHUNK["gpu"][0] <= cols <= V and cols % ce.ROW_ALIGN == 0
         assert scratch <= ce.SCRATCH_SHARE * N * V * 4
 

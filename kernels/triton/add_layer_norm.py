@@ -190,7 +190,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
     _column_sum_kernel[(cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
-                                                                 BLOCK_G=64, BLOCK_C=32)
+                                                        BLOCK_G=64, BLOCK_C=32)
     return dx, dres, dw, db
 
 

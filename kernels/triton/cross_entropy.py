@@ -344,7 +344,7 @@ def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.de
     if half and device.type == "cuda" and not _MIXED_ADDMM:
         return None
     row_budget = SCRATCH_SHARE * 4 * V - (4 * D if half else 0)  # bytes per row: the accumulator's, the chunk's
-    cols = int(row_budget // (torch.finfo(dtype).bits // 8)) // ROW_ALIGN * ROW_ALIGN
+    cols = int(row_budget // dtype.itemsize) // ROW_ALIGN * ROW_ALIGN
     return min(V, cols) if cols >= min(V, _config(MIN_CHUNK, device)[0]) else None
 
 
@@ -372,7 +372,8 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of vocabulary entries, got {chunk!r}")
     min_cols = _config(MIN_CHUNK, hidden.device)[0]
-    if method == "one_sweep":
+    one_sweep = method == "one_sweep"
+    if one_sweep:
         cols = one_sweep_cols or min(V, _round_up(min_cols, ROW_ALIGN))  # bench/tune.py may ask for it anywhere
         acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
     else:
@@ -380,7 +381,6 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
     cols = cols if chunk is None else min(V, chunk)
     rows = _chunk_rows(N, hidden.device)
     col_stride, row_stride = _round_up(cols, ROW_ALIGN), _round_up(V, ROW_ALIGN)
-    one_sweep = method == "one_sweep"
     buffer = torch.empty(max(N * col_stride, 0 if one_sweep else rows * row_stride), device=hidden.device,
                          dtype=hidden.dtype)
     by_cols = buffer[:N * col_stride].view(N, col_stride)
@@ -414,9 +414,9 @@ def _softmax_fwd_launch(logits, labels, loss, lse, correct, ignore_index, label_
     if N:
         bm, bv, warps = _config(SOFTMAX_CONFIG["fwd"], logits.device)
         _softmax_ce_fwd_kernel[(cdiv(N, bm),)](logits, labels, loss, lse, correct, N, V, logits.stride(0),
-                                                       ignore_index, label_smoothing,
-                                                       HAS_SMOOTHING=label_smoothing > 0, ALIGN=TILE_ALIGN,
-                                                       BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+                                               ignore_index, label_smoothing,
+                                               HAS_SMOOTHING=label_smoothing > 0, ALIGN=TILE_ALIGN,
+                                               BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
 
 
 def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):

@@ -604,7 +604,7 @@ def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
     block = block_m if grid_dim == "BLOCK_M" else block_n
     tuned.fn[(cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
-                                                          BLOCK_N=block_n, **options)
+                                                 BLOCK_N=block_n, **options)
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
