@@ -1,4 +1,6 @@
 """The encoder and pretraining heads: shapes, packed == padded, masks, Hugging Face BERT equivalence."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,30 @@ def test_pretraining_losses_gradients_and_masked_only_head():
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def test_pretraining_step_through_the_triton_kernels_matches_the_reference_ops():
+    """The fused training path (attention, add + LayerNorm, linear and softmax cross-entropy all through Triton,
+    in the interpreter on the CPU) gives the reference ops' losses, counts and every parameter's gradient."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        config = small_config(backend=backend)
+        model = VideoBERTForPretraining(config).to(device)
+        out = model(**random_pretraining_batch(config, 4, 48, seed=5).to(device).model_inputs())
+        out["loss"].backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (fused, fused_grads) = runs
+    for key, value in ref.items():
+        torch.testing.assert_close(fused[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+    assert ref_grads.keys() == fused_grads.keys()
+    for name, grad in ref_grads.items():
+        assert fused_grads[name] is not None, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_pretraining_under_cpu_bf16_autocast():
