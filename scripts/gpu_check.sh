@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's one-command GPU check: install into the machine's existing PyTorch (no downloads), run the
-# test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all] (default all).
+# test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all|quick] (default all).
+# quick fits a lent machine's 10-minute command: the kernel tests (2.5 minutes at most), then each benchmark
+# with --quick (75 s at most each; the end-to-end one on VideoBERT-large, the targets' model), about 9 minutes.
 # Results go to $VIDEOBERT_BENCH_OUT (default bench/results/<gpu>/<date>/), the test log beside them.
 # For a time-boxed machine: GPU_CHECK_TESTS (test paths, default tests), GPU_CHECK_BENCHES (scripts, default
 # every bench/*.py but common.py, profile_* and the pytest-benchmark test_*), GPU_CHECK_BENCH_ARGS (e.g.
@@ -8,6 +10,20 @@
 # .tgz of the results folder, rewritten after every step so that a stopped run still returns what it finished).
 set -uo pipefail
 what=${1:-all}
+case $what in tests|bench|all|quick) ;; *) echo "usage: $0 [tests|bench|all|quick], got '$what'" >&2; exit 2;; esac
+test_s=${GPU_CHECK_STEP_S:-}
+bench_s=${GPU_CHECK_STEP_S:-}
+if [ "$what" = quick ]; then
+  GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_cross_entropy.py tests/test_layer_norm.py \
+tests/test_attention_triton.py tests/test_attention.py tests/test_model.py}
+  GPU_CHECK_BENCHES=${GPU_CHECK_BENCHES:-bench/attention.py bench/mlm_loss.py bench/layer_norm.py bench/train.py \
+bench/tune.py}
+  GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---quick}
+  test_s=${GPU_CHECK_STEP_S:-150}
+  bench_s=${GPU_CHECK_STEP_S:-75}
+  what=all
+  quick=1
+fi
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || exit 1
@@ -17,8 +33,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 "$python" -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 log_dir=${VIDEOBERT_BENCH_OUT:-.}
 mkdir -p "$log_dir"
-step=()
-[ -n "${GPU_CHECK_STEP_S:-}" ] && step=(timeout "$GPU_CHECK_STEP_S")
+# A capped step gets `timeout SECONDS` in front; an uncapped one runs as is.
+capped() {
+  local seconds=$1
+  shift
+  if [ -n "$seconds" ]; then timeout "$seconds" "$@"; else "$@"; fi
+}
 archive() {
   [ -n "${GPU_CHECK_ARCHIVE:-}" ] && tar czf "$GPU_CHECK_ARCHIVE" -C "$log_dir" .
   return 0
@@ -27,7 +47,7 @@ status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Compile checks are CPU-only (they target sm_80/sm_90 without a GPU) and already run in CI.
   # shellcheck disable=SC2086  (test paths are a list)
-  "${step[@]}" "$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests} \
+  capped "$test_s" "$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests} \
     --ignore=tests/test_compile_triton.py 2>&1 | tee "$log_dir/gpu_tests.log" | tail -n 40
   status=${PIPESTATUS[0]}
   archive
@@ -35,9 +55,11 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for script in ${GPU_CHECK_BENCHES:-bench/*.py}; do
     case $(basename "$script") in common.py|profile_*|test_*) continue;; esac
+    extra=()
+    [ -n "${quick:-}" ] && [ "$(basename "$script")" = train.py ] && extra=(--presets large)
     echo "== $script"
     # shellcheck disable=SC2086
-    "${step[@]}" "$python" "$script" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$log_dir/$(basename "$script" .py).log" \
+    capped "$bench_s" "$python" "$script" ${GPU_CHECK_BENCH_ARGS:-} "${extra[@]}" 2>&1 | tee "$log_dir/$(basename "$script" .py).log" \
       | tail -n 80
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     archive

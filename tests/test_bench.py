@@ -87,3 +87,30 @@ def test_rotating_sets_exceed_the_cache_and_cycle():
     assert [call() for _ in range(6)] == [s[0] for s in sets + sets[:2]]
     with pytest.raises(ValueError, match="sets"):
         common.bench_ms(lambda: None, [])
+
+
+def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
+    """`scripts/gpu_check.sh quick` (stub nvidia-smi and python) runs the kernel tests, then each benchmark with
+    --quick under a time cap, the end-to-end one on VideoBERT-large; an unknown mode is a usage error."""
+    import os
+    import subprocess
+
+    for name, body in (("nvidia-smi", "echo 'name, driver_version'"), ("stub-python", 'echo "python $*"')):
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": "stub-python",
+           "VIDEOBERT_BENCH_OUT": str(tmp_path / "out")}
+    for name in ("GPU_CHECK_TESTS", "GPU_CHECK_BENCHES", "GPU_CHECK_BENCH_ARGS", "GPU_CHECK_STEP_S"):
+        env.pop(name, None)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script), "quick"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    tests = next(line for line in lines if line.startswith("python -m pytest"))
+    assert "tests/test_cross_entropy.py" in tests and "tests/test_model.py" in tests
+    benches = [line for line in lines if line.startswith("python bench/")]
+    assert benches == ["python bench/attention.py --quick", "python bench/mlm_loss.py --quick",
+                       "python bench/layer_norm.py --quick", "python bench/train.py --quick --presets large",
+                       "python bench/tune.py --quick"]
+    bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
