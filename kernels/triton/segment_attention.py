@@ -437,11 +437,14 @@ def _segment_attention_bwd_dq_kernel(
 # machines' image) and 3.9 (this project's CPU machine, where CI checks them). An optional fourth
 # element names more head dims (sm_8x, sm_9x) served only without dropout (its Philox state does not fit beside
 # those tiles without spilling; the autotune key holds HAS_DROPOUT). The first entry serving a launch is its
-# untuned default (VIDEOBERT_AUTOTUNE=0).
+# untuned default (VIDEOBERT_AUTOTUNE=0). The forward's last two entries are for sm_90 at D=64: the 128x128 tile
+# that fits beside dropout (two stages), and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two
+# blocks per multiprocessor, whose independent softmax and wgmma phases can overlap.
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
              ((64, 64, 4, 3), (32, 64), (32, 64, 128)), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
              ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-             ((32, 64, 4, 3), (64, 128), (32, 64)), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,)))]
+             ((32, 64, 4, 3), (64, 128), (32, 64)), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
+             ((128, 128, 8, 2), (), (32, 64), ((32, 64), (128,))), ((64, 128, 4, 3), (), (32,), ((32,), (64,)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
               ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((16, 64, 4, 4), (32, 64, 128), (32, 64, 128)),
