@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_ms, device_name, extra_memory_bytes, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
-                    rotating, write_results)
+from common import (bench_ms, device_name, extra_memory_bytes, markdown_table, measure_peaks,  # noqa: E402
+                    on_gpu, plot, rotating, write_results)
 
 from videobert.ops import BackendUnavailableError, linear_cross_entropy, softmax_cross_entropy  # noqa: E402
 from videobert.ops._backend import resolve  # noqa: E402

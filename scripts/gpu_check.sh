@@ -59,7 +59,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     [ -n "${quick:-}" ] && [ "$(basename "$script")" = train.py ] && extra=(--presets large)
     echo "== $script"
     # shellcheck disable=SC2086
-    capped "$bench_s" "$python" "$script" ${GPU_CHECK_BENCH_ARGS:-} "${extra[@]}" 2>&1 | tee "$log_dir/$(basename "$script" .py).log" \
+    capped "$bench_s" "$python" "$script" ${GPU_CHECK_BENCH_ARGS:-} "${extra[@]}" 2>&1 \
+      | tee "$log_dir/$(basename "$script" .py).log" \
       | tail -n 80
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     archive
