@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one-command GPU check: install into the machine's existing PyTorch (no downloads), run the
 # test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all|quick] (default all).
-# quick fits a lent machine's 10-minute command: the kernel tests (2.5 minutes at most), then each benchmark
-# with --quick (75 s at most each; the end-to-end one on VideoBERT-large, the targets' model), about 9 minutes.
+# quick fits a lent machine's 10-minute command: the kernel tests (2 minutes at most), then each benchmark
+# with --quick (70 s at most each; the end-to-end one on VideoBERT-large, the targets' model): under 8 minutes
+# of steps, about 9 with the install (the CUDA extension builds in about a minute).
 # Results go to $VIDEOBERT_BENCH_OUT (default bench/results/<gpu>/<date>/), the test log beside them.
 # For a time-boxed machine: GPU_CHECK_TESTS (test paths, default tests), GPU_CHECK_BENCHES (scripts, default
 # every bench/*.py but common.py, profile_* and the pytest-benchmark test_*), GPU_CHECK_BENCH_ARGS (e.g.
@@ -19,8 +20,8 @@ tests/test_attention_triton.py tests/test_attention.py tests/test_model.py}
   GPU_CHECK_BENCHES=${GPU_CHECK_BENCHES:-bench/attention.py bench/mlm_loss.py bench/layer_norm.py bench/train.py \
 bench/tune.py}
   GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---quick}
-  test_s=${GPU_CHECK_STEP_S:-150}
-  bench_s=${GPU_CHECK_STEP_S:-75}
+  test_s=${GPU_CHECK_STEP_S:-120}
+  bench_s=${GPU_CHECK_STEP_S:-70}
   what=all
   quick=1
 fi
