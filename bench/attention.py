@@ -125,23 +125,27 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     sets = rotating(*(t.requires_grad_() for t in (q, k, v)), dout)  # dout: the gradient of the output (q's shape)
     reset_autotuning()  # each layout is its own workload: packed rows must not pick one-sample rows' tiles
     named = providers(seg)
+    # Gradients are returned (autograd.grad), not accumulated into .grad: an accumulation would add three
+    # elementwise passes over q, k and v to every provider's backward.
+    modes = {name: {"fwd": lambda q, k, v, dout, fn=fn: fn(q, k, v),
+                    "fwd+bwd": lambda q, k, v, dout, fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)}
+             for name, (_, fn) in named.items()}
     timings = {}
     for name, (setup, fn) in named.items():
         timings[name] = {}
         try:
-            timings[name]["fwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v), sets)
-            graphs = [(fn(q, k, v), dout) for q, k, v, dout in sets]
-            timings[name]["bwd"] = bench_ms(lambda out, dout: out.backward(dout, retain_graph=True), graphs)
+            timings[name]["fwd"] = bench_ms(modes[name]["fwd"], sets)
+            graphs = [(fn(q, k, v), (q, k, v), dout) for q, k, v, dout in sets]
+            timings[name]["bwd"] = bench_ms(
+                lambda out, inputs, dout: torch.autograd.grad(out, inputs, dout, retain_graph=True), graphs)
             del graphs
-            timings[name]["fwd+bwd"] = bench_ms(lambda q, k, v, dout: fn(q, k, v).backward(dout), sets)
+            timings[name]["fwd+bwd"] = bench_ms(modes[name]["fwd+bwd"], sets)
         except Exception as exc:  # a peer that cannot run (part of) this case is reported, not fatal
             print(f"{name} on {layout} L={L}: no {'fwd' if not timings[name] else 'bwd'} "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
     rows = []
     for name, (setup, fn) in named.items():  # device times after every eager timing: a failed capture spoils none
-        on_device = device_times(lambda q, k, v, dout: fn(q, k, v),
-                                 lambda q, k, v, dout: torch.autograd.grad(fn(q, k, v), (q, k, v), dout),
-                                 sets) if timings[name] else {}
+        on_device = device_times(modes[name]["fwd"], modes[name]["fwd+bwd"], sets) if timings[name] else {}
         setup_ms = setup[1] if setup else None
         for mode, (ms, p20, p80) in timings[name].items():
             flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
