@@ -378,6 +378,30 @@ def test_fused_softmax_cross_entropy_matches_float64(backend, dtype, reduction, 
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("V", [1037, 2048])
+def test_fused_softmax_cross_entropy_takes_masked_logits(backend, V):
+    """Logits masked with -inf (whole leading spans, all but a few entries of a row) give the float64 loss and
+    gradient, finite, as F.cross_entropy does: a thread whose columns are all -inf so far must not form
+    exp(-inf - -inf)."""
+    device = _fused_or_skip(backend)
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(4, V, generator=gen)
+    logits[:, :V * 3 // 4] = float("-inf")
+    logits[1, V * 3 // 4 + 5:] = float("-inf")  # five finite entries left
+    labels = torch.tensor([V - 1, V * 3 // 4 + 2, V * 7 // 8, -100])
+    logits, labels = logits.to(device).requires_grad_(), labels.to(device)
+    loss = softmax_cross_entropy(logits, labels, reduction="none", backend=backend)
+    upstream = torch.rand(4, generator=gen).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    l64 = logits.detach().double().requires_grad_()
+    expected = F.cross_entropy(l64, labels, reduction="none")
+    (e_grad,) = torch.autograd.grad(expected, l64, upstream.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, expected, torch.float32, "loss")
+    assert_close(grad, e_grad, torch.float32, "dlogits")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_softmax_cross_entropy_backward_in_place(backend):
     device = _fused_or_skip(backend)
     if backend == "triton":

@@ -71,10 +71,11 @@ __global__ void __launch_bounds__(kThreads) softmax_ce_fwd_kernel(
       }
     }
     const float m = fmaxf(st.m, tile_max);
-    float s = st.m == -INFINITY ? 0.f : st.s * fast_exp(st.m - m);
+    const float shift = m == -INFINITY ? 0.f : m;  // columns all -inf so far (masked logits): exp(-inf) = 0
+    float s = st.s * fast_exp(st.m - shift);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (VECTORIZED || col + j < v) s += fast_exp(x[j] - m);
+      if (VECTORIZED || col + j < v) s += fast_exp(x[j] - shift);
     }
     st = {m, s, st.total + tile_total};
   }
