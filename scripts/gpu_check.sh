@@ -48,8 +48,10 @@ status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Compile checks are CPU-only (they target sm_80/sm_90 without a GPU) and already run in CI.
   # shellcheck disable=SC2086  (test paths are a list)
-  capped "$test_s" "$python" -m pytest -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests} \
-    --ignore=tests/test_compile_triton.py 2>&1 | tee "$log_dir/gpu_tests.log" | tail -n 40
+  # Failures are printed as they happen (tests/conftest.py): a capped run still shows them.
+  VIDEOBERT_EARLY_FAILURES=1 capped "$test_s" "$python" -m pytest -q --tb=short -p no:cacheprovider \
+    ${GPU_CHECK_TESTS:-tests} --ignore=tests/test_compile_triton.py 2>&1 | tee "$log_dir/gpu_tests.log" \
+    | tail -n 40
   status=${PIPESTATUS[0]}
   archive
 fi

@@ -1,5 +1,6 @@
 """Shared test settings: tolerances per dtype (stated once, here), devices, and the Triton interpreter."""
 import os
+import sys
 
 import pytest
 import torch
@@ -31,3 +32,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def pytest_runtest_logreport(report) -> None:
+    """With VIDEOBERT_EARLY_FAILURES=1 (scripts/gpu_check.sh sets it) each failure is printed with its traceback
+    as it happens, so a run stopped by a time cap still says what failed and why."""
+    if report.failed and os.environ.get("VIDEOBERT_EARLY_FAILURES") == "1":
+        sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        sys.stderr.flush()

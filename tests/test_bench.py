@@ -95,7 +95,7 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     import os
     import subprocess
 
-    for name, body in (("nvidia-smi", "echo 'name, driver_version'"), ("stub-python", 'echo "python $*"')):
+    for name, body in (("nvidia-smi", "echo 'name, driver_version'"), ("stub-python", 'echo "python $*${VIDEOBERT_EARLY_FAILURES:+ (early failures)}"')):
         (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": "stub-python",
@@ -108,6 +108,7 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     lines = run.stdout.splitlines()
     tests = next(line for line in lines if line.startswith("python -m pytest"))
     assert "tests/test_cross_entropy.py" in tests and "tests/test_model.py" in tests
+    assert tests.endswith("(early failures)")  # a capped run still reports what failed
     benches = [line for line in lines if line.startswith("python bench/")]
     assert benches == ["python bench/attention.py --quick", "python bench/mlm_loss.py --quick",
                        "python bench/layer_norm.py --quick", "python bench/train.py --quick --presets large",
