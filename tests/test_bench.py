@@ -90,12 +90,15 @@ def test_rotating_sets_exceed_the_cache_and_cycle():
 
 
 def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
-    """`scripts/gpu_check.sh quick` (stub nvidia-smi and python) runs the kernel tests, then each benchmark with
-    --quick under a time cap, the end-to-end one on VideoBERT-large; an unknown mode is a usage error."""
+    """`scripts/gpu_check.sh quick` (stub nvidia-smi, timeout and python) runs the kernel tests, then each
+    benchmark with --quick under its time cap, the end-to-end one on VideoBERT-large; an unknown mode is a usage
+    error."""
     import os
     import subprocess
 
-    for name, body in (("nvidia-smi", "echo 'name, driver_version'"), ("stub-python", 'echo "python $*${VIDEOBERT_EARLY_FAILURES:+ (early failures)}"')):
+    stubs = {"nvidia-smi": "echo 'name, driver_version'", "timeout": 'echo "cap $1"; shift; exec "$@"',
+             "stub-python": 'echo "python $*${VIDEOBERT_EARLY_FAILURES:+ (early failures)}"'}
+    for name, body in stubs.items():
         (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": "stub-python",
@@ -113,5 +116,6 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     assert benches == ["python bench/attention.py --quick", "python bench/mlm_loss.py --quick",
                        "python bench/layer_norm.py --quick", "python bench/train.py --quick --presets large",
                        "python bench/tune.py --quick"]
+    assert [int(line.split()[1]) for line in lines if line.startswith("cap ")] == [110, 65, 65, 65, 110, 50]
     bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
