@@ -33,8 +33,11 @@ def main(argv=None) -> int:
     seg = seg.cuda()
     q, k, v = (torch.randn(args.B, args.L, args.H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
+    dout = torch.randn_like(q)
+    # Gradients returned, not accumulated into .grad (no sum, expand or add kernels beside the op's own).
     steps = {"fwd": lambda: segment_attention(q, k, v, seg, backend="triton"),
-             "fwd+bwd": lambda: segment_attention(q, k, v, seg, backend="triton").sum().backward()}
+             "fwd+bwd": lambda: torch.autograd.grad(segment_attention(q, k, v, seg, backend="triton"), (q, k, v),
+                                                    dout)}
     for name, step in steps.items():
         for _ in range(5):
             step()
