@@ -126,10 +126,10 @@ def _column_sum_kernel(Partial, Out0, Out1, G, N, BLOCK_G: tl.constexpr, BLOCK_C
 
 def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS per program, warps) for hidden size N, whole rows per program. Forward: about 4k elements
-    per program. Backward (bench/tune_layer_norm.py on an H100): 4k elements per program over 4 warps up to
-    N = 2048 (many loads in flight per thread beat more warps: 16 warps ran at 10-20% of copy bandwidth there,
-    4 warps at 61-81%; 8k elements were a little faster but spill), one row over 16 warps above (80-87% at
-    4096)."""
+    per program. Backward (bench/tune.py's layer_norm_tuning on an H100): 4k elements per program over 4 warps
+    up to N = 2048 (many loads in flight per thread beat more warps: 16 warps ran at 10-20% of copy bandwidth
+    there, 4 warps at 61-81%; 8k elements were a little faster but spill), one row over 16 warps above (80-87%
+    at 4096)."""
     block_n = max(16, next_power_of_2(N))
     if backward:
         return (block_n, max(1, 4096 // block_n), 4) if block_n <= 2048 else (block_n, 1, 16)
