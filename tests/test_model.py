@@ -236,15 +236,20 @@ def test_vtm_labels_must_match_cls_count():
 
 # ---------------------------------------------------------------- Hugging Face BERT
 
-transformers = pytest.importorskip("transformers")
+@pytest.fixture
+def transformers():
+    """The transformers package; only the tests that compare with Hugging Face skip without it."""
+    return pytest.importorskip("transformers")
 
 
-def _bert_config():
+def _bert_config(transformers):
+    """A small BertConfig (3 layers, 64 wide, 1000 word pieces)."""
     return transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                    intermediate_size=128, max_position_embeddings=64)
 
 
 def _padded_batch(gen, vocab=1000):
+    """(ids, token types, attention mask) of four right-padded rows of lengths 17, 5, 1 and 32."""
     lengths = torch.tensor([17, 5, 1, 32])
     ids = torch.randint(0, vocab, (4, 32), generator=gen)
     attention = (torch.arange(32)[None] < lengths[:, None]).long()
@@ -252,9 +257,9 @@ def _padded_batch(gen, vocab=1000):
     return ids, types, attention
 
 
-def test_hidden_states_match_hugging_face_bert():
+def test_hidden_states_match_hugging_face_bert(transformers):
     torch.manual_seed(0)
-    bert = transformers.BertModel(_bert_config(), add_pooling_layer=False).eval()
+    bert = transformers.BertModel(_bert_config(transformers), add_pooling_layer=False).eval()
     model = VideoBERTModel.from_bert(bert).eval()
     gen = torch.Generator().manual_seed(0)
     ids, types, attention = _padded_batch(gen)
@@ -268,9 +273,9 @@ def test_hidden_states_match_hugging_face_bert():
     torch.testing.assert_close(model.embeddings.word_embeddings.weight[:1000], bert.embeddings.word_embeddings.weight)
 
 
-def test_pretraining_heads_match_bert_for_pretraining():
+def test_pretraining_heads_match_bert_for_pretraining(transformers):
     torch.manual_seed(1)
-    bert = transformers.BertForPreTraining(_bert_config()).eval()
+    bert = transformers.BertForPreTraining(_bert_config(transformers)).eval()
     model = VideoBERTForPretraining.from_bert(bert).eval()
     gen = torch.Generator().manual_seed(1)
     ids, types, attention = _padded_batch(gen)
@@ -289,8 +294,8 @@ def test_pretraining_heads_match_bert_for_pretraining():
     assert int(ours["visual_mlm_count"]) == 0 and float(ours["visual_mlm_loss"]) == 0.0
 
 
-def test_from_bert_state_dict_needs_a_matching_config():
-    bert = transformers.BertModel(_bert_config(), add_pooling_layer=False)
+def test_from_bert_state_dict_needs_a_matching_config(transformers):
+    bert = transformers.BertModel(_bert_config(transformers), add_pooling_layer=False)
     with pytest.raises(ValueError, match="config is required"):
         VideoBERTModel.from_bert(bert.state_dict())
     config = VideoBERTConfig.from_bert_config(bert.config)
