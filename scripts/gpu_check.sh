@@ -27,9 +27,18 @@ bench/tune.py}
 fi
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Wheels fetched by scripts/gpu_wheels.sh and carried along (the GPU machine has no internet) go first.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/videobert-site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/videobert-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || exit 1
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
   torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" || exit 1
+# Which optional peers and test tools this run has (a missing one skips its rows or tests, with a reason).
+"$python" -c "import importlib.util as u; print('importable:', {m: u.find_spec(m) is not None for m in
+  ('transformers', 'liger_kernel', 'cut_cross_entropy', 'flash_attn', 'apex', 'expecttest', 'pytest_benchmark')})"
 # --no-deps --no-index: the GPU machine has no internet and already holds torch and triton.
 "$python" -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 log_dir=${VIDEOBERT_BENCH_OUT:-.}
