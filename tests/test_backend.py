@@ -117,6 +117,27 @@ def test_no_top_level_kernels_module_is_installed():
     assert top == "none" or not top.startswith(str(ROOT)), f"a top-level 'kernels' resolves to {top}"
 
 
+def test_custom_op_loads_its_backend_when_called_first():
+    """The custom op called before any backend is resolved (opcheck does, and so does a graph run in a fresh
+    process) loads its provider itself; a backend that cannot be had raises BackendUnavailableError."""
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch\n"
+            "from videobert.ops._backend import BackendUnavailableError, run\n"
+            "from videobert.ops.attention import _segment_attention_op\n"
+            "q = torch.randn(1, 5, 1, 16)\n"
+            "out = _segment_attention_op(q, q, q, torch.zeros(1, 5, dtype=torch.long), None, None, 0.0, 0.25, None,"
+            " 'triton')\n"
+            "print(tuple(out[0].shape))\n"
+            "try:\n"
+            "    run('no_such_op', 'triton', 'fwd')\n"
+            "except BackendUnavailableError as exc:\n"
+            "    print('unavailable:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["(1, 5, 1, 16)", "unavailable: no triton implementation of no_such_op is "
+                                       "installed"]
+
+
 def test_triton_launch_helpers():
     """The plain-int grid helpers agree with Triton's (constexpr functions, slow on the host); the dropout
     arguments are Triton's int32 view of the offset, the keep threshold and scale, and neutral without dropout."""

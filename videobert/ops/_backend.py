@@ -51,8 +51,14 @@ def register(op: str, backend: str, impl: Impl) -> None:
 def run(op: str, backend: str, direction: str, *args):
     """Call the `direction` ("fwd" or "bwd") of `op` on `backend` inside the NVTX range
     "<op>.<direction>[<backend>]" of the videobert domain (videobert.profiling)."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:  # the custom op called before any `resolve` (opcheck, a graph run in a fresh process)
+        reason = _load_provider(backend) if backend in _PROVIDERS else None
+        impl = _REGISTRY.get(op, {}).get(backend)
+        if impl is None:
+            raise BackendUnavailableError(reason or f"no {backend} implementation of {op} is installed")
     with nvtx_range(f"{op}.{direction}[{backend}]"):
-        return getattr(_REGISTRY[op][backend], direction)(*args)
+        return getattr(impl, direction)(*args)
 
 
 def eager_autograd(op: str, setup_context: Callable, backward: Callable, non_differentiable: tuple = ()):
