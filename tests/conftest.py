@@ -1,4 +1,5 @@
 """Shared test settings: tolerances per dtype (stated once, here), devices, and the Triton interpreter."""
+import importlib.util
 import os
 import sys
 
@@ -22,6 +23,9 @@ TOLERANCES = {
 }
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# torch.library.opcheck imports expecttest, which a GPU image may lack (scripts/gpu_wheels.sh brings it).
+OPCHECK = pytest.mark.skipif(importlib.util.find_spec("expecttest") is None,
+                             reason="torch.library.opcheck needs expecttest (pip install expecttest)")
 
 # CPU always; CUDA as well when a GPU is present (those cases skip with a reason otherwise).
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

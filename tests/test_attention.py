@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, OPCHECK, assert_close
 from videobert._kernels import reference
 from videobert.ops import segment_attention, segment_attention_varlen
 from videobert.ops.attention import _segment_attention_backward_op, _segment_attention_op
@@ -188,6 +188,7 @@ def test_matches_pytorch_sdpa_on_padding_mask():
     assert_close(out[rows], expected[rows], torch.float32, "out")
 
 
+@OPCHECK
 def test_custom_op_passes_opcheck():
     gen = torch.Generator().manual_seed(4)
     q, k, v, seg, mod, rules = make_inputs(2, 13, 2, 8, torch.float32, "cpu", gen, "packed", PREFIX_LM)

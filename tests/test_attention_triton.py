@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import CUDA, assert_close
+from conftest import CUDA, OPCHECK, assert_close
 from test_attention import (ALL_CAUSAL, JOINT, LATE_FUSION, PREFIX_LM, make_inputs, naive_mask, random_layout,
                             varlen_inputs)
 from videobert.ops import BackendUnavailableError, segment_attention, segment_attention_varlen
@@ -286,6 +286,7 @@ def test_work_scales_with_squared_sample_lengths():
     assert visited < 4 * ideal + 2 * L / block_m, (visited, ideal)
 
 
+@OPCHECK
 def test_opcheck():
     gen = torch.Generator().manual_seed(8)
     q, k, v, seg, mod, rules = make_inputs(2, 40, 2, 16, torch.float32, DEVICE, gen, "packed", PREFIX_LM)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, OPCHECK, assert_close
 from videobert.ops import linear_cross_entropy, softmax_cross_entropy
 from videobert.ops.cross_entropy import (_linear_ce_backward_op, _linear_ce_op, _softmax_ce_backward_op,
                                          _softmax_ce_op)
@@ -135,6 +135,7 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(fn, (torch.randn(6, 9, dtype=torch.float64, requires_grad=True),))
 
 
+@OPCHECK
 def test_custom_ops_pass_opcheck():
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(7, 16, generator=gen, requires_grad=True)
@@ -451,6 +452,7 @@ def test_triton_softmax_kernels_take_any_row_layout(V, layout):
         assert torch.equal(full[:, :3], before[:, :3]) and torch.equal(full[:, 3 + V:], before[:, 3 + V:])
 
 
+@OPCHECK
 @pytest.mark.parametrize("op", ["linear", "softmax"])
 def test_triton_cross_entropy_ops_pass_opcheck(op):
     device = _triton_or_skip()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, OPCHECK, assert_close
 from videobert._kernels import reference
 from videobert.ops import BackendUnavailableError, add_layer_norm
 from videobert.ops._backend import resolve
@@ -159,6 +159,7 @@ def test_dropout_statistics_and_same_mask(backend, device):
     assert (grads[0][~keep.to(device)] == 0).all()  # dropped elements of x get no gradient
 
 
+@OPCHECK
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_ops_pass_opcheck(backend, device):
