@@ -4,6 +4,7 @@
 # quick fits a lent machine's 10-minute command: the kernel tests (110 s at most), then each benchmark with
 # --quick (65 s at most each; the end-to-end one 110 s, on VideoBERT-large, the targets' model; the tuning
 # sweeps 50 s): under 8 minutes of steps, about 9 with the install (the CUDA extension builds in about a minute).
+# On a lent machine that returns only a few files: VIDEOBERT_BENCH_OUT=/tmp/r GPU_CHECK_ARCHIVE=$OUT/r.tgz.
 # Results go to $VIDEOBERT_BENCH_OUT (default bench/results/<gpu>/<date>/), the test log beside them.
 # For a time-boxed machine: GPU_CHECK_TESTS (test paths, default tests), GPU_CHECK_BENCHES (scripts, default
 # every bench/*.py but common.py, profile_* and the pytest-benchmark test_*), GPU_CHECK_BENCH_ARGS (e.g.
