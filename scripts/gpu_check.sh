@@ -13,6 +13,10 @@
 set -uo pipefail
 what=${1:-all}
 case $what in tests|bench|all|quick) ;; *) echo "usage: $0 [tests|bench|all|quick], got '$what'" >&2; exit 2;; esac
+if [ -n "${GPU_CHECK_ARCHIVE:-}" ] && [ -z "${VIDEOBERT_BENCH_OUT:-}" ]; then
+  echo "GPU_CHECK_ARCHIVE needs VIDEOBERT_BENCH_OUT: the folder of results to archive" >&2
+  exit 2
+fi
 test_s=${GPU_CHECK_STEP_S:-}
 bench_s=${GPU_CHECK_STEP_S:-}
 if [ "$what" = quick ]; then

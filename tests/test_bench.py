@@ -91,8 +91,8 @@ def test_rotating_sets_exceed_the_cache_and_cycle():
 
 def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     """`scripts/gpu_check.sh quick` (stub nvidia-smi, timeout and python) runs the kernel tests, then each
-    benchmark with --quick under its time cap, the end-to-end one on VideoBERT-large; an unknown mode is a usage
-    error."""
+    benchmark with --quick under its time cap, the end-to-end one on VideoBERT-large; an unknown mode, or an
+    archive without a results folder, is a usage error."""
     import os
     import subprocess
 
@@ -119,3 +119,7 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     assert [int(line.split()[1]) for line in lines if line.startswith("cap ")] == [110, 65, 65, 65, 110, 50]
     bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+    env = {**env, "GPU_CHECK_ARCHIVE": str(tmp_path / "r.tgz")}
+    env.pop("VIDEOBERT_BENCH_OUT")
+    bad = subprocess.run(["bash", str(script), "quick"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs VIDEOBERT_BENCH_OUT" in bad.stderr  # else it would archive the checkout
