@@ -51,12 +51,7 @@ def register(op: str, backend: str, impl: Impl) -> None:
 def run(op: str, backend: str, direction: str, *args):
     """Call the `direction` ("fwd" or "bwd") of `op` on `backend` inside the NVTX range
     "<op>.<direction>[<backend>]" of the videobert domain (videobert.profiling)."""
-    impl = _REGISTRY.get(op, {}).get(backend)
-    if impl is None:  # the custom op called before any `resolve` (opcheck, a graph run in a fresh process)
-        reason = _load_provider(backend) if backend in _PROVIDERS else None
-        impl = _REGISTRY.get(op, {}).get(backend)
-        if impl is None:
-            raise BackendUnavailableError(reason or f"no {backend} implementation of {op} is installed")
+    impl = _REGISTRY.get(op, {}).get(backend) or _implementation(op, backend)  # the second: first use of `backend`
     with nvtx_range(f"{op}.{direction}[{backend}]"):
         return getattr(impl, direction)(*args)
 
@@ -97,6 +92,16 @@ def _load_provider(backend: str) -> Optional[str]:
     return _provider_errors[backend]
 
 
+def _implementation(op: str, backend: str) -> Impl:
+    """`backend`'s implementation of `op`, its provider module imported first (also when the custom op runs
+    before any `resolve`: opcheck, a graph run in a fresh process); BackendUnavailableError saying why if none."""
+    reason = _load_provider(backend) if backend in _PROVIDERS else None
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        raise BackendUnavailableError(reason or f"no {backend} implementation of {op} is installed")
+    return impl
+
+
 def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype,
                      constraints: dict) -> Optional[str]:
     if backend == "triton":
@@ -108,13 +113,10 @@ def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.d
         return f"the CUDA extension needs CUDA tensors, got device {device}"
     if backend != "torch" and dtype == torch.float64:
         return "float64 is supported by the torch reference only"
-    if backend in _PROVIDERS:
-        reason = _load_provider(backend)
-        if reason is not None:
-            return reason
-    impl = _REGISTRY.get(op, {}).get(backend)
-    if impl is None:
-        return f"no {backend} implementation of {op} is installed"
+    try:
+        impl = _implementation(op, backend)
+    except BackendUnavailableError as exc:
+        return str(exc)
     return impl.unsupported(device, dtype, **constraints)
 
 
