@@ -188,7 +188,7 @@ def linear_backward_rows() -> list[dict]:
         labels = torch.randint(0, V, (N,), device="cuda")
         _, lse, _ = ce.linear_cross_entropy_fwd(hidden, weight, labels, None, -100, 0.0)
         dloss = torch.full((N,), 1.0 / N, device="cuda")
-        default = "two_sweeps" if ce._one_sweep_cols(N, D, V, hidden.dtype, hidden.device) is None else "one_sweep"
+        default = ce.default_backward_method(N, D, V, hidden.dtype, hidden.device)
         cases = [(method, None) for method in ce.LINEAR_BACKWARD_METHODS]
         cases += [("one_sweep", chunk) for chunk in (1024, 2048, 4096, 8192)]
         for method, chunk in cases:

@@ -348,6 +348,12 @@ def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.de
     return min(V, cols) if cols >= min(V, _config(MIN_CHUNK, device)[0]) else None
 
 
+def default_backward_method(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The method `linear_cross_entropy_bwd` takes unless told: "one_sweep" where `_one_sweep_cols` finds a chunk
+    width within SCRATCH_SHARE, else "two_sweeps"."""
+    return "two_sweeps" if _one_sweep_cols(N, D, V, dtype, device) is None else "one_sweep"
+
+
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
                              method: Optional[str] = None, chunk: Optional[int] = None):
     """Backward launcher: (dhidden, dweight, dbias or None) in the inputs' dtypes, by chunked GEMMs around the
@@ -366,15 +372,14 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
         return dh, dw, None if db is None else db.zero_()
     if method not in (None,) + LINEAR_BACKWARD_METHODS:
         raise ValueError(f"method must be one of {LINEAR_BACKWARD_METHODS} or None, got {method!r}")
-    one_sweep_cols = _one_sweep_cols(N, D, V, hidden.dtype, hidden.device)
-    if method is None:
-        method = "two_sweeps" if one_sweep_cols is None else "one_sweep"
+    method = method or default_backward_method(N, D, V, hidden.dtype, hidden.device)
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of vocabulary entries, got {chunk!r}")
     min_cols = _config(MIN_CHUNK, hidden.device)[0]
     one_sweep = method == "one_sweep"
     if one_sweep:
-        cols = one_sweep_cols or min(V, _round_up(min_cols, ROW_ALIGN))  # bench/tune.py may ask for it anywhere
+        # bench/tune.py may ask for one sweep where it does not fit: then chunks of the minimum width
+        cols = _one_sweep_cols(N, D, V, hidden.dtype, hidden.device) or min(V, _round_up(min_cols, ROW_ALIGN))
         acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
     else:
         cols = min(V, _round_up(max(min_cols, cdiv(V, CHUNKS)), 64))
