@@ -38,6 +38,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{name}: {m}")
 
 
+def triton_device() -> str:
+    """Where Triton kernels run in this session ("cuda", or "cpu" under the interpreter); skips the test where
+    they cannot run (no GPU and TRITON_INTERPRET unset)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    return "cpu"
+
+
 def pytest_runtest_logreport(report) -> None:
     """With VIDEOBERT_EARLY_FAILURES=1 (scripts/gpu_check.sh sets it) each failure is printed with its traceback
     as it happens, so a run stopped by a time cap still says what failed and why."""

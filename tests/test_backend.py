@@ -1,5 +1,4 @@
 """Backend selection, the shared dropout RNG against Triton's own Philox, and packaging rules."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import triton_device
 from videobert._kernels import reference
 from videobert.ops import BackendUnavailableError, available_backends, segment_attention
 from videobert.ops._backend import resolve
@@ -81,9 +81,7 @@ def _keep_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexp
 
 
 def test_philox_and_dropout_masks_match_triton_bit_for_bit():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = triton_device()
     for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)):
         out = torch.empty(4, 256, dtype=torch.int32, device=device)
         _philox_kernel[(1,)](out, seed, offset, 256)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, OPCHECK, assert_close
+from conftest import DEVICES, OPCHECK, assert_close, triton_device
 from videobert.ops import linear_cross_entropy, softmax_cross_entropy
 from videobert.ops.cross_entropy import (_linear_ce_backward_op, _linear_ce_op, _softmax_ce_backward_op,
                                          _softmax_ce_op)
@@ -199,14 +199,6 @@ def test_softmax_bad_inputs_raise_clear_errors():
         softmax_cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
 
 
-def _triton_or_skip():
-    import os
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # The interpreter computes tl.dot on bf16 operands wrongly, so bf16 runs on a GPU only.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
@@ -216,7 +208,7 @@ TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda
 @pytest.mark.parametrize("reduction, smoothing", [("mean", 0.1), ("sum", 0.0), ("none", 0.2)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_triton_linear_cross_entropy_matches_float64(dtype, N, D, V, reduction, smoothing, with_bias):
-    device = _triton_or_skip()
+    device = triton_device()
     gen = torch.Generator().manual_seed(N * V + D + with_bias)
     hidden = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
     weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
@@ -250,7 +242,7 @@ def test_triton_linear_forward_methods_match_float64(method):
     per-row loss, lse and accuracy, with bias, smoothing and ignored rows, over several row chunks."""
     from videobert._kernels.triton import cross_entropy as ce
 
-    device = _triton_or_skip()
+    device = triton_device()
     gen = torch.Generator().manual_seed(15)
     N, D, V = 37, 64, 1000
     hidden = torch.randn(N, D, generator=gen).to(device)
@@ -275,7 +267,7 @@ def test_triton_linear_backward_methods_match_float64(method, chunk, dtype):
     a partial last chunk), with smoothing, ignored rows, a per-row upstream gradient and one through lse."""
     from videobert._kernels.triton import cross_entropy as ce
 
-    device = _triton_or_skip()
+    device = triton_device()
     gen = torch.Generator().manual_seed(16)
     N, D, V = 37, 64, 1000
     hidden = torch.randn(N, D, generator=gen).to(device, dtype)
@@ -322,7 +314,7 @@ def test_linear_backward_default_method_keeps_scratch_in_budget(dtype, D, V, met
 
 
 def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
-    device = _triton_or_skip()
+    device = triton_device()
     gen = torch.Generator().manual_seed(5)
     hidden = (torch.randn(6, 32, generator=gen) * 300).to(device).requires_grad_()  # logits around 1e4
     weight = torch.randn(300, 32, generator=gen).to(device).requires_grad_()
@@ -341,7 +333,7 @@ def test_triton_linear_cross_entropy_large_logits_and_all_ignored():
 def _fused_or_skip(backend):
     """The device the fused `backend` of softmax_cross_entropy runs on here, or a skip saying why none."""
     if backend == "triton":
-        return _triton_or_skip()
+        return triton_device()
     from videobert.ops import BackendUnavailableError
     from videobert.ops._backend import resolve
 
@@ -427,7 +419,7 @@ def test_triton_softmax_kernels_take_any_row_layout(V, layout):
     """The softmax kernels tile each row from its start rounded down to TILE_ALIGN elements: rows that start
     anywhere (a column slice of a wider buffer, odd widths), narrower than one alignment step or than a tile, and
     a gradient written in place (the rows' own layout) or into a dense buffer (another stride)."""
-    device = _triton_or_skip()
+    device = triton_device()
     from videobert._kernels.triton import cross_entropy as ce
 
     gen = torch.Generator().manual_seed(V)
@@ -455,7 +447,7 @@ def test_triton_softmax_kernels_take_any_row_layout(V, layout):
 @OPCHECK
 @pytest.mark.parametrize("op", ["linear", "softmax"])
 def test_triton_cross_entropy_ops_pass_opcheck(op):
-    device = _triton_or_skip()
+    device = triton_device()
     gen = torch.Generator().manual_seed(14)
     labels = torch.tensor([3, -100, 0, 7], device=device)
     if op == "linear":

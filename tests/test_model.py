@@ -1,11 +1,9 @@
 """The encoder and pretraining heads: shapes, packed == padded, masks, Hugging Face BERT equivalence."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, TOLERANCES
+from conftest import DEVICES, TOLERANCES, triton_device
 from videobert import VideoBERTConfig, VideoBERTForPretraining, VideoBERTModel, segment_positions
 from videobert.data import encode_sample, pack_samples, random_pretraining_batch
 
@@ -191,9 +189,7 @@ def test_pretraining_step_through_the_triton_kernels_matches_the_reference_ops(a
     fp32 and under fp16 autocast (fp32 weights beside half activations in every fused op, as bf16 autocast on a
     GPU; the interpreter's bf16 dots are not exact, so fp16 stands in)."""
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and the Triton interpreter is off")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = triton_device()
     runs = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
