@@ -123,3 +123,27 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     env.pop("VIDEOBERT_BENCH_OUT")
     bad = subprocess.run(["bash", str(script), "quick"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "needs VIDEOBERT_BENCH_OUT" in bad.stderr  # else it would archive the checkout
+
+
+def test_early_failures_are_printed_as_they_happen(tmp_path):
+    """With VIDEOBERT_EARLY_FAILURES=1 (set by gpu_check.sh) a failure's traceback is printed when the test fails,
+    before pytest's summary, which a time cap may never let it reach; without it, nothing extra is printed."""
+    import os
+    import shutil
+    import subprocess
+
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
+    (tmp_path / "test_x.py").write_text("def test_fails():\n    assert 1 == 2, 'boom'\n\n\ndef test_ok():\n    pass\n")
+    command = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "test_x.py"]
+    outputs = {}
+    for flag in ("1", "0"):
+        env = {**os.environ, "VIDEOBERT_EARLY_FAILURES": flag, "PYTHONUNBUFFERED": "1"}  # as gpu_check.sh runs it
+        run = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, timeout=120)
+        assert run.returncode == 1, run.stdout
+        outputs[flag] = run.stdout
+    early = outputs["1"]
+    assert "FAILED test_x.py::test_fails (call)" in early
+    assert early.index("FAILED test_x.py::test_fails (call)") < early.index("= FAILURES =")
+    assert "AssertionError: boom" in early[:early.index("= FAILURES =")]
+    assert "(call)" not in outputs["0"]
