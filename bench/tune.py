@@ -143,35 +143,47 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
 
 
 def linear_rows(matmul_tflops: float) -> list[dict]:
-    """Times of the linear cross-entropy forward per method and fused-kernel config."""
+    """Times of the linear cross-entropy forward per method and fused-kernel config (N = 16k), and of the fused
+    kernel's vocabulary splits per row block (the launcher's choice against fixed counts) at N = 4k and 16k."""
     from videobert._kernels.triton import cross_entropy as ce
+    from videobert._kernels.triton.launch import cdiv, multiprocessors
 
-    N, D, V = 16384, 1024, 51258
-    hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
-    weight = (torch.randn(V, D, device="cuda") * D ** -0.5).to(torch.bfloat16)
-    labels = torch.randint(0, V, (N,), device="cuda")
-    flops = 2.0 * N * D * V
-    sets = rotating(hidden, weight, labels)
+    D, V = 1024, 51258
     shipped = ce.LINEAR_CONFIG["gpu"]
-    cases = [("eager", None, lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y, reduction="none")),
-             ("chunked", None, lambda h, w, y: ce.linear_cross_entropy_fwd(h, w, y, None, -100, 0.0,
-                                                                           method="chunked"))]
-    for config in [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]:
-        cases.append(("fused", config, lambda h, w, y: ce.linear_cross_entropy_fwd(h, w, y, None, -100, 0.0,
-                                                                                    method="fused")))
-    out = []
-    for method, config, fn in cases:
+
+    def fused(splits=None):
+        return lambda h, w, y: ce.linear_cross_entropy_fwd(h, w, y, None, -100, 0.0, method="fused", splits=splits)
+    cases = [(16384, "eager", None, None, lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y,
+                                                                          reduction="none")),
+             (16384, "chunked", None, None, lambda h, w, y: ce.linear_cross_entropy_fwd(h, w, y, None, -100, 0.0,
+                                                                                         method="chunked"))]
+    sweep = [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]
+    cases += [(16384, "fused", config, None, fused()) for config in dict.fromkeys(sweep)]  # shipped once
+    for N in (4096, 16384):
+        cases += [(N, "fused", None, splits, fused(splits)) for splits in (1, 2, 4, 8)]
+    cases.append((4096, "fused", None, None, fused()))
+    out, inputs = [], {}
+    for N, method, config, splits, fn in cases:
+        if N not in inputs:
+            hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+            weight = (torch.randn(V, D, device="cuda") * D ** -0.5).to(torch.bfloat16)
+            inputs[N] = rotating(hidden, weight, torch.randint(0, V, (N,), device="cuda"))
         ce.LINEAR_CONFIG["gpu"] = config or shipped
         try:
-            ms = bench_ms(fn, sets)[0]
+            ms = bench_ms(fn, inputs[N])[0]
         except Exception as exc:  # a config that does not compile or fit is reported, not fatal
-            print(f"linear forward {method} {config}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            print(f"linear forward N={N} {method} {config} splits={splits}: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0]}")
             continue
         finally:
             ce.LINEAR_CONFIG["gpu"] = shipped
-        out.append(dict(method=method, config=str(config or ""), default=method == ce.LINEAR_FORWARD and
-                        (config or shipped) == shipped, fwd_ms=ms, tflops=flops / ms / 1e9,
-                        pct_of_matmul=100 * flops / ms / 1e9 / matmul_tflops))
+        flops = 2.0 * N * D * V
+        bm, bv = (config or shipped)[:2]
+        chosen = ce.vocab_splits(cdiv(N, bm), cdiv(V, bv), multiprocessors(torch.device("cuda")))
+        out.append(dict(N=N, method=method, config=str(config or ""),
+                        splits=splits or (f"default ({chosen})" if method == "fused" else ""),
+                        default=method == ce.LINEAR_FORWARD and (config or shipped) == shipped and not splits,
+                        fwd_ms=ms, tflops=flops / ms / 1e9, pct_of_matmul=100 * flops / ms / 1e9 / matmul_tflops))
     return out
 
 

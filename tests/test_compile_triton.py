@@ -86,15 +86,19 @@ def cross_entropy_launch(kind: str, smoothing: bool = True):
     benchmark's shapes, V (51258) and so the logits' row stride do not."""
     rows = {"Labels": "*i64", "Lse": "*fp32"}
     scalars = {"N": "i32", "V": "i32"}
+    stats = {"Loss": "*fp32", "Lse": "*fp32", "Correct": "*i8"}
+    if kind == "linear_combine":
+        sig = {"Partial": "*fp32", "Labels": "*i64", **stats, **scalars, "splits": "i32", "ignore_index": "i32",
+               "label_smoothing": "fp32"}
+        return (ce._linear_ce_combine_kernel, as_launched(sig, "N"), dict(BLOCK_M=ce.COMBINE_ROWS), 4, 1)
     if kind.startswith("linear"):
         bm, bv, bk, warps, stages = ce.LINEAR_CONFIG["gpu"]
-        consts = dict(HAS_BIAS=True, HAS_SMOOTHING=smoothing, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_V=bv,
-                      BLOCK_K=bk)
+        consts = dict(HAS_BIAS=True, HAS_SMOOTHING=smoothing, SPLIT=kind == "linear_fwd_split",
+                      DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
         common = {"H": "*bf16", "W": "*bf16", "Bias": "*bf16", "Labels": "*i64"}
-        tail = {**scalars, "D": "i32", "stride_h": "i32", "stride_w": "i32", "ignore_index": "i32",
+        tail = {**scalars, "D": "i32", "stride_h": "i32", "stride_w": "i32", "split_v": "i32", "ignore_index": "i32",
                 "label_smoothing": "fp32"}
-        kernel, sig = ce._linear_ce_fwd_kernel, {**common, "Loss": "*fp32", "Lse": "*fp32", "Correct": "*i8",
-                                                 **tail}
+        kernel, sig = ce._linear_ce_fwd_kernel, {**common, **stats, "Partial": "*fp32", **tail}
     else:
         bm, bv, warps = ce.SOFTMAX_CONFIG[kind.split("_")[1]]["gpu"]
         stages = 1
@@ -110,7 +114,7 @@ def cross_entropy_launch(kind: str, smoothing: bool = True):
                                                       "V": "i32", "stride_z": "i32", "stride_dz": "i32",
                                                       "ignore_index": "i32", "label_smoothing": "fp32"}
             consts.update(HAS_DLSE=True, SAME_STRIDE=True)
-    return kernel, as_launched(sig, "N", "D", "stride_h", "stride_w"), consts, warps, stages
+    return kernel, as_launched(sig, "N", "D", "stride_h", "stride_w", "split_v"), consts, warps, stages
 
 
 def cross_entropy_report(kind: str, arch: int):
@@ -210,8 +214,8 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
                               for batch in (0, 1)]
     cases += [("layer_norm", kind, hidden, arch, full) for kind in ("fwd", "bwd")
               for hidden in (1, 768, 1024, 4096, 8192) for arch in ARCHS for full in (False, True)]
-    cases += [("cross_entropy", kind, arch) for kind in ("linear_fwd", "softmax_fwd", "softmax_bwd")
-              for arch in ARCHS]
+    cases += [("cross_entropy", kind, arch) for arch in ARCHS
+              for kind in ("linear_fwd", "linear_fwd_split", "linear_combine", "softmax_fwd", "softmax_bwd")]
     # Fresh worker processes import the kernels as real JIT functions (not under the test's interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -225,8 +229,9 @@ def test_shipped_configs_compile_without_spills(monkeypatch):
 
 
 # Known, measured exceptions (stack bytes per thread, upper bounds), compiled as launched (Triton 3.9). The linear
-# cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (a 16 B frame) but ran at 392 TFLOP/s
-# on an H100 (bench/tune.py), 2.4x the spill-free (64, 128, 32, 8, 3). The LayerNorm backward at hidden 8192 holds
+# cross-entropy forward at (128, 128, 64, 8, 3) spills a little on sm_80 (a 24 B frame since its vocabulary
+# range became a runtime split; 16 B before) but ran at 392 TFLOP/s on an H100 (bench/tune.py), 2.4x the
+# spill-free (64, 128, 32, 8, 3). The LayerNorm backward at hidden 8192 holds
 # 16 columns per thread of the dweight and dbias partial sums beside the row's values at the 128-register cap of
 # 16 warps; with residual, bias, dropout and the extra ds input it spills on sm_90 (a 40 B frame; none without
 # them, none on sm_80); 32 warps (a 64-register cap) spill more.

@@ -236,20 +236,24 @@ def test_triton_linear_cross_entropy_matches_float64(dtype, N, D, V, reduction, 
         assert_close(g, e, dtype, name)
 
 
-@pytest.mark.parametrize("method", ["fused", "chunked"])
-def test_triton_linear_forward_methods_match_float64(method):
+@pytest.mark.parametrize("method, splits, N", [("fused", None, 37), ("fused", 1, 37), ("fused", 3, 37),
+                                               ("fused", 40, 37), ("fused", 3, 1), ("chunked", None, 37)])
+def test_triton_linear_forward_methods_match_float64(method, splits, N):
     """Both forward algorithms of the Triton backend (bench/tune.py picks the default) give the reference's
-    per-row loss, lse and accuracy, with bias, smoothing and ignored rows, over several row chunks."""
+    per-row loss, lse and accuracy, with bias, smoothing and ignored rows, over several row chunks; the fused one
+    with its vocabulary split between programs or not (None: the launcher's choice, 4 splits here; 40: more than
+    the 16 tiles, so one tile each; the last split holds the partial tile), also for a single row."""
     from videobert._kernels.triton import cross_entropy as ce
 
     device = triton_device()
     gen = torch.Generator().manual_seed(15)
-    N, D, V = 37, 64, 1000
+    D, V = 64, 1000
     hidden = torch.randn(N, D, generator=gen).to(device)
     weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device)
     bias = (0.1 * torch.randn(V, generator=gen)).to(device)
-    labels = make_labels(N, V, gen).to(device)
-    loss, lse, correct = ce.linear_cross_entropy_fwd(hidden, weight, labels, bias, -100, 0.1, method=method)
+    labels = make_labels(N, V, gen, ignored_fraction=0.3 if N > 1 else 0.0).to(device)
+    loss, lse, correct = ce.linear_cross_entropy_fwd(hidden, weight, labels, bias, -100, 0.1, method=method,
+                                                    splits=splits)
     logits = F.linear(hidden.double(), weight.double(), bias.double())
     valid = labels != -100
     expected = F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
@@ -257,6 +261,23 @@ def test_triton_linear_forward_methods_match_float64(method):
     assert_close(lse, torch.where(valid, torch.logsumexp(logits, -1), 0.0), torch.float32, "lse")
     target = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
     assert torch.equal(correct, valid & (target >= logits.max(-1).values))
+
+
+def test_linear_forward_splits_the_vocabulary_only_where_row_blocks_leave_the_gpu_idle():
+    """One program per multiprocessor (the GPU config's registers): the row blocks alone when they fill the
+    GPU's 132 slots, else equal vocabulary shares filling one wave (V = 51258: 401 tiles of 128)."""
+    from videobert._kernels.triton import cross_entropy as ce
+
+    assert ce.vocab_splits(128, 401, 132) == 1  # N = 16k: 128 blocks, one wave either way
+    assert ce.vocab_splits(512, 401, 132) == 1  # N = 64k
+    assert ce.vocab_splits(32, 401, 132) == 4  # N = 4k: 128 programs instead of 32
+    assert ce.vocab_splits(8, 239, 132) == 16  # a VideoBERT step's ~1k masked text tokens, V = 30522
+    assert ce.vocab_splits(1, 3, 132) == 3  # never more splits than tiles
+    assert ce.vocab_splits(1, 1, 132) == 1
+    device = triton_device()
+    with pytest.raises(ValueError, match="splits must be a positive"):
+        ce.linear_cross_entropy_fwd(torch.zeros(2, 8, device=device), torch.zeros(3, 8, device=device),
+                                    torch.zeros(2, dtype=torch.long, device=device), None, -100, 0.0, splits=0)
 
 
 @pytest.mark.parametrize("method, chunk", [("one_sweep", None), ("two_sweeps", None), ("one_sweep", 300)])

@@ -7,14 +7,13 @@ Dropout regenerates `reference.layer_norm_dropout_keep` (index column, counters 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.triton.launch import cdiv, dropout_args, next_power_of_2
+from videobert._kernels.triton.launch import cdiv, dropout_args, multiprocessors, next_power_of_2
 from videobert._kernels.triton.rng import dropout_keep
 
 MAX_HIDDEN = 8192
@@ -143,11 +142,6 @@ PROGRAMS_PER_SM = 2  # backward programs (and dweight/dbias partial rows) per mu
 BWD_LOOP_STAGES = 1
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=None):
     """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row. `config` (BLOCK_N, ROWS, warps)
     overrides `launch_config` (for tuning)."""
@@ -175,8 +169,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     dres = torch.empty_like(s) if has_residual else None
     block_n, rows, warps = config or launch_config(N, backward=True)
     num_tiles = cdiv(M, rows)
-    sms = _multiprocessors(s.device.index or 0) if s.is_cuda else 1
-    programs = min(num_tiles, programs_per_sm * sms)
+    programs = min(num_tiles, programs_per_sm * multiprocessors(s.device))
     programs = max(programs, 1)
     alloc = torch.empty if M > 0 else torch.zeros  # every program writes its partial row
     partial = alloc((2 if has_bias else 1, programs, N), device=s.device, dtype=torch.float32)

@@ -4,7 +4,8 @@ cross-entropy on given logits.
 Linear forward: each program takes BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing
 `hidden @ weight_tile.T (+ bias)` with fp32 accumulation over BLOCK_K slices of the hidden dimension and keeping
 an online max / sum-exp, the target logit and (for label smoothing) the logit sum; only per-row statistics are
-written. Row blocks whose rows are all ignored skip every tile.
+written. Row blocks whose rows are all ignored skip every tile. Where the row blocks are too few to fill the GPU,
+each one's vocabulary is split between several programs and a second kernel combines their statistics.
 Linear backward: dweight and dhidden each reduce over a whole dimension (all rows, all vocabulary entries) that
 register tiles cannot hold at hidden sizes near 1k; accumulating tile products with atomics instead took about
 200 ms at N=16k, D=1024, V=51k on an H100 (6x eager). So the backward runs chunked GEMMs (cuBLAS on a GPU) around
@@ -20,13 +21,14 @@ element (optionally into the logits buffer).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision
+from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision, multiprocessors
 
 _LOG2E = tl.constexpr(LOG2E)
 
@@ -35,6 +37,13 @@ _LOG2E = tl.constexpr(LOG2E)
 # Linear forward (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages): 4.4 ms = 392 TFLOP/s, against 10.6 ms for
 # (64, 128, 32, 8, 3) and 13.2 ms for eager F.linear + F.cross_entropy.
 LINEAR_CONFIG = {"gpu": (128, 128, 64, 8, 3), "interpret": (16, 64, 32, 4, 1)}
+# That GPU config takes a multiprocessor's whole register file (255 registers x 256 threads), so one program runs
+# per multiprocessor: N = 4096 gives 32 row blocks for 132 of them, a VideoBERT step's 1-2k masked tokens per head
+# 8 to 16. There the forward splits each row block's vocabulary between programs (`vocab_splits`), which leave
+# partial statistics for a small combine kernel (COMBINE_ROWS rows per program), as flash-decoding splits keys.
+# The interpreter counts INTERPRET_SLOTS multiprocessors, so the tests' shapes split too.
+COMBINE_ROWS = 128
+INTERPRET_SLOTS = 4
 # Softmax (BLOCK_M, BLOCK_V, warps) per direction: one row per program; the forward at 56% and the backward at
 # 78% of copy bandwidth, against 36% and 47% for (4, 1024, 8).
 SOFTMAX_CONFIG = {"fwd": {"gpu": (1, 2048, 4), "interpret": (4, 64, 4)},
@@ -153,29 +162,65 @@ def _row_block(Labels, pid, N, ignore_index, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, N, V, D, stride_h, stride_w, ignore_index,
-                          label_smoothing, HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, Partial, N, V, D, stride_h, stride_w, split_v,
+                          ignore_index, label_smoothing, HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                          SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, split) walks vocabulary entries [split * split_v, + split_v) (split_v a multiple of
+    BLOCK_V); SPLIT programs leave their rows' partial statistics in Partial (4, splits, N) for
+    `_linear_ce_combine_kernel`, otherwise the one split covers V and finishes its rows."""
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    v_lo = tl.program_id(1) * split_v
+    v_hi = tl.minimum(V, v_lo + split_v)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     target = tl.zeros([BLOCK_M], tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # blocks of ignored rows cost nothing
-        # Whole tiles without column masks, then the partial last one.
-        for v0 in range(0, V - BLOCK_V + 1, BLOCK_V):
+        # Whole tiles without column masks, then the partial last one (only where v_hi is V).
+        for v0 in range(v_lo, v_hi - BLOCK_V + 1, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
                             BLOCK_M, BLOCK_V, BLOCK_K, False)
             m, s, target, total = _online_update(z, cols[None, :], v0, labels, True, m, s, target, total,
                                                  HAS_SMOOTHING, False, BLOCK_V)
-        for v0 in range((V // BLOCK_V) * BLOCK_V, V, BLOCK_V):
+        for v0 in range((v_hi // BLOCK_V) * BLOCK_V, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = _logit_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, HAS_BIAS, DOT_PRECISION,
                             BLOCK_M, BLOCK_V, BLOCK_K, True)
             m, s, target, total = _online_update(z, cols[None, :], v0, labels, cols[None, :] < V, m, s, target,
                                                  total, HAS_SMOOTHING, True, BLOCK_V)
+    if SPLIT:
+        at = Partial + tl.program_id(1) * N + rows
+        plane = (tl.num_programs(1) * N).to(tl.int64)
+        tl.store(at, m, mask=rows < N)
+        tl.store(at + plane, s, mask=rows < N)
+        tl.store(at + 2 * plane, target, mask=rows < N)
+        tl.store(at + 3 * plane, total, mask=rows < N)
+    else:
+        _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
+
+
+@triton.jit
+def _linear_ce_combine_kernel(Partial, Labels, Loss, Lse, Correct, N, V, splits, ignore_index, label_smoothing,
+                              BLOCK_M: tl.constexpr):
+    """Finish rows from the splits' partial statistics (Partial (4, splits, N): max, sum of exp(z - max),
+    target logit, logit sum)."""
+    rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
+    plane = (splits * N).to(tl.int64)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    target = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for split in range(0, splits):
+        at = Partial + split * N + rows
+        m_k = tl.load(at, mask=rows < N, other=float("-inf"))
+        m_new = tl.maximum(m, m_k)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * _exp(m - m_safe) + tl.load(at + plane, mask=rows < N, other=0.0) * _exp(m_k - m_safe)
+        m = m_new
+        target += tl.load(at + 2 * plane, mask=rows < N, other=0.0)
+        total += tl.load(at + 3 * plane, mask=rows < N, other=0.0)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
@@ -278,14 +323,18 @@ def _row_stats(n: int, device: torch.device):
     return loss, lse, torch.empty((n,), device=device, dtype=torch.int8)
 
 
-def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, method=None):
+def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, method=None,
+                             splits=None):
     """Forward launcher: per-row (loss fp32, lse fp32, correct bool); the logits never exist. `method` (default
     LINEAR_FORWARD): "fused", the one kernel over vocabulary tiles, or "chunked", a GEMM per row chunk and the
-    softmax forward kernel on it (bench/tune.py times both)."""
+    softmax forward kernel on it (bench/tune.py times both). `splits` overrides the fused kernel's vocabulary
+    splits per row block (`vocab_splits`; for tuning and tests)."""
     N, D = hidden.shape
     V = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
     loss, lse, correct = _row_stats(N, hidden.device)
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be a positive number of vocabulary splits, got {splits!r}")
     if (method or LINEAR_FORWARD) == "chunked":
         rows = _chunk_rows(N, hidden.device)
         buffer = torch.empty((rows, _round_up(V, ROW_ALIGN)), device=hidden.device, dtype=hidden.dtype)
@@ -295,12 +344,29 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
                                 loss[r0:r1], lse[r0:r1], correct[r0:r1], ignore_index, label_smoothing)
     elif N:
         bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
-        _linear_ce_fwd_kernel[(cdiv(N, bm),)](
-            hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, N, V, D, hidden.stride(0),
-            weight.stride(0), ignore_index, label_smoothing, HAS_BIAS=bias is not None,
-            HAS_SMOOTHING=label_smoothing > 0, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=bm, BLOCK_V=bv,
-            BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        row_blocks, tiles = cdiv(N, bm), cdiv(V, bv)
+        slots = multiprocessors(hidden.device) if hidden.is_cuda else INTERPRET_SLOTS
+        split_v = cdiv(tiles, min(tiles, splits or vocab_splits(row_blocks, tiles, slots))) * bv
+        splits = cdiv(V, split_v)  # no empty split
+        partial = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32) if splits > 1 else loss
+        _linear_ce_fwd_kernel[(row_blocks, splits)](
+            hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, partial, N, V, D,
+            hidden.stride(0), weight.stride(0), split_v, ignore_index, label_smoothing, HAS_BIAS=bias is not None,
+            HAS_SMOOTHING=label_smoothing > 0, SPLIT=splits > 1, DOT_PRECISION=dot_precision(hidden.dtype),
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        if splits > 1:
+            _linear_ce_combine_kernel[(cdiv(N, COMBINE_ROWS),)](partial, labels, loss, lse, correct, N, V, splits,
+                                                                ignore_index, label_smoothing, BLOCK_M=COMBINE_ROWS)
     return loss, lse, correct.bool()
+
+
+@functools.lru_cache(maxsize=4096)
+def vocab_splits(row_blocks: int, tiles: int, slots: int) -> int:
+    """Programs per row block of the fused forward, each over an equal share of the `tiles` vocabulary tiles: the
+    count minimising waves (ceil(row_blocks * splits / slots)) times the longest share plus one tile (a program's
+    fixed cost and the combine), the fewest on ties; 1 wherever the row blocks alone fill the `slots`."""
+    most = min(tiles, 2 * cdiv(slots, row_blocks))  # past one wave more splits only add waves
+    return min(range(1, most + 1), key=lambda n: (cdiv(row_blocks * n, slots) * (cdiv(tiles, n) + 1), n))
 
 
 def _chunk_logits(hidden, weight, bias, out):

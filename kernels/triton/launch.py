@@ -2,6 +2,7 @@
 and log2(e) (the kernels take exponentials as exp2, one MUFU instruction)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -21,6 +22,17 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (cached per device); 1 for CPU tensors (the interpreter)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
 
 
 _NO_DROPOUT = dict(seed=0, offset=0, threshold=0, drop_scale=1.0)
