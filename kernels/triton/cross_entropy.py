@@ -56,6 +56,12 @@ MIN_CHUNK = {"gpu": (1024, 256), "interpret": (16, 4)}
 # PyTorch would hold (the MLM-loss issue's budget is 5%): "one_sweep" is the default where its chunks of at least
 # MIN_CHUNK entries and its accumulator fit this, "two_sweeps" (1/CHUNKS of bf16 logits: 1/32) elsewhere.
 SCRATCH_SHARE = 1 / 25
+# Below this many rows the one-sweep budget is that of this many (on a GPU): a VideoBERT step scores ~1k masked
+# tokens per head, where 4% of the logits is about 5 MB, chunks of ~400 entries that no default would take;
+# two sweeps then ran 20 chunks whose GEMMs take microseconds each against tens of microseconds of launches per
+# chunk, the GPU waiting on the host. With the floor (20 MB at V = 30522) one sweep takes 4 chunks of 8k entries
+# and 6 N D V flops instead of 8. Every bench/mlm_loss.py shape (N >= 4096) keeps its exact share.
+BUDGET_MIN_ROWS = {"gpu": 4096, "interpret": 0}
 # Row stride (elements) of the logits chunk buffers: without 16-byte rows cuBLAS falls back to slow kernels for
 # V = 30522 or 51258 (the eager F.linear logits of those sizes ran at 17% of the matmul peak on an H100).
 ROW_ALIGN = 16
@@ -403,14 +409,15 @@ def _accumulate_mm(acc, a, b, first: bool) -> None:
 
 
 def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device) -> Optional[int]:
-    """Vocabulary entries per chunk of the one-sweep backward within SCRATCH_SHARE of the fp32 logits (a multiple
-    of ROW_ALIGN, at most V), or None where not even MIN_CHUNK entries fit beside the accumulator or the GPU's
-    PyTorch cannot accumulate fp16/bf16 products in fp32."""
+    """Vocabulary entries per chunk of the one-sweep backward within SCRATCH_SHARE of the fp32 logits of
+    max(N, BUDGET_MIN_ROWS) rows (a multiple of ROW_ALIGN, at most V), or None where not even MIN_CHUNK entries fit
+    beside the accumulator or the GPU's PyTorch cannot accumulate fp16/bf16 products in fp32."""
     half = dtype != torch.float32
     if half and device.type == "cuda" and not _MIXED_ADDMM:
         return None
-    row_budget = SCRATCH_SHARE * 4 * V - (4 * D if half else 0)  # bytes per row: the accumulator's, the chunk's
-    cols = int(row_budget // dtype.itemsize) // ROW_ALIGN * ROW_ALIGN
+    N = max(N, 1)
+    budget = SCRATCH_SHARE * 4 * V * max(N, _config(BUDGET_MIN_ROWS, device)) - (4 * N * D if half else 0)  # bytes
+    cols = int(budget // (N * dtype.itemsize)) // ROW_ALIGN * ROW_ALIGN
     return min(V, cols) if cols >= min(V, _config(MIN_CHUNK, device)[0]) else None
 
 
