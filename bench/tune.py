@@ -9,7 +9,8 @@ these tables (each says which constant it informs).
   (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258.
 - linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
   as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
-  LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258.
+  LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258; and the fused kernel's vocabulary splits per row block, fixed
+  counts against the launcher's choice (`vocab_splits`) at N = 4k, 16k and 19.2k.
 - linear_ce_backward_tuning: the linear cross-entropy backward per method, one sweep (fp32 dhidden accumulator)
   at several chunk widths and two sweeps, with its scratch memory, bf16 N=16k, D=1024, V in (51258, 30522)
   (SCRATCH_SHARE, MIN_CHUNK and LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one
@@ -144,7 +145,7 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
 
 def linear_rows(matmul_tflops: float) -> list[dict]:
     """Times of the linear cross-entropy forward per method and fused-kernel config (N = 16k), and of the fused
-    kernel's vocabulary splits per row block (the launcher's choice against fixed counts) at N = 4k and 16k."""
+    kernel's vocabulary splits per row block (the launcher's choice against fixed counts) at N = 4k, 16k, 19.2k."""
     from videobert._kernels.triton import cross_entropy as ce
     from videobert._kernels.triton.launch import cdiv, multiprocessors
 
@@ -159,9 +160,9 @@ def linear_rows(matmul_tflops: float) -> list[dict]:
                                                                                          method="chunked"))]
     sweep = [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]
     cases += [(16384, "fused", config, None, fused()) for config in dict.fromkeys(sweep)]  # shipped once
-    for N in (4096, 16384):
+    for N in (4096, 16384, 19200):  # 32, 128 and 150 row blocks of 128 (the last: a nearly empty second wave)
         cases += [(N, "fused", None, splits, fused(splits)) for splits in (1, 2, 4, 8)]
-    cases.append((4096, "fused", None, None, fused()))
+        cases += [(N, "fused", None, None, fused())] if N != 16384 else []  # 16k: the sweep's first row
     out, inputs = [], {}
     for N, method, config, splits, fn in cases:
         if N not in inputs:

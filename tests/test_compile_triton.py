@@ -90,7 +90,8 @@ def cross_entropy_launch(kind: str, smoothing: bool = True):
     if kind == "linear_combine":
         sig = {"Partial": "*fp32", "Labels": "*i64", **stats, **scalars, "splits": "i32", "ignore_index": "i32",
                "label_smoothing": "fp32"}
-        return (ce._linear_ce_combine_kernel, as_launched(sig, "N"), dict(BLOCK_M=ce.COMBINE_ROWS), 4, 1)
+        return (ce._linear_ce_combine_kernel, as_launched(sig, "N"), dict(BLOCK_M=ce.COMBINE_ROWS,
+                                                                  BLOCK_S=ce.COMBINE_SPLITS), 4, 1)
     if kind.startswith("linear"):
         bm, bv, bk, warps, stages = ce.LINEAR_CONFIG["gpu"]
         consts = dict(HAS_BIAS=True, HAS_SMOOTHING=smoothing, SPLIT=kind == "linear_fwd_split",

@@ -242,12 +242,13 @@ def test_triton_linear_forward_methods_match_float64(method, splits, N):
     """Both forward algorithms of the Triton backend (bench/tune.py picks the default) give the reference's
     per-row loss, lse and accuracy, with bias, smoothing and ignored rows, over several row chunks; the fused one
     with its vocabulary split between programs or not (None: the launcher's choice, 4 splits here; 40: more than
-    the 16 tiles, so one tile each; the last split holds the partial tile), also for a single row."""
+    the 33 tiles, so one tile each, combined COMBINE_SPLITS at a time; the last split holds the partial tile), also
+    for a single row."""
     from videobert._kernels.triton import cross_entropy as ce
 
     device = triton_device()
     gen = torch.Generator().manual_seed(15)
-    D, V = 64, 1000
+    D, V = 64, 2053
     hidden = torch.randn(N, D, generator=gen).to(device)
     weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device)
     bias = (0.1 * torch.randn(V, generator=gen)).to(device)
@@ -264,13 +265,14 @@ def test_triton_linear_forward_methods_match_float64(method, splits, N):
 
 
 def test_linear_forward_splits_the_vocabulary_only_where_row_blocks_leave_the_gpu_idle():
-    """One program per multiprocessor (the GPU config's registers): the row blocks alone when they fill the
-    GPU's 132 slots, else equal vocabulary shares filling one wave (V = 51258: 401 tiles of 128)."""
+    """One program per multiprocessor (the GPU config's registers): the row blocks alone when they fill whole
+    waves of the GPU's 132 slots, else equal vocabulary shares (V = 51258: 401 tiles of 128)."""
     from videobert._kernels.triton import cross_entropy as ce
 
     assert ce.vocab_splits(128, 401, 132) == 1  # N = 16k: 128 blocks, one wave either way
-    assert ce.vocab_splits(512, 401, 132) == 1  # N = 64k
+    assert ce.vocab_splits(512, 401, 132) == 1  # N = 64k: 3.9 waves
     assert ce.vocab_splits(32, 401, 132) == 4  # N = 4k: 128 programs instead of 32
+    assert ce.vocab_splits(150, 401, 132) == 7  # 8 waves of 1/7 of the tiles, not a second wave of 18 blocks
     assert ce.vocab_splits(8, 239, 132) == 16  # a VideoBERT step's ~1k masked text tokens, V = 30522
     assert ce.vocab_splits(1, 3, 132) == 3  # never more splits than tiles
     assert ce.vocab_splits(1, 1, 132) == 1

@@ -39,10 +39,11 @@ _LOG2E = tl.constexpr(LOG2E)
 LINEAR_CONFIG = {"gpu": (128, 128, 64, 8, 3), "interpret": (16, 64, 32, 4, 1)}
 # That GPU config takes a multiprocessor's whole register file (255 registers x 256 threads), so one program runs
 # per multiprocessor: N = 4096 gives 32 row blocks for 132 of them, a VideoBERT step's 1-2k masked tokens per head
-# 8 to 16. There the forward splits each row block's vocabulary between programs (`vocab_splits`), which leave
-# partial statistics for a small combine kernel (COMBINE_ROWS rows per program), as flash-decoding splits keys.
+# 8 to 16, and N = 19k (150 blocks) a second wave of 18. There the forward splits each row block's vocabulary
+# between programs (`vocab_splits`), which leave partial statistics for a small combine kernel (COMBINE_ROWS rows
+# and COMBINE_SPLITS splits at a time per program), as flash-decoding splits keys.
 # The interpreter counts INTERPRET_SLOTS multiprocessors, so the tests' shapes split too.
-COMBINE_ROWS = 128
+COMBINE_ROWS, COMBINE_SPLITS = 128, 16
 INTERPRET_SLOTS = 4
 # Softmax (BLOCK_M, BLOCK_V, warps) per direction: one row per program; the forward at 56% and the backward at
 # 78% of copy bandwidth, against 36% and 47% for (4, 1024, 8).
@@ -209,24 +210,28 @@ def _linear_ce_fwd_kernel(H, W, Bias, Labels, Loss, Lse, Correct, Partial, N, V,
 
 @triton.jit
 def _linear_ce_combine_kernel(Partial, Labels, Loss, Lse, Correct, N, V, splits, ignore_index, label_smoothing,
-                              BLOCK_M: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Finish rows from the splits' partial statistics (Partial (4, splits, N): max, sum of exp(z - max),
-    target logit, logit sum)."""
+    target logit, logit sum), BLOCK_S splits per step (one load per plane for all of them, so a hundred splits
+    cost a few dependent loads, not a hundred)."""
     rows, labels, valid = _row_block(Labels, tl.program_id(0), N, ignore_index, BLOCK_M)
     plane = (splits * N).to(tl.int64)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     target = tl.zeros([BLOCK_M], tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
-    for split in range(0, splits):
-        at = Partial + split * N + rows
-        m_k = tl.load(at, mask=rows < N, other=float("-inf"))
-        m_new = tl.maximum(m, m_k)
+    for s0 in range(0, splits, BLOCK_S):
+        ks = s0 + tl.arange(0, BLOCK_S)
+        at = Partial + ks[:, None] * N + rows[None, :]
+        inside = (ks[:, None] < splits) & (rows[None, :] < N)
+        m_k = tl.load(at, mask=inside, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(m_k, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * _exp(m - m_safe) + tl.load(at + plane, mask=rows < N, other=0.0) * _exp(m_k - m_safe)
+        s_k = tl.load(at + plane, mask=inside, other=0.0)
+        s = s * _exp(m - m_safe) + tl.sum(s_k * _exp(m_k - m_safe[None, :]), axis=0)
         m = m_new
-        target += tl.load(at + 2 * plane, mask=rows < N, other=0.0)
-        total += tl.load(at + 3 * plane, mask=rows < N, other=0.0)
+        target += tl.sum(tl.load(at + 2 * plane, mask=inside, other=0.0), axis=0)
+        total += tl.sum(tl.load(at + 3 * plane, mask=inside, other=0.0), axis=0)
     _finish_rows(Loss, Lse, Correct, rows, valid, N, V, m, s, target, total, label_smoothing)
 
 
@@ -362,7 +367,8 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         if splits > 1:
             _linear_ce_combine_kernel[(cdiv(N, COMBINE_ROWS),)](partial, labels, loss, lse, correct, N, V, splits,
-                                                                ignore_index, label_smoothing, BLOCK_M=COMBINE_ROWS)
+                                                                ignore_index, label_smoothing, BLOCK_M=COMBINE_ROWS,
+                                                                BLOCK_S=COMBINE_SPLITS)
     return loss, lse, correct.bool()
 
 
@@ -370,9 +376,10 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
 def vocab_splits(row_blocks: int, tiles: int, slots: int) -> int:
     """Programs per row block of the fused forward, each over an equal share of the `tiles` vocabulary tiles: the
     count minimising waves (ceil(row_blocks * splits / slots)) times the longest share plus one tile (a program's
-    fixed cost and the combine), the fewest on ties; 1 wherever the row blocks alone fill the `slots`."""
-    most = min(tiles, 2 * cdiv(slots, row_blocks))  # past one wave more splits only add waves
-    return min(range(1, most + 1), key=lambda n: (cdiv(row_blocks * n, slots) * (cdiv(tiles, n) + 1), n))
+    fixed cost and the combine), the fewest on ties. So 1 where the row blocks fill whole waves (N = 16k and 64k
+    on an H100), a few where the last wave would run nearly empty, more where the row blocks are few."""
+    return min(range(1, min(tiles, slots) + 1),
+               key=lambda n: (cdiv(row_blocks * n, slots) * (cdiv(tiles, n) + 1), n))
 
 
 def _chunk_logits(hidden, weight, bias, out):
