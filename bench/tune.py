@@ -1,22 +1,24 @@
 """Sweep launch parameters and algorithm choices of the kernels on this GPU; the shipped defaults come from
-these tables (each says which constant it informs).
+these tables (each says which constant it informs). In this order (the newest, untimed choices first):
 
+- linear_ce_backward_tuning: the linear cross-entropy backward per method, one sweep (fp32 dhidden accumulator)
+  at several chunk widths and two sweeps, with its scratch memory, bf16 D=1024, N=16k with V in (51258, 30522),
+  and N=1024, V=30522 (a VideoBERT step's masked tokens of one head) (SCRATCH_SHARE, BUDGET_MIN_ROWS, MIN_CHUNK
+  and LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one sweep where it fits).
+- linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
+  as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
+  LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258; and the fused kernel's vocabulary splits per row block, fixed
+  counts against the launcher's choice (`vocab_splits`) at N = 4k, 16k and 19.2k.
 - layer_norm_tuning: the LayerNorm backward, bf16, 16k rows, residual and bias. Triton: elements per program
   (rows per program x padded hidden), warps, programs per multiprocessor, software-pipelining depth of the loop
   over row tiles (`launch_config`, PROGRAMS_PER_SM, BWD_LOOP_STAGES in kernels/triton/add_layer_norm.py); CUDA:
   its grid (`auto` is what the launcher picks).
 - softmax_ce_tuning: the Triton softmax cross-entropy forward and backward, (BLOCK_M, BLOCK_V, warps)
   (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258.
-- linear_ce_tuning: the linear cross-entropy forward as one kernel ("fused", per LINEAR_CONFIG candidate),
-  as GEMM chunks + the softmax kernel ("chunked") and as eager F.linear + F.cross_entropy (LINEAR_FORWARD,
-  LINEAR_CONFIG), bf16 N=16k, D=1024, V=51258; and the fused kernel's vocabulary splits per row block, fixed
-  counts against the launcher's choice (`vocab_splits`) at N = 4k, 16k and 19.2k.
-- linear_ce_backward_tuning: the linear cross-entropy backward per method, one sweep (fp32 dhidden accumulator)
-  at several chunk widths and two sweeps, with its scratch memory, bf16 N=16k, D=1024, V in (51258, 30522)
-  (SCRATCH_SHARE, MIN_CHUNK and LINEAR_BACKWARD_METHODS in kernels/triton/cross_entropy.py: the default takes one
-  sweep where it fits).
 Small kernels are timed as CUDA-graph replays (device time, no host launch overhead), millisecond-scale ones
-with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]. Needs a GPU (exits 0 without one).
+with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]; --quick times the launchers' choices
+against a few alternatives, gives the LayerNorm sweep 30 s and skips the softmax one (scripts/gpu_check.sh
+quick caps the whole run at 50 s). Needs a GPU (exits 0 without one).
 """
 from __future__ import annotations
 
@@ -143,9 +145,10 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
     return out
 
 
-def linear_rows(matmul_tflops: float) -> list[dict]:
-    """Times of the linear cross-entropy forward per method and fused-kernel config (N = 16k), and of the fused
-    kernel's vocabulary splits per row block (the launcher's choice against fixed counts) at N = 4k, 16k, 19.2k."""
+def linear_rows(matmul_tflops: float, quick: bool = False) -> list[dict]:
+    """Times of the linear cross-entropy forward per method and fused-kernel config (N = 16k; `quick`: eager and
+    the shipped config only), and of the fused kernel's vocabulary splits per row block (the launcher's choice
+    against fixed counts) at N = 4k, 16k, 19.2k."""
     from videobert._kernels.triton import cross_entropy as ce
     from videobert._kernels.triton.launch import cdiv, multiprocessors
 
@@ -158,7 +161,9 @@ def linear_rows(matmul_tflops: float) -> list[dict]:
                                                                           reduction="none")),
              (16384, "chunked", None, None, lambda h, w, y: ce.linear_cross_entropy_fwd(h, w, y, None, -100, 0.0,
                                                                                          method="chunked"))]
-    sweep = [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]
+    sweep = [shipped] if quick else [shipped, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3),
+                                     (128, 128, 32, 4, 4)]
+    cases = cases[:1] if quick else cases  # eager for reference; the chunked forward lost on 2026-11-25
     cases += [(16384, "fused", config, None, fused()) for config in dict.fromkeys(sweep)]  # shipped once
     for N in (4096, 16384, 19200):  # 32, 128 and 150 row blocks of 128 (the last: a nearly empty second wave)
         cases += [(N, "fused", None, splits, fused(splits)) for splits in (1, 2, 4, 8)]
@@ -188,14 +193,15 @@ def linear_rows(matmul_tflops: float) -> list[dict]:
     return out
 
 
-def linear_backward_rows() -> list[dict]:
+def linear_backward_rows(quick: bool = False) -> list[dict]:
     """Times and scratch memory of the linear cross-entropy backward per method, and which one the launcher
-    picks by default."""
+    picks by default: N = 16k at V = 51258 and 30522 (one sweep at several chunk widths too, unless `quick`), and
+    a VideoBERT step's ~1k masked tokens of one head (N = 1024, V = 30522, below BUDGET_MIN_ROWS)."""
     from videobert._kernels.triton import cross_entropy as ce
 
-    N, D = 16384, 1024
+    D = 1024
     out = []
-    for V in (51258, 30522):
+    for N, V in ((16384, 51258), (16384, 30522), (1024, 30522)):
         hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
         weight = (torch.randn(V, D, device="cuda") * D ** -0.5).to(torch.bfloat16)
         labels = torch.randint(0, V, (N,), device="cuda")
@@ -203,7 +209,8 @@ def linear_backward_rows() -> list[dict]:
         dloss = torch.full((N,), 1.0 / N, device="cuda")
         default = ce.default_backward_method(N, D, V, hidden.dtype, hidden.device)
         cases = [(method, None) for method in ce.LINEAR_BACKWARD_METHODS]
-        cases += [("one_sweep", chunk) for chunk in (1024, 2048, 4096, 8192)]
+        if not quick and N >= ce.BUDGET_MIN_ROWS["gpu"]:
+            cases += [("one_sweep", chunk) for chunk in (1024, 2048, 4096, 8192)]
         for method, chunk in cases:
             def backward(method=method, chunk=chunk):
                 return ce.linear_cross_entropy_bwd(dloss, None, hidden, weight, labels, None, lse, -100, 0.0,
@@ -212,10 +219,10 @@ def linear_backward_rows() -> list[dict]:
                 scratch = extra_memory_bytes(backward)  # beyond the gradients it returns
                 ms = bench_ms(backward)[0]
             except Exception as exc:  # a method that cannot run here is reported, not fatal
-                print(f"linear backward {method} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                print(f"linear backward {method} N={N} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 continue
-            out.append(dict(V=V, method=method, chunk=chunk or "default", default=method == default and not chunk,
-                            bwd_ms=ms, scratch_mib=scratch / 2**20,
+            out.append(dict(N=N, V=V, method=method, chunk=chunk or "default",
+                            default=method == default and not chunk, bwd_ms=ms, scratch_mib=scratch / 2**20,
                             scratch_pct_of_fp32_logits=100 * scratch / (4 * N * V)))
     return out
 
@@ -225,7 +232,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget-s", type=float, default=150.0,
                         help="seconds of Triton configs in all (an equal share per hidden size)")
-    parser.add_argument("--quick", action="store_true", help="a 30-second budget for the LayerNorm sweep")
+    parser.add_argument("--quick", action="store_true", help="the launchers' choices against a few alternatives "
+                        "each, a 30-second budget for the LayerNorm sweep, no softmax config sweep")
     args = parser.parse_args(argv)
     if args.quick:
         args.budget_s = min(args.budget_s, 30.0)
@@ -233,21 +241,25 @@ def main(argv=None) -> int:
         print("No CUDA device: the tuning sweep needs a GPU; nothing to do.")
         return 0
     peaks = measure_peaks()
+    # The newest, never-timed choices first: a capped run (scripts/gpu_check.sh quick) keeps what finished.
+    backward = linear_backward_rows(quick=args.quick)
+    write_results("linear_ce_backward_tuning", backward, {"peaks": peaks})
+    print(markdown_table(backward))
+    linear = linear_rows(peaks["matmul_tflops"], quick=args.quick)
+    write_results("linear_ce_tuning", linear, {"peaks": peaks})
+    print(markdown_table(linear))
     results = []
     for hidden in HIDDEN:
         results += cuda_rows(hidden, peaks["copy_gbps"])
     for hidden in HIDDEN:  # an equal share of the budget each
         results += triton_rows(hidden, peaks["copy_gbps"], time.monotonic() + args.budget_s / len(HIDDEN))
         write_results("layer_norm_tuning", results, {"peaks": peaks, "rows": ROWS})
-    softmax = softmax_rows(peaks["copy_gbps"])
-    write_results("softmax_ce_tuning", softmax, {"peaks": peaks})
-    print(markdown_table(softmax))
-    linear = linear_rows(peaks["matmul_tflops"])
-    write_results("linear_ce_tuning", linear, {"peaks": peaks})
-    print(markdown_table(linear))
-    backward = linear_backward_rows()
-    write_results("linear_ce_backward_tuning", backward, {"peaks": peaks})
-    print(markdown_table(backward))
+    if args.quick:
+        print("--quick: no softmax cross-entropy config sweep (its configs were chosen on the 2026-11-25 H100 run)")
+    else:
+        softmax = softmax_rows(peaks["copy_gbps"])
+        write_results("softmax_ce_tuning", softmax, {"peaks": peaks})
+        print(markdown_table(softmax))
     best = {}
     for row in results:
         key = (row["kernel"], row["hidden"])
