@@ -14,7 +14,8 @@ these tables (each says which constant it informs). In this order (the newest, u
   over row tiles (`launch_config`, PROGRAMS_PER_SM, BWD_LOOP_STAGES in kernels/triton/add_layer_norm.py); CUDA:
   its grid (`auto` is what the launcher picks).
 - softmax_ce_tuning: the Triton softmax cross-entropy forward and backward, (BLOCK_M, BLOCK_V, warps)
-  (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258.
+  (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258, and the backward on the ~2.1k-wide
+  chunks of the one-sweep linear backward (whose lanes the whole-row tile of 8192 mostly masks).
 Small kernels are timed as CUDA-graph replays (device time, no host launch overhead), millisecond-scale ones
 with do_bench. Usage: python bench/tune.py [--quick] [--budget-s 150]; --quick times the launchers' choices
 against a few alternatives, gives the LayerNorm sweep 30 s and skips the softmax one (scripts/gpu_check.sh
@@ -109,7 +110,8 @@ def _pct(hidden: int, ms: float, copy_gbps: float) -> float:
 
 
 def softmax_rows(copy_gbps: float) -> list[dict]:
-    """Device times of the Triton softmax cross-entropy forward and backward per (BLOCK_M, BLOCK_V, warps)."""
+    """Device times of the Triton softmax cross-entropy forward and backward per (BLOCK_M, BLOCK_V, warps), on whole
+    rows and (chunk_*) the backward in place on the chunks the one-sweep linear backward feeds it (D = 1024)."""
     from videobert._kernels.triton import cross_entropy as ce
 
     N, V = 16384, 51258
@@ -117,6 +119,8 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
     labels = torch.randint(0, V, (N,), device="cuda")
     dloss = torch.ones(N, device="cuda")
     grad = torch.empty_like(logits)
+    width = min(V, ce._one_sweep_cols(N, 1024, V, torch.bfloat16, logits.device) or 2048)
+    chunk = logits[:, :width].contiguous()
     shipped = {d: ce.SOFTMAX_CONFIG[d]["gpu"] for d in ("fwd", "bwd")}
     out = []
     for config in [(4, 1024, 8), (1, 2048, 4), (1, 4096, 8), (1, 8192, 16), (2, 2048, 8), (2, 4096, 16),
@@ -129,19 +133,23 @@ def softmax_rows(copy_gbps: float) -> list[dict]:
             fwd = bench_graph_ms(lambda: ce.softmax_cross_entropy_fwd(logits, labels, -100, 0.0), rep_ms=20)
             bwd = bench_graph_ms(lambda: ce.softmax_cross_entropy_bwd(dloss, None, logits, labels, lse, -100, 0.0,
                                                                       out=grad), rep_ms=20)
+            chunk_bwd = bench_graph_ms(lambda: ce.softmax_cross_entropy_bwd(
+                dloss, None, chunk, labels, lse, -100, 0.0, out=chunk, col0=0, vocab=V), rep_ms=20)
         except Exception as exc:  # a config that does not compile or fit is reported, not fatal
             print(f"softmax config {config}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             continue
         finally:
             for direction in ("fwd", "bwd"):
                 ce.SOFTMAX_CONFIG[direction]["gpu"] = shipped[direction]
-        if fwd and bwd:
+        if fwd and bwd and chunk_bwd:
             nbytes = logits.numel() * logits.element_size()
             bm, bv, warps = config
             out.append(dict(block_m=bm, block_v=bv, warps=warps, fwd_default=config == shipped["fwd"],
                             bwd_default=config == shipped["bwd"], fwd_ms=fwd[0], bwd_ms=bwd[0],
                             fwd_pct_of_copy=100 * nbytes / fwd[0] / 1e6 / copy_gbps,
-                            bwd_pct_of_copy=100 * 2 * nbytes / bwd[0] / 1e6 / copy_gbps))
+                            bwd_pct_of_copy=100 * 2 * nbytes / bwd[0] / 1e6 / copy_gbps, chunk_width=width,
+                            chunk_bwd_ms=chunk_bwd[0],
+                            chunk_bwd_pct_of_copy=100 * 2 * nbytes * width / V / chunk_bwd[0] / 1e6 / copy_gbps))
     return out
 
 
