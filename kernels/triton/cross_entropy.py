@@ -355,12 +355,9 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
                                 loss[r0:r1], lse[r0:r1], correct[r0:r1], ignore_index, label_smoothing)
     elif N:
         bm, bv, bk, warps, stages = _config(LINEAR_CONFIG, hidden.device)
-        row_blocks, tiles = cdiv(N, bm), cdiv(V, bv)
-        slots = multiprocessors(hidden.device) if hidden.is_cuda else INTERPRET_SLOTS
-        split_v = cdiv(tiles, min(tiles, splits or vocab_splits(row_blocks, tiles, slots))) * bv
-        splits = cdiv(V, split_v)  # no empty split
+        split_v, splits = forward_splits(N, V, hidden.device, splits)
         partial = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32) if splits > 1 else loss
-        _linear_ce_fwd_kernel[(row_blocks, splits)](
+        _linear_ce_fwd_kernel[(cdiv(N, bm), splits)](
             hidden, weight, weight if bias is None else bias, labels, loss, lse, correct, partial, N, V, D,
             hidden.stride(0), weight.stride(0), split_v, ignore_index, label_smoothing, HAS_BIAS=bias is not None,
             HAS_SMOOTHING=label_smoothing > 0, SPLIT=splits > 1, DOT_PRECISION=dot_precision(hidden.dtype),
@@ -370,6 +367,16 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_s
                                                                 ignore_index, label_smoothing, BLOCK_M=COMBINE_ROWS,
                                                                 BLOCK_S=COMBINE_SPLITS)
     return loss, lse, correct.bool()
+
+
+def forward_splits(N: int, V: int, device: torch.device, splits: Optional[int] = None) -> tuple[int, int]:
+    """(vocabulary entries per split, splits) of the fused forward over N rows with LINEAR_CONFIG on `device`:
+    `splits` if given (at most one tile each), else `vocab_splits`' choice; never an empty split."""
+    bm, bv = _config(LINEAR_CONFIG, device)[:2]
+    row_blocks, tiles = cdiv(N, bm), cdiv(V, bv)
+    slots = multiprocessors(device) if device.type == "cuda" else INTERPRET_SLOTS
+    split_v = cdiv(tiles, min(tiles, splits or vocab_splits(row_blocks, tiles, slots))) * bv
+    return split_v, cdiv(V, split_v)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -389,7 +396,7 @@ def _chunk_logits(hidden, weight, bias, out):
 
 
 def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    return cdiv(n, multiple) * multiple
 
 
 def _chunk_rows(N: int, device: torch.device) -> int:
@@ -428,10 +435,17 @@ def _one_sweep_cols(N: int, D: int, V: int, dtype: torch.dtype, device: torch.de
     return min(V, cols) if cols >= min(V, _config(MIN_CHUNK, device)[0]) else None
 
 
+def _default_backward(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device) -> tuple[str, Optional[int]]:
+    """(the default method, the one-sweep chunk width or None): "one_sweep" where `_one_sweep_cols` finds a width
+    within the budget, else "two_sweeps"."""
+    cols = _one_sweep_cols(N, D, V, dtype, device)
+    return ("two_sweeps" if cols is None else "one_sweep"), cols
+
+
 def default_backward_method(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device) -> str:
     """The method `linear_cross_entropy_bwd` takes unless told: "one_sweep" where `_one_sweep_cols` finds a chunk
     width within SCRATCH_SHARE, else "two_sweeps"."""
-    return "two_sweeps" if _one_sweep_cols(N, D, V, dtype, device) is None else "one_sweep"
+    return _default_backward(N, D, V, dtype, device)[0]
 
 
 def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
@@ -452,14 +466,15 @@ def linear_cross_entropy_bwd(dloss, dlse, hidden, weight, labels, bias, lse, ign
         return dh, dw, None if db is None else db.zero_()
     if method not in (None,) + LINEAR_BACKWARD_METHODS:
         raise ValueError(f"method must be one of {LINEAR_BACKWARD_METHODS} or None, got {method!r}")
-    method = method or default_backward_method(N, D, V, hidden.dtype, hidden.device)
+    default, fitted = _default_backward(N, D, V, hidden.dtype, hidden.device)
+    method = method or default
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of vocabulary entries, got {chunk!r}")
     min_cols = _config(MIN_CHUNK, hidden.device)[0]
     one_sweep = method == "one_sweep"
     if one_sweep:
         # bench/tune.py may ask for one sweep where it does not fit: then chunks of the minimum width
-        cols = _one_sweep_cols(N, D, V, hidden.dtype, hidden.device) or min(V, _round_up(min_cols, ROW_ALIGN))
+        cols = fitted or min(V, _round_up(min_cols, ROW_ALIGN))
         acc = dh if hidden.dtype == torch.float32 else torch.empty((N, D), device=dh.device, dtype=torch.float32)
     else:
         cols = min(V, _round_up(max(min_cols, cdiv(V, CHUNKS)), 64))
