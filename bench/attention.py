@@ -166,20 +166,31 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     return rows
 
 
+def _layouts(text: str) -> list[str]:
+    """Layout names from "packed,single"; each must be one of those two."""
+    names = text.split(",")
+    if not names or any(name not in ("packed", "single") for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layouts of packed, single, got {text!r}")
+    return names
+
+
 def main(argv=None) -> int:
     """Run the attention benchmark; writes results under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="L=2048 only, BERT-large heads")
+    parser.add_argument("--layouts", default="packed,single", type=_layouts,
+                        help="comma-separated layouts of packed (VideoBERT-like samples) and single (one per row)")
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     if not on_gpu():
         print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
               "These are NOT GPU figures.")
-        cases, dtype, device = [("packed", 160, 2, 16), ("single", 32, 2, 16)], torch.float32, "cpu"
+        cases = [c for c in [("packed", 160, 2, 16), ("single", 32, 2, 16)] if c[0] in args.layouts]
+        dtype, device = torch.float32, "cpu"
     else:
         lengths = [2048] if args.quick else [512, 1024, 2048, 4096]
         heads = [16] if args.quick else [12, 16]
-        cases = [(layout, L, H, 64) for layout in ("packed", "single") for L in lengths for H in heads]
+        cases = [(layout, L, H, 64) for layout in args.layouts for L in lengths for H in heads]
         dtype, device = torch.bfloat16, "cuda"
     peaks = measure_peaks()
     rows = []

@@ -114,6 +114,17 @@ def run_provider(name, make, config, data, device, steps, warmup, compile_model,
     return row
 
 
+PROVIDERS = ("videobert_fused", "videobert_reference_ops", "hugging_face_bert_sdpa")
+
+
+def _providers(text: str) -> list[str]:
+    """Provider names from "videobert_fused,hugging_face_bert_sdpa"; each must be one of PROVIDERS."""
+    names = text.split(",")
+    if any(name not in PROVIDERS for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated providers of {', '.join(PROVIDERS)}, got {text!r}")
+    return names
+
+
 def _presets(text: str) -> list[str]:
     """Preset names from "base,large"; each must be a VideoBERTConfig preset."""
     names = text.split(",")
@@ -130,6 +141,8 @@ def main(argv=None) -> int:
                                                          "(default: base,large; base with --quick)")
     parser.add_argument("--videos", type=int, default=256, help="videos per batch (about 60 real tokens each)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of each provider")
+    parser.add_argument("--providers", type=_providers, default=list(PROVIDERS),
+                        help=f"comma-separated providers of {', '.join(PROVIDERS)} (default: all)")
     args = parser.parse_args(argv)
     if on_gpu():
         default = "base" if args.quick else "base,large"
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("transformers not importable: no Hugging Face row")
         for compiled in ([False, True] if args.compile else [False]):
-            for name, make, provider_config in providers:
+            for name, make, provider_config in (p for p in providers if p[0] in args.providers):
                 label = name + ("+compile" if compiled else "")
                 try:
                     row = run_provider(label, make, provider_config, data, device, steps, warmup, compiled,
