@@ -85,7 +85,10 @@ __global__ void __launch_bounds__(kThreads) softmax_ce_fwd_kernel(
     const float target = in_range ? to_float(z[label]) : NAN;  // an out-of-range label gives NaN, not a guess
     const float lse = st.m + logf(st.s);
     const float nll = lse - target;
-    loss_out[row] = (1.f - label_smoothing) * nll + label_smoothing * (lse - st.total / static_cast<float>(v));
+    // Without smoothing the logit sum must not enter: masked (-inf) logits make it -inf, and 0 * inf is NaN.
+    loss_out[row] = label_smoothing == 0.f
+                        ? nll
+                        : (1.f - label_smoothing) * nll + label_smoothing * (lse - st.total / static_cast<float>(v));
     lse_out[row] = lse;
     correct_out[row] = in_range && target >= st.m;
   }
