@@ -11,7 +11,7 @@ these tables (each says which constant it informs). In this order (the newest, u
   counts against the launcher's choice (`vocab_splits`) at N = 4k, 16k and 19.2k.
 - layer_norm_tuning: the LayerNorm backward, bf16, 16k rows, residual and bias. Triton: elements per program
   (rows per program x padded hidden), warps, programs per multiprocessor, software-pipelining depth of the loop
-  over row tiles (`launch_config`, PROGRAMS_PER_SM, BWD_LOOP_STAGES in kernels/triton/add_layer_norm.py); CUDA:
+  over row tiles (`launch_config`, PROGRAMS_PER_SM, backward_loop_stages in kernels/triton/add_layer_norm.py); CUDA:
   its grid (`auto` is what the launcher picks).
 - softmax_ce_tuning: the Triton softmax cross-entropy forward and backward, (BLOCK_M, BLOCK_V, warps)
   (SOFTMAX_CONFIG in kernels/triton/cross_entropy.py), bf16 logits 16k x 51258, and the backward on the ~2.1k-wide
@@ -54,10 +54,10 @@ def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
     sets = rotating(dout, s, mean, rstd, w)
     block_n = triton.next_power_of_2(hidden)
     default = tln.launch_config(hidden, backward=True)
-    shipped = (*default[1:], tln.PROGRAMS_PER_SM, tln.BWD_LOOP_STAGES)
+    shipped = (*default[1:], tln.PROGRAMS_PER_SM, tln.backward_loop_stages(hidden))
     row_choices = sorted({max(1, e // block_n) for e in (block_n, 2048, 4096, 8192)})
-    # First the shipped tile with deeper loop pipelining and 3 programs per multiprocessor (untimed so far),
-    # then every tile shape, warps and programs per multiprocessor without pipelining, while the budget lasts.
+    # First the shipped tile at each loop pipelining depth and 2 or 3 programs per multiprocessor, then every tile
+    # shape, warps and programs per multiprocessor without pipelining, while the budget lasts.
     candidates = [(*default[1:], per_sm, stages) for stages in (1, 2, 3) for per_sm in (2, 3)]
     candidates += [(rows, warps, per_sm, 1) for rows, warps, per_sm in
                    itertools.product(row_choices, (4, 8, 16), (2, 4, 8))]

@@ -125,10 +125,11 @@ def _column_sum_kernel(Partial, Out0, Out1, G, N, BLOCK_G: tl.constexpr, BLOCK_C
 
 def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS per program, warps) for hidden size N, whole rows per program. Forward: about 4k elements
-    per program. Backward (bench/tune.py's layer_norm_tuning on an H100): 4k elements per program over 4 warps
-    up to N = 2048 (many loads in flight per thread beat more warps: 16 warps ran at 10-20% of copy bandwidth
-    there, 4 warps at 61-81%; 8k elements were a little faster but spill), one row over 16 warps above (80-87%
-    at 4096)."""
+    per program. Backward (bench/tune.py's layer_norm_tuning on an H100, then an H200): 4k elements per program
+    over 4 warps up to N = 2048 (many loads in flight per thread beat more warps: 16 warps ran at 10-20% of copy
+    bandwidth there, 4 warps at 61-81%; 8k elements were a little faster but spill), one row over 16 warps above
+    (80-87% at 4096 on the H100; the H200 gave 49% there, and 75% over 8 warps, which spill on sm_80 with
+    residual, bias and dropout)."""
     block_n = max(16, next_power_of_2(N))
     if backward:
         return (block_n, max(1, 4096 // block_n), 4) if block_n <= 2048 else (block_n, 1, 16)
@@ -137,9 +138,14 @@ def launch_config(N: int, backward: bool = False) -> tuple[int, int, int]:
 
 
 PROGRAMS_PER_SM = 2  # backward programs (and dweight/dbias partial rows) per multiprocessor: 2 beat 4 and 8
-# Software-pipelining depth of the backward's loop over row tiles (bench/tune.py sweeps 1, 2, 3; the H100 sweep
-# that chose the launch config ran 1, and deeper stages have not been timed on a GPU yet).
-BWD_LOOP_STAGES = 1
+
+
+def backward_loop_stages(N: int) -> int:
+    """Software-pipelining depth of the backward's loop over row tiles for hidden size N. Three stages (the next
+    tile's loads in flight while one is reduced) beat one at every hidden size of bench/tune.py's sweep on an
+    H200 (2026-12-04, device time, % of copy bandwidth, 1 -> 3 stages): 768 48 -> 68, 1024 58 -> 75, 2048
+    66 -> 80; they spill on sm_90 for the one-row tiles above 2048 (Triton 3.9, with dropout), which keep one."""
+    return 3 if next_power_of_2(N) <= 2048 else 1
 
 
 def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=None):
@@ -160,9 +166,9 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=No
 
 
 def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng, config=None,
-                       programs_per_sm=PROGRAMS_PER_SM, loop_stages=BWD_LOOP_STAGES):
+                       programs_per_sm=PROGRAMS_PER_SM, loop_stages=None):
     """Backward launcher: (dx, dresidual or None, dweight, dbias or None). `config` (BLOCK_N, ROWS, warps),
-    `programs_per_sm` and `loop_stages` override the defaults (for tuning)."""
+    `programs_per_sm` and `loop_stages` override the defaults (`backward_loop_stages`; for tuning)."""
     N = s.shape[-1]
     M = s.numel() // N
     dx = torch.empty_like(s)
@@ -179,7 +185,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
             dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
             db_partial, M, N, num_tiles, **dropout_args(dropout_p, rng), HAS_DS=ds is not None,
             HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n,
-            LOOP_STAGES=loop_stages, num_warps=warps)
+            LOOP_STAGES=loop_stages or backward_loop_stages(N), num_warps=warps)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
     _column_sum_kernel[(cdiv(N, 32), partial.shape[0])](partial, dw, dw if db is None else db, programs, N,
