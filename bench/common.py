@@ -190,8 +190,16 @@ def write_results(name: str, rows: Sequence[dict], meta: dict) -> Path:
     return out
 
 
+# Everything from this line on in the index is written by hand (the goals table) and kept when it is rewritten.
+INDEX_KEEP_MARKER = "<!-- Written by hand from here on: kept when the index above is rewritten. -->"
+
+
 def update_index(root: Path = RESULTS_ROOT) -> Path:
-    """Rewrite root/README.md: one line per results folder (card, date, folder, its tables), newest first."""
+    """Rewrite root/README.md: one line per results folder (card, date, folder, its tables), newest first, then
+    whatever followed INDEX_KEEP_MARKER, unchanged."""
+    index = root / "README.md"
+    old = index.read_text() if index.exists() else ""
+    kept = old[old.index(INDEX_KEEP_MARKER):] if INDEX_KEEP_MARKER in old else ""
     entries = {}
     for path in sorted(root.rglob("*.json")):
         try:
@@ -209,8 +217,7 @@ def update_index(root: Path = RESULTS_ROOT) -> Path:
              "", "| card | date | folder | tables |", "|---|---|---|---|"]
     for folder, e in sorted(entries.items(), key=lambda kv: kv[1]["date"], reverse=True):
         lines.append(f"| {e['device']} | {e['date']} | [{folder}]({folder}) | {', '.join(sorted(e['tables']))} |")
-    index = root / "README.md"
-    index.write_text("\n".join(lines) + "\n")
+    index.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     return index
 
 

@@ -61,6 +61,47 @@ def test_training_benchmark_rejects_unknown_presets(presets, capsys):
     assert exit_info.value.code == 2 and "expected comma-separated presets" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, argv, message", [("train", ["--providers", "hugging_face"], "expected comma-separated providers"),
+                                                   ("attention", ["--layouts", "packed,"], "expected comma-separated layouts")])
+def test_benchmark_selections_reject_unknown_names(script, argv, message, capsys):
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_selected_providers_and_layouts_only(tmp_path, monkeypatch, capsys):
+    """bench/train.py --providers and bench/attention.py --layouts time what they name and nothing else (a
+    capped GPU run spends its seconds on the rows it lacks)."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the benchmark itself, not a test")
+    monkeypatch.setenv("VIDEOBERT_BENCH_OUT", str(tmp_path))
+    assert importlib.import_module("attention").main(["--layouts", "single"]) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert rows and {row["layout"] for row in rows} == {"single"}
+    if importlib.util.find_spec("transformers") is not None:
+        assert importlib.import_module("train").main(["--providers", "hugging_face_bert_sdpa"]) == 0
+        rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+        assert [row["provider"] for row in rows] == ["hugging_face_bert_sdpa"]
+
+
+def test_results_index_keeps_the_hand_written_part(tmp_path):
+    """update_index rewrites the folder list and keeps everything from INDEX_KEEP_MARKER on (the goals table)."""
+    import common
+
+    run = tmp_path / "GPU" / "2026-01-01"
+    run.mkdir(parents=True)
+    (run / "attention.json").write_text(json.dumps({"meta": {"device": "GPU", "date": "2026-01-01T00:00:00"}}))
+    goals = f"{common.INDEX_KEEP_MARKER}\n## Goals\n| goal | measured |\n"
+    (tmp_path / "README.md").write_text("# stale list\n\n" + goals)
+    text = common.update_index(tmp_path).read_text()
+    assert "stale list" not in text and "[GPU/2026-01-01](GPU/2026-01-01) | attention |" in text
+    assert text.endswith(goals)
+    (tmp_path / "README.md").unlink()  # a fresh index has no hand-written part
+    assert common.INDEX_KEEP_MARKER not in common.update_index(tmp_path).read_text()
+
+
 def test_rotating_sets_exceed_the_cache_and_cycle():
     """`rotating` copies the inputs (values and requires_grad kept, memory not shared) until a cycle reads
     `min_bytes`; `bench_ms` hands consecutive calls the next set."""
