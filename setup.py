@@ -1,8 +1,11 @@
-"""Packaging: installs `videobert`, maps the top-level `kernels/` folder to `videobert._kernels`, and builds the
+"""Packaging: installs `videobert`, ships the top-level `kernels/` folder as `videobert._kernels`, and builds the
 CUDA extension `videobert._kernels.cuda._C` when it can.
 
-A top-level Python module named `kernels` must never be installed (a PyPI package owns that name and
-transformers imports it), so the folder is shipped under the `videobert` namespace instead.
+A top-level Python module named `kernels` must never be installed or importable from the checkout (a PyPI package
+owns that name and transformers imports it): the folder has no `__init__.py`, the package's own lives in
+`videobert/_kernels/`, its subpackages `triton` and `cuda` map onto `kernels/triton` and `kernels/cuda`, and the
+folder's top-level modules are copied into the package when a wheel is built (an editable install reaches them
+through `videobert._kernels.__path__`).
 
 The extension: every `kernels/cuda/*.cu` is compiled by `nvcc` (framework-free sources) and linked with the
 thin `binding.cpp` against the installed torch (CPU-only builds work: the binding needs no CUDA headers) and
@@ -18,9 +21,10 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-KERNEL_PACKAGES = ["kernels", "kernels.triton", "kernels.cuda"]
+KERNEL_SUBPACKAGES = ["triton", "cuda"]  # kernels/<name> -> videobert._kernels.<name>
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
@@ -106,10 +110,25 @@ def _cuda_extension():
     return [ext], {"build_ext": BuildWithNvcc.with_options(no_python_abi_suffix=True)}
 
 
+class BuildPyWithKernelModules(build_py):
+    """build_py, plus the top-level modules of `kernels/` (reference.py) copied into videobert/_kernels."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reaches them through the package's path
+            return
+        target = Path(self.build_lib, "videobert", "_kernels")
+        self.mkpath(str(target))
+        for module in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(module), str(target / module.name))
+
+
 ext_modules, cmdclass = _cuda_extension()
 setup(
-    packages=["videobert", "videobert.ops"] + [p.replace("kernels", "videobert._kernels", 1) for p in KERNEL_PACKAGES],
-    package_dir={"videobert": "videobert", "videobert._kernels": "kernels"},
+    packages=["videobert", "videobert.ops", "videobert._kernels"]
+    + [f"videobert._kernels.{name}" for name in KERNEL_SUBPACKAGES],
+    package_dir={"videobert": "videobert", **{f"videobert._kernels.{name}": f"kernels/{name}"
+                                              for name in KERNEL_SUBPACKAGES}},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithKernelModules, **cmdclass},
 )

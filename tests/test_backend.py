@@ -1,4 +1,6 @@
 """Backend selection, the shared dropout RNG against Triton's own Philox, and packaging rules."""
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +114,33 @@ def test_no_top_level_kernels_module_is_installed():
     ours, top = out.stdout.split()
     assert Path(ours).name == "__init__.py"
     # "none", or another distribution's module (the PyPI package of that name), never our folder
-    assert top == "none" or not top.startswith(str(ROOT)), f"a top-level 'kernels' resolves to {top}"
+    assert top == "none" or Path(top).parent != ROOT / "kernels", f"a top-level 'kernels' resolves to {top}"
+
+
+@pytest.mark.parametrize("cwd", [ROOT, Path("/")], ids=["checkout_root", "elsewhere"])
+def test_kernels_folder_never_shadows_the_kernels_package(cwd, tmp_path):
+    """`import kernels` finds an installed distribution of that name (a stand-in here, first on the path, as the
+    PyPI package transformers imports would be), never the source folder, also from the checkout root where
+    `python -m` / `-c` put the folder's parent first on sys.path; and a Hugging Face BERT builds there."""
+    transformers_present = importlib.util.find_spec("transformers") is not None
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("STAND_IN = True\n")
+    (site / "kernels-0.0.1.dist-info").mkdir()
+    (site / "kernels-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\n"
+                                                               "Version: 0.0.1\n")
+    code = ("import kernels, videobert._kernels.reference\n"
+            "print(getattr(kernels, 'STAND_IN', kernels.__file__))\n")
+    if transformers_present:
+        code += ("from transformers import BertConfig, BertModel\n"
+                 "BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, "
+                 "intermediate_size=64, vocab_size=100))\n"
+                 "print('bert built')\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True"] + (["bert", "built"] if transformers_present else [])
 
 
 def test_custom_op_loads_its_backend_when_called_first():
