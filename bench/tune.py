@@ -80,11 +80,10 @@ def triton_rows(hidden: int, copy_gbps: float, deadline: float) -> list[dict]:
 def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
     """Device times of the CUDA LayerNorm backward per grid size (none without the extension)."""
     try:
-        from videobert._kernels import cuda  # noqa: F401  (loads the extension)
+        from videobert._kernels.cuda import library
     except ImportError as exc:
         print(f"no CUDA extension: {exc}")
         return []
-    ops = torch.ops.videobert_cuda
     s, dout = (torch.randn(ROWS, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     mean, rstd = torch.zeros(ROWS, device="cuda"), torch.ones(ROWS, device="cuda")
     w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
@@ -92,13 +91,16 @@ def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
     dw, db = torch.empty_like(w), torch.empty_like(w)
     sets = rotating(dout, s, mean, rstd, dx, dres)  # outputs too: rewriting one buffer would hit lines in L2
     sms = multiprocessors(torch.device("cuda"))
-    auto = ops.add_layer_norm_bwd_blocks(s, w)
+    auto = library.add_layer_norm_bwd_blocks(ROWS, hidden, s.dtype, w.dtype, s.device)
+    dtype = library.DTYPES[torch.bfloat16]
     out = []
     for label, blocks in [("auto", auto)] + [(str(k), k * sms) for k in (1, 2, 4, 8, 16)]:
         partial = torch.empty(2, blocks, hidden, device="cuda")
-        timing = bench_graph_ms(lambda dout, s, mean, rstd, dx, dres: ops.add_layer_norm_bwd(
-            dout, None, s, mean, rstd, w, dx, dres, partial[0], partial[1], dw, db, 0, 0, 0, 1.0, False,
-            torch.cuda.current_stream().cuda_stream), sets, rep_ms=10)
+        timing = bench_graph_ms(lambda dout, s, mean, rstd, dx, dres: library.call(
+            "vb_add_layer_norm_bwd", dout.data_ptr(), None, s.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            w.data_ptr(), dx.data_ptr(), dres.data_ptr(), partial[0].data_ptr(), partial[1].data_ptr(), dw.data_ptr(),
+            db.data_ptr(), ROWS, hidden, blocks, dtype, dtype, 0, 0, 0, 1.0, 0, s.device.index,
+            library.stream(s.device)), sets, rep_ms=10)
         if timing:
             out.append(dict(kernel="cuda_bwd", hidden=hidden, rows_per_program="", warps="", per_sm=label,
                             loop_stages="", default=label == "auto", device_ms=timing[0],

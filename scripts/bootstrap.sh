@@ -15,6 +15,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch==2.13.0 2>/dev/null || "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# Without build isolation, setup.py sees this torch and builds the CUDA extension when nvcc is present.
-"${pip[@]}" "setuptools>=69" wheel
+# Built with this environment's setuptools (no isolated build environment to fetch); the CUDA library is built
+# when nvcc is present and needs no torch at build time.
+"${pip[@]}" "setuptools>=77" wheel
 "${pip[@]}" --no-build-isolation -e ".[dev]"

@@ -54,3 +54,16 @@ def pytest_runtest_logreport(report) -> None:
     if report.failed and os.environ.get("VIDEOBERT_EARLY_FAILURES") == "1":
         sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
         sys.stderr.flush()
+
+
+def pytest_report_header(config) -> str:
+    """The versions this run resolved (a fresh environment takes the newest): what 'last seen passing' cites."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "triton", "numpy", "transformers", "kernels", "tokenizers", "safetensors"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return f"videobert dependencies: python {sys.version.split()[0]}, " + ", ".join(found)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from videobert._optional import MissingDependency
 from videobert.config import PRESETS
 
 
@@ -89,8 +91,6 @@ def _reported(command):
         try:
             return command(args)
         except (ValueError, FileNotFoundError, KeyError) as exc:
-            import sys
-
             print(f"error: {exc}", file=sys.stderr)
             return 1
     return run
@@ -184,13 +184,12 @@ BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "train", "tune")
 def _bench(args: argparse.Namespace) -> int:
     """Run bench/<name>.py (or each in turn for "all") in its own process with the remaining arguments."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "bench"
     if not folder.is_dir():
-        print(f"no benchmark scripts at {folder}: they live in the source checkout's bench/ folder "
-              "(install it with pip install --no-build-isolation -e .)", file=sys.stderr)
+        print(f"error: the benchmarks run from a source checkout (its bench/ folder; none beside this installed "
+              f"package at {folder.parent}): clone the repository, pip install -e '.[bench]' there and run "
+              "videobert bench from it", file=sys.stderr)
         return 2
     status = 0
     for name in BENCHMARKS if args.name == "all" else (args.name,):
@@ -272,7 +271,11 @@ def main(argv=None) -> int:
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on, e.g. --quick")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingDependency as exc:  # an optional package a flag needs: one line saying how to install it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Union
 
 import numpy as np
 import torch
+
+from videobert._optional import require
 import torch.nn.functional as F
 
 FPS = 20
@@ -24,11 +26,7 @@ _STD = torch.tensor([0.22803, 0.22145, 0.216989]).view(3, 1, 1, 1)
 
 
 def _av():
-    try:
-        import av
-    except ImportError as exc:
-        raise ImportError("decoding video needs PyAV: pip install av") from exc
-    return av
+    return require("av", "video", "decoding video")
 
 
 def clips(path: Union[str, Path], size: int = 224, fps: int = FPS, clip_frames: int = CLIP_FRAMES
@@ -74,11 +72,9 @@ def load_backbone(spec: str = "s3d") -> torch.nn.Module:
     """"s3d" (torchvision Kinetics-400 S3D without its classifier) or "package.module:factory" returning a
     module."""
     if spec == "s3d":
-        try:
-            from torchvision.models.video import S3D_Weights, s3d
-        except ImportError as exc:
-            raise ImportError("the S3D backbone needs torchvision; or pass --backbone package.module:factory") from exc
-        model = s3d(weights=S3D_Weights.KINETICS400_V1)
+        video = require("torchvision.models.video", "video",
+                        "the S3D backbone (or pass --backbone package.module:factory)")
+        model = video.s3d(weights=video.S3D_Weights.KINETICS400_V1)
         model.classifier = torch.nn.Identity()
         return model.eval()
     module_name, _, factory = spec.partition(":")

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from videobert._optional import require
 from videobert.config import VideoBERTConfig
 from videobert.data import encode_sample, pack_tensors, plan_rows, to_device
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, init_weights
@@ -376,11 +377,8 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dic
     """Corpus BLEU-4 (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score, 0-1) of captions against one
     reference each, and the same for the captions paired with other segments' references (the level reached
     without looking at the right video)."""
-    try:
-        import sacrebleu
-        from rouge_score import rouge_scorer
-    except ImportError as exc:
-        raise ImportError("caption metrics need sacrebleu and rouge-score: pip install -e '.[eval]'") from exc
+    sacrebleu = require("sacrebleu", "eval", "caption metrics")
+    rouge_scorer = require("rouge_score.rouge_scorer", "eval", "caption metrics")
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need one hypothesis per reference, got {len(hypotheses)} and {len(references)}")
     scorer = rouge_scorer.RougeScorer(["rougeL"])

@@ -6,7 +6,7 @@ Hugging Face BERT weights with `from_bert`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from videobert._optional import require
 from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs
 from videobert.model import VideoBERTForPretraining
@@ -142,9 +143,8 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
                   vtm_weight=args.vtm_weight, hidden_dropout=args.hidden_dropout,
                   attention_dropout=args.attention_dropout, **tokenizer.config_overrides())
     if bert_dir is not None:
-        from transformers import BertConfig
-
-        config = VideoBERTConfig.from_bert_config(BertConfig.from_pretrained(bert_dir), **fields)
+        transformers = require("transformers", "hf", "--init-from-bert")
+        config = VideoBERTConfig.from_bert_config(transformers.BertConfig.from_pretrained(bert_dir), **fields)
     else:
         config = VideoBERTConfig.preset(args.preset, **fields)
     common = dict(encode_text=tokenizer.encode, config=config, options=options, row_length=args.row_length,
@@ -159,9 +159,9 @@ def make_model(args: TrainArgs, config: VideoBERTConfig) -> VideoBERTForPretrain
     the word table grows by the visual tokens)."""
     if args.init_from_bert is None:
         return VideoBERTForPretraining(config)
-    from transformers import BertForPreTraining
-
-    return VideoBERTForPretraining.from_bert(BertForPreTraining.from_pretrained(args.init_from_bert), config)
+    transformers = require("transformers", "hf", "--init-from-bert")
+    return VideoBERTForPretraining.from_bert(transformers.BertForPreTraining.from_pretrained(args.init_from_bert),
+                                             config)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -17,6 +17,8 @@ from typing import Optional, Union
 
 import torch
 
+from videobert._optional import require
+
 FORMAT = "videobert.visual_tokenizer/1"
 
 
@@ -90,7 +92,7 @@ class HierarchicalKMeans:
         node = torch.zeros(N, dtype=torch.long, device=x.device)
         faiss = _faiss() if self.engine != "torch" and x.device.type == "cpu" else None
         if self.engine == "faiss" and faiss is None:
-            raise ImportError("engine='faiss' needs faiss on CPU features: pip install faiss-cpu")
+            require("faiss", "video", "engine='faiss' (k-means on CPU features)")
         self.centroids = []
         for level in range(self.levels):
             nodes = k ** level

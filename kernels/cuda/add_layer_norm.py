@@ -1,61 +1,56 @@
-"""Launchers of the CUDA C++ add_layer_norm (`add_layer_norm.cu` through `videobert_cuda::add_layer_norm_*`):
-allocate outputs, pass the current stream, and size the backward's partial dweight/dbias buffers."""
+"""Launchers of the CUDA C++ add_layer_norm (`add_layer_norm.cu` through its C API): allocate outputs, pass the
+current stream, and size the backward's partial dweight/dbias buffers."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from videobert._kernels.cuda import library
+from videobert._kernels.cuda.library import DTYPES, call, pointer
 from videobert._kernels.reference import dropout_threshold
 
-_ops = torch.ops.videobert_cuda
-# Hidden sizes the kernels take with 16-byte vectors and without (fixed by the compiled library): read once,
-# not on every call's backend check.
-MAX_HIDDEN, MAX_HIDDEN_UNVECTORIZED = _ops.layer_norm_max_hidden(True), _ops.layer_norm_max_hidden(False)
+# Hidden sizes the kernels take with 16-byte vectors and without (fixed by the compiled library).
+MAX_HIDDEN, MAX_HIDDEN_UNVECTORIZED = library.layer_norm_max_hidden(True), library.layer_norm_max_hidden(False)
 
 
-@torch.library.register_fake("videobert_cuda::add_layer_norm_fwd")
-def _(x, residual, weight, bias, out, s, mean, rstd, eps, seed, offset, threshold, drop_scale, has_dropout, stream):
-    return None
-
-
-@torch.library.register_fake("videobert_cuda::add_layer_norm_bwd")
-def _(dout, ds, s, mean, rstd, weight, dx, dresidual, dweight_partial, dbias_partial, dweight, dbias, seed, offset,
-      threshold, drop_scale, has_dropout, stream):
-    return None
-
-
-def _rng(dropout_p: float, rng: Optional[torch.Tensor]) -> tuple[int, int, int, float]:
+def _rng(dropout_p: float, rng: Optional[torch.Tensor]) -> tuple[int, int, int, float, int]:
     seed, offset = (int(rng[0]), int(rng[1]) & 0xFFFFFFFF) if (rng is not None and dropout_p > 0) else (0, 0)
-    return seed, offset, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return seed & 0xFFFFFFFFFFFFFFFF, offset, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), int(dropout_p > 0)
 
 
 def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
     """Forward launcher: (out, s) shaped like x, (mean, rstd) fp32 per row."""
-    rows = x.numel() // x.shape[-1]
+    n = x.shape[-1]
+    rows = x.numel() // n
     out, s = torch.empty_like(x), torch.empty_like(x)
     mean, rstd = (torch.empty((rows,), device=x.device, dtype=torch.float32) for _ in range(2))
-    _ops.add_layer_norm_fwd(x, residual, weight, bias, out, s, mean, rstd, eps, *_rng(dropout_p, rng),
-                            dropout_p > 0, _stream(x.device))
+    device = x.device
+    call("vb_add_layer_norm_fwd", pointer(x, "x", device), pointer(residual, "residual", device),
+         pointer(weight, "weight", device), pointer(bias, "bias", device), out.data_ptr(), s.data_ptr(),
+         mean.data_ptr(), rstd.data_ptr(), rows, n, DTYPES[x.dtype], DTYPES[weight.dtype], eps,
+         *_rng(dropout_p, rng), device.index, library.stream(device))
     return out, s, mean, rstd
 
 
 def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, dropout_p, rng):
     """Backward launcher: (dx, dresidual or None, dweight, dbias or None)."""
-    N = s.shape[-1]
+    n = s.shape[-1]
+    rows = s.numel() // n
+    device = s.device
     dx = torch.empty_like(s)
     dres = torch.empty_like(s) if has_residual else None
-    blocks = _ops.add_layer_norm_bwd_blocks(s, weight)  # the grid, and rows of the partial buffers
-    dw_partial = torch.empty((blocks, N), device=s.device, dtype=torch.float32)
-    db_partial = torch.empty((blocks, N), device=s.device, dtype=torch.float32) if has_bias else None
+    blocks = library.add_layer_norm_bwd_blocks(rows, n, s.dtype, weight.dtype, device)
+    dw_partial = torch.empty((blocks, n), device=device, dtype=torch.float32)
+    db_partial = torch.empty((blocks, n), device=device, dtype=torch.float32) if has_bias else None
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None
-    _ops.add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, dx, dres, dw_partial, db_partial, dw, db,
-                            *_rng(dropout_p, rng), dropout_p > 0, _stream(s.device))
+    call("vb_add_layer_norm_bwd", pointer(dout, "dout", device), pointer(ds, "ds", device), pointer(s, "s", device),
+         pointer(mean, "mean", device), pointer(rstd, "rstd", device), pointer(weight, "weight", device),
+         dx.data_ptr(), None if dres is None else dres.data_ptr(), dw_partial.data_ptr(),
+         None if db_partial is None else db_partial.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
+         rows, n, blocks, DTYPES[s.dtype], DTYPES[weight.dtype], *_rng(dropout_p, rng), device.index,
+         library.stream(device))
     return dx, dres, dw, db
 
 

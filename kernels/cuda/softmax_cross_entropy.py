@@ -1,36 +1,38 @@
-"""Launchers of the CUDA C++ softmax cross-entropy (`softmax_cross_entropy.cu` through
-`videobert_cuda::softmax_cross_entropy_*`): allocate per-row outputs and pass the current stream."""
+"""Launchers of the CUDA C++ softmax cross-entropy (`softmax_cross_entropy.cu` through its C API): allocate
+per-row outputs and pass the current stream."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-_ops = torch.ops.videobert_cuda
-
-
-@torch.library.register_fake("videobert_cuda::softmax_cross_entropy_fwd")
-def _(logits, labels, loss, lse, correct, ignore_index, label_smoothing, stream):
-    return None
-
-
-@torch.library.register_fake("videobert_cuda::softmax_cross_entropy_bwd")
-def _(logits, labels, lse, dloss, dlse, grad, ignore_index, label_smoothing, stream):
-    return None
+from videobert._kernels.cuda import library
+from videobert._kernels.cuda.library import DTYPES, call, pointer
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with unit stride along the vocabulary (a row stride of its own is fine)."""
     return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _row_pointer(t: torch.Tensor, name: str, device: torch.device) -> int:
+    """A 2-D tensor's pointer after checking what the kernels assume: unit column stride, on `device`."""
+    if t.device != device or t.dim() != 2 or (t.shape[0] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be a 2-D tensor on {device} with unit column stride, got {t.device}, "
+                         f"shape {tuple(t.shape)}, strides {t.stride()}")
+    return t.data_ptr()
 
 
 def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
     """Forward launcher: per-row (loss fp32, lse fp32, correct bool), one pass over each row."""
     logits = _rows(logits)
-    N = logits.shape[0]
-    loss, lse = (torch.empty((N,), device=logits.device, dtype=torch.float32) for _ in range(2))
-    correct = torch.empty((N,), device=logits.device, dtype=torch.bool)
-    _ops.softmax_cross_entropy_fwd(logits, labels.long(), loss, lse, correct, ignore_index, label_smoothing,
-                                   torch.cuda.current_stream(logits.device).cuda_stream)
+    device = logits.device
+    N, V = logits.shape
+    loss, lse = (torch.empty((N,), device=device, dtype=torch.float32) for _ in range(2))
+    correct = torch.empty((N,), device=device, dtype=torch.bool)
+    call("vb_softmax_cross_entropy_fwd", _row_pointer(logits, "logits", device),
+         pointer(labels.long().contiguous(), "labels", device), loss.data_ptr(), lse.data_ptr(), correct.data_ptr(), N, V,
+         logits.stride(0), DTYPES[logits.dtype], ignore_index, label_smoothing, device.index, library.stream(device))
     return loss, lse, correct
 
 
@@ -38,10 +40,17 @@ def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, la
                               out: Optional[torch.Tensor] = None):
     """Backward launcher: d(logits) in logits' dtype, written into `out` when given (may be `logits` itself)."""
     logits = _rows(logits)
+    device = logits.device
+    N, V = logits.shape
     grad = torch.empty_like(logits) if out is None else out
-    _ops.softmax_cross_entropy_bwd(logits, labels.long(), lse.float().contiguous(), dloss.float().contiguous(),
-                                   None if dlse is None else dlse.float().contiguous(), grad, ignore_index,
-                                   label_smoothing, torch.cuda.current_stream(logits.device).cuda_stream)
+    if grad.shape != logits.shape or grad.dtype != logits.dtype:
+        raise ValueError(f"out must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype}, got "
+                         f"{tuple(grad.shape)} and {grad.dtype}")
+    call("vb_softmax_cross_entropy_bwd", _row_pointer(logits, "logits", device),
+         pointer(labels.long().contiguous(), "labels", device), pointer(lse.float().contiguous(), "lse", device),
+         pointer(dloss.float().contiguous(), "dloss", device), None if dlse is None else pointer(dlse.float().contiguous(), "dlse", device),
+         _row_pointer(grad, "out", device), N, V, logits.stride(0), grad.stride(0), DTYPES[logits.dtype],
+         ignore_index, label_smoothing, device.index, library.stream(device))
     return grad
 
 
