@@ -1,13 +1,19 @@
-"""Benchmark `segment_attention` (Triton) against SDPA with a dense mask, FlexAttention and flash-attn varlen.
+"""Benchmark `segment_attention` (Triton) against SDPA, FlexAttention and flash-attn varlen.
 
 Rows of VideoBERT-like packed samples (text 10-60 tokens, video 10-120, plus [CLS] [>] [SEP]) and rows of one
-sample each, D=64 with BERT-base/large head counts, L in 512..4096, 16k tokens per batch. Forward, backward
-and forward+backward; TFLOP/s count only allowed (query, key) pairs (forward 4*H*D per pair, backward 2.5x).
-Per-batch setups (this kernel's metadata, FlexAttention's block mask) are timed alone and also reported added
-to each call ("videobert+metadata", "flex+create_block_mask"), which compare with each other. `ms` is the time per
-call as a caller sees it, host overhead included (a small packed case can be bound by it); `device_ms` replays the
-calls from a CUDA graph (device time alone; this kernel's includes its metadata launch, which a capture rebuilds).
-Usage: python bench/attention.py [--quick]. Without a GPU it runs a toy smoke pass on the CPU and says so.
+sample each, D=64 with BERT-base/large head counts, L in 512..4096, 16k tokens per batch, each without dropout
+and with 0.1 (training's rate). Peers as a user without this project would run them: on one-sample rows SDPA
+without a mask (its flash/cuDNN backends), on packed rows SDPA with the dense mask built per call and
+FlexAttention compiled with a block mask from `create_block_mask(..., _compile=True)` (also with max-autotune
+under --max-autotune); flash-attn varlen wherever importable; a peer without dropout sits out those rows.
+Forward, backward and forward+backward; TFLOP/s count only allowed (query, key) pairs (forward 4*H*D per pair,
+backward 2.5x). Per-batch setups (this kernel's metadata, FlexAttention's block mask) are timed alone and also
+reported added to each call ("videobert+metadata", "flex+create_block_mask"), which compare with each other.
+`ms` is the time per call as a caller sees it, host overhead included (a small packed case can be bound by it);
+`device_ms` replays the calls from a CUDA graph (device time alone; this kernel's includes its metadata launch,
+which a capture rebuilds). Our rows name the autotuned configs (`configs`).
+Usage: python bench/attention.py [--quick] [--layouts packed,single] [--dropouts 0,0.1] [--max-autotune].
+Without a GPU it runs a toy smoke pass on the CPU and says so.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_ms, device_name, device_times, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
-                    rotating, write_results)
+from common import (bench_ms, device_name, device_times, dropout_rates, markdown_table, measure_peaks,  # noqa: E402
+                    on_gpu, plot, rotating, write_results)
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
-from videobert._kernels.triton.segment_attention import attention_metadata, reset_autotuning  # noqa: E402
+from videobert._kernels.triton.segment_attention import (attention_metadata, reset_autotuning,  # noqa: E402
+                                                         tuned_configs)
 from videobert.data import allowed_pairs  # noqa: E402
 from videobert.ops import segment_attention  # noqa: E402
 
@@ -51,39 +58,55 @@ def videobert_rows(B: int, L: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     return seg, mod
 
 
-def providers(seg):
-    """name -> (per-batch setup: (label, ms) or None, callable(q, k, v) -> out); each only when importable.
-    A setup is what a packed batch costs once, shared by every layer: this kernel's metadata (reused while the
-    same ids come back, so timed calls skip it) and FlexAttention's block mask."""
+def providers(seg, layout: str, dropout_p: float, max_autotune: bool = False):
+    """name -> (per-batch setup: (label, ms) or None, callable(q, k, v) -> out); each only when it can run here
+    (a peer without dropout is left out of the dropout rows, saying so). A setup is what a packed batch costs
+    once, shared by every layer: this kernel's metadata (reused while the same ids come back, so timed calls
+    skip it) and FlexAttention's block mask (built by `create_block_mask(..., _compile=True)`, as its docs
+    advise for per-batch masks)."""
     device = seg.device
     metadata_ms = bench_ms(lambda: attention_metadata(seg, None, None))[0]
-    out = {"videobert": (("metadata", metadata_ms),
-                         lambda q, k, v: segment_attention(q, k, v, seg, backend="triton"))}
+    out = {"videobert": (("metadata", metadata_ms), lambda q, k, v: segment_attention(
+        q, k, v, seg, dropout_p=dropout_p, backend="triton"))}
 
-    def sdpa(q, k, v):
-        mask = attention_allowed(seg, None, None)[:, None]  # built per call: packed batches change every step
-        return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
-    out["sdpa_dense_mask"] = (None, sdpa)
+    if layout == "single":  # what a user without this project runs on full rows: no mask, the flash backend
+        def sdpa(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p).transpose(1, 2)
+        out["sdpa"] = (None, sdpa)
+    else:
+        def sdpa_masked(q, k, v):
+            mask = attention_allowed(seg, None, None)[:, None]  # built per call: packed batches change every step
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                dropout_p=dropout_p).transpose(1, 2)
+        out["sdpa_dense_mask"] = (None, sdpa_masked)
     try:
         from torch.nn.attention import flex_attention as flex
     except ImportError:
         flex = None
-    if flex is not None:
+    if flex is not None and dropout_p > 0:
+        print("flex: FlexAttention has no dropout; no row with dropout")
+    elif flex is not None:
         B, L = seg.shape
 
         def mask_mod(b, h, i, j):
             return (seg[b, i] == seg[b, j]) & (seg[b, i] >= 0)
 
         def build():
-            return flex.create_block_mask(mask_mod, B, None, L, L, device=device)
+            return flex.create_block_mask(mask_mod, B, None, L, L, device=device, _compile=on_gpu())
 
-        attend = torch.compile(flex.flex_attention) if on_gpu() else flex.flex_attention
         block_mask = build()
         mask_ms = bench_ms(build)[0]
-        out["flex"] = (("create_block_mask", mask_ms),
-                       lambda q, k, v: attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              block_mask=block_mask).transpose(1, 2))
+        modes = {"flex": {}}
+        if max_autotune and on_gpu():
+            modes["flex_max_autotune"] = {"mode": "max-autotune-no-cudagraphs"}
+        for name, options in modes.items():
+            attend = torch.compile(flex.flex_attention, **options) if on_gpu() else flex.flex_attention
+            out[name] = (("create_block_mask", mask_ms),
+                         (lambda attend: lambda q, k, v: attend(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), block_mask=block_mask
+                                                                ).transpose(1, 2))(attend))
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -97,7 +120,7 @@ def providers(seg):
 
         def flash(q, k, v):
             q, k, v = (t.flatten(0, 1)[real] for t in (q, k, v))
-            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p)
         out["flash_attn_varlen"] = (None, flash)
     return out
 
@@ -109,10 +132,12 @@ def _rates(flops, ms, p20, p80, peak_tflops):
                 pct_of_matmul_peak=100 * tflops / peak_tflops if peak_tflops == peak_tflops else "")
 
 
-def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
+def run_case(layout, L, H, D, dtype, device, peak_tflops, dropout_p=0.0, max_autotune=False):
     """Rows of every provider (fwd, bwd, fwd+bwd) on one layout ("packed" VideoBERT-like samples or "single"
-    sample rows) and shape; TFLOP/s counted on allowed pairs only."""
+    sample rows), shape and dropout rate; TFLOP/s counted on allowed pairs only. Our rows name the configs the
+    autotuner chose for each kernel."""
     B = max(1, TOKENS_PER_BATCH // L) if on_gpu() else 2
+    gen = torch.Generator().manual_seed(L)  # the same rows and inputs with and without dropout
     if layout == "packed":
         seg, _ = videobert_rows(B, L, gen)
     else:
@@ -124,9 +149,7 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
     q, k, v, dout = (torch.randn(B, L, H, D).to(device, dtype) for _ in range(4))
     sets = rotating(*(t.requires_grad_() for t in (q, k, v)), dout)  # dout: the gradient of the output (q's shape)
     reset_autotuning()  # each layout is its own workload: packed rows must not pick one-sample rows' tiles
-    named = providers(seg)
-    # Gradients are returned (autograd.grad), not accumulated into .grad: an accumulation would add three
-    # elementwise passes over q, k and v to every provider's backward.
+    named = providers(seg, layout, dropout_p, max_autotune)
     modes = {name: {"fwd": lambda q, k, v, dout, fn=fn: fn(q, k, v),
                     "fwd+bwd": lambda q, k, v, dout, fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)}
              for name, (_, fn) in named.items()}
@@ -150,10 +173,11 @@ def run_case(layout, L, H, D, dtype, device, gen, peak_tflops):
         for mode, (ms, p20, p80) in timings[name].items():
             flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
             device_ms = on_device.get(mode)
-            row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                       provider=name, **_rates(flops, ms, p20, p80, peak_tflops),
+            row = dict(layout=layout, L=L, H=H, D=D, B=B, dtype=str(dtype).replace("torch.", ""),
+                       dropout=dropout_p, mode=mode, provider=name, **_rates(flops, ms, p20, p80, peak_tflops),
                        device_ms=device_ms or "", device_tflops=flops / device_ms / 1e9 if device_ms else "",
-                       setup_ms=setup_ms if setup_ms is not None else "")
+                       setup_ms=setup_ms if setup_ms is not None else "",
+                       configs=tuned_configs() if name == "videobert" else "")
             rows.append(row)
             if setup_ms is not None and mode != "bwd":
                 rows.append(dict(row, provider=f"{name}+{setup[0]}", with_setup=True, device_ms="", device_tflops="",
@@ -180,8 +204,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="L=2048 only, BERT-large heads")
     parser.add_argument("--layouts", default="packed,single", type=_layouts,
                         help="comma-separated layouts of packed (VideoBERT-like samples) and single (one per row)")
+    parser.add_argument("--dropouts", default="0,0.1", type=dropout_rates,
+                        help="attention dropout rates, each a case of its own (training runs 0.1)")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="also FlexAttention compiled with mode=max-autotune-no-cudagraphs (minutes of tuning)")
     args = parser.parse_args(argv)
-    gen = torch.Generator().manual_seed(0)
     if not on_gpu():
         print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
               "These are NOT GPU figures.")
@@ -195,12 +222,13 @@ def main(argv=None) -> int:
     peaks = measure_peaks()
     rows = []
     for layout, L, H, D in cases:
-        rows += run_case(layout, L, H, D, dtype, device, gen, peaks["matmul_tflops"])
-        # Written after every case so that a run cut short still leaves its finished rows.
-        out = write_results("attention", rows, {"peaks": peaks, "tokens_per_batch": TOKENS_PER_BATCH})
+        for dropout_p in args.dropouts:
+            rows += run_case(layout, L, H, D, dtype, device, peaks["matmul_tflops"], dropout_p, args.max_autotune)
+            # Written after every case so that a run cut short still leaves its finished rows.
+            out = write_results("attention", rows, {"peaks": peaks, "tokens_per_batch": TOKENS_PER_BATCH})
     print(markdown_table(rows))
     plot(out / "attention.png", [r for r in rows if r["mode"] == "fwd+bwd"], "L", "tflops",
-         ["layout", "H", "provider"], "segment attention fwd+bwd, TFLOP/s on allowed pairs")
+         ["layout", "H", "dropout", "provider"], "segment attention fwd+bwd, TFLOP/s on allowed pairs")
     print(f"results in {out} ({device_name()})")
     return 0
 

@@ -10,6 +10,7 @@ Without a GPU every script runs a toy-size smoke pass on the CPU and labels its 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import itertools
@@ -145,6 +146,17 @@ def extra_memory_bytes(fn: Callable[[], Sequence]) -> int | None:
     torch.cuda.synchronize()
     returned = sum(t.numel() * t.element_size() for t in outputs if t is not None)
     return torch.cuda.max_memory_allocated() - base - returned
+
+
+def dropout_rates(text: str) -> list[float]:
+    """argparse type: dropout rates from "0,0.1", each in [0, 1)."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or any(not 0 <= r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates in [0, 1), got {text!r}")
+    return rates
 
 
 def measure_peaks() -> dict:

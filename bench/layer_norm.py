@@ -1,13 +1,15 @@
 """Benchmark `add_layer_norm` (Triton and CUDA) against PyTorch eager, torch.compile, apex and Liger.
 
-Every provider computes out = LayerNorm(x + residual) (and s = x + residual) and its backward (dx, dresidual,
-dweight, dbias). GB/s count the bytes a fused kernel must move, each tensor once (forward: read x and residual,
+Every provider computes out = LayerNorm(dropout(x) + residual) (and s = dropout(x) + residual) and its backward
+(dx, dresidual, dweight, dbias), without dropout and with 0.1 (training's rate; the peers run F.dropout before
+their add). GB/s count the bytes a fused kernel must move, each tensor once (forward: read x and residual,
 write out and s; backward: read dout and s, write dx and dresidual), for every provider, and are reported as a
 share of the device-to-device copy bandwidth measured in the same run. `ms` is what an eager caller waits
 (host launch overhead included: it dominates below a few hundred microseconds); `device_ms` replays the same
-forward, or forward+backward, from a CUDA graph, and the backward's device time is their difference.
-Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16] (--quick: 16k rows, bf16). Without a GPU it
-runs a toy smoke pass on the CPU and says so.
+forward, or forward+backward, from a CUDA graph, and the backward's device time is their difference. Our Triton
+rows name their launch configs (`configs`).
+Usage: python bench/layer_norm.py [--quick] [--dtypes bf16,fp16] [--dropouts 0,0.1] (--quick: 16k rows, bf16,
+hidden 768, 1024, 4096). Without a GPU it runs a toy smoke pass on the CPU and says so.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke pass runs the Triton kernel in the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_ms, device_name, device_times, markdown_table, measure_peaks, on_gpu, plot,  # noqa: E402
-                    rotating, write_results)
+from common import (bench_ms, device_name, device_times, dropout_rates, markdown_table, measure_peaks,  # noqa: E402
+                    on_gpu, plot, rotating, write_results)
 
+from videobert._kernels.triton import add_layer_norm as tln  # noqa: E402
 from videobert.ops import BackendUnavailableError, add_layer_norm  # noqa: E402
 from videobert.ops._backend import resolve  # noqa: E402
 
@@ -33,13 +36,13 @@ EPS = 1e-12
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _eager(x, r, w, b):
-    s = x + r
+def _eager(x, r, w, b, dropout_p=0.0):
+    s = F.dropout(x, dropout_p) + r if dropout_p else x + r
     return F.layer_norm(s, s.shape[-1:], w, b, EPS), s
 
 
-def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
-    """name -> callable(x, r, w, b) -> (out, s); each only when it can run here."""
+def providers(device: torch.device, dtype: torch.dtype, hidden: int, dropout_p: float = 0.0) -> dict:
+    """name -> callable(x, r, w, b) -> (out, s), s = dropout(x) + r; each only when it can run here."""
     out = {}
     for backend in ("triton", "cuda"):
         try:
@@ -48,21 +51,22 @@ def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
             print(f"videobert_{backend}: {exc}")
             continue
         out[f"videobert_{backend}"] = (lambda backend: lambda x, r, w, b: add_layer_norm(
-            x, r, w, b, EPS, return_residual=True, backend=backend))(backend)
-    out["torch_eager"] = _eager
+            x, r, w, b, EPS, dropout_p=dropout_p, return_residual=True, backend=backend))(backend)
+    out["torch_eager"] = lambda x, r, w, b: _eager(x, r, w, b, dropout_p)
     if on_gpu():
         # The backward is timed by replaying one graph (retain_graph), which donated buffers forbid.
         import torch._functorch.config
 
         torch._functorch.config.donated_buffer = False
-        out["torch_compile"] = torch.compile(_eager, dynamic=True)
+        compiled = torch.compile(_eager, dynamic=True)
+        out["torch_compile"] = lambda x, r, w, b: compiled(x, r, w, b, dropout_p)
     try:
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine
     except ImportError:
         fused_layer_norm_affine = None
     if fused_layer_norm_affine is not None and on_gpu():
         def apex(x, r, w, b):
-            s = x + r
+            s = F.dropout(x, dropout_p) + r if dropout_p else x + r
             return fused_layer_norm_affine(s, w, b, s.shape[-1:], EPS), s
         out["apex_add+fused_layer_norm"] = apex
     try:
@@ -71,10 +75,18 @@ def providers(device: torch.device, dtype: torch.dtype, hidden: int) -> dict:
         LigerLayerNormFunction = None
     if LigerLayerNormFunction is not None and on_gpu():
         def liger(x, r, w, b):
-            s = x + r
+            s = F.dropout(x, dropout_p) + r if dropout_p else x + r
             return LigerLayerNormFunction.apply(s, w, b, EPS), s
         out["liger_add+layer_norm"] = liger
     return out
+
+
+def launch_configs(hidden: int) -> str:
+    """The Triton kernels' launch configs at this hidden size (not autotuned: fixed per size)."""
+    block_n, rows, warps = tln.launch_config(hidden)
+    bwd_block, bwd_rows, bwd_warps = tln.launch_config(hidden, backward=True)
+    return (f"fwd {rows}x{block_n} w{warps}; bwd {bwd_rows}x{bwd_block} w{bwd_warps} "
+            f"s{tln.backward_loop_stages(hidden)} {tln.PROGRAMS_PER_SM}/SM")
 
 
 def fwd_bwd(fn):
@@ -82,8 +94,10 @@ def fwd_bwd(fn):
     return lambda x, r, w, b, dout: torch.autograd.grad(fn(x, r, w, b)[0], (x, r, w, b), dout)
 
 
-def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: float) -> list[dict]:
-    """Rows of every provider (fwd, bwd, fwd+bwd) at one shape: times, GB/s and share of the copy bandwidth."""
+def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: float, dropout_p: float = 0.0
+             ) -> list[dict]:
+    """Rows of every provider (fwd, bwd, fwd+bwd) at one shape and dropout rate: times, GB/s and share of the
+    copy bandwidth."""
     # Inputs come from the CPU generator: a peer whose CUDA-graph capture fails can leave the CUDA generator
     # unusable for the rest of the process.
     x, r, dout = (torch.randn(rows, hidden).to(device, dtype) for _ in range(3))
@@ -95,7 +109,7 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
     moved = {"fwd": 4 * rows * hidden * element, "bwd": 4 * rows * hidden * element}
     moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
     timings = {}
-    named = providers(torch.device(device), dtype, hidden)
+    named = providers(torch.device(device), dtype, hidden, dropout_p)
     for name, fn in named.items():
         timings[name] = {}
         try:
@@ -115,11 +129,12 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
             gbps = moved[mode] / ms / 1e6
             device_ms = on_device.get(mode)
             device_gbps = moved[mode] / device_ms / 1e6 if device_ms else None
-            results.append(dict(rows=rows, hidden=hidden, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                                provider=name, ms=ms, p20_ms=p20, p80_ms=p80, gbps=gbps,
+            results.append(dict(rows=rows, hidden=hidden, dtype=str(dtype).replace("torch.", ""),
+                                dropout=dropout_p, mode=mode, provider=name, ms=ms, p20_ms=p20, p80_ms=p80, gbps=gbps,
                                 pct_of_copy=100 * gbps / copy_gbps if copy_gbps == copy_gbps else "",
                                 device_ms=device_ms if device_ms else "",
-                                device_pct_of_copy=100 * device_gbps / copy_gbps if device_gbps else ""))
+                                device_pct_of_copy=100 * device_gbps / copy_gbps if device_gbps else "",
+                                configs=launch_configs(hidden) if name == "videobert_triton" else ""))
     for mode in ("fwd", "bwd", "fwd+bwd"):
         ours = min((row["ms"] for row in results if row["mode"] == mode and row["provider"].startswith("videobert")),
                    default=None)
@@ -132,8 +147,10 @@ def run_case(rows: int, hidden: int, dtype: torch.dtype, device, copy_gbps: floa
 def main(argv=None) -> int:
     """Run the LayerNorm benchmark; writes results under bench/results/<gpu>/<date>/."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="16k rows, bf16 only")
+    parser.add_argument("--quick", action="store_true", help="16k rows, bf16 only, hidden 768, 1024, 4096")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated of bf16, fp16, fp32")
+    parser.add_argument("--dropouts", default="0,0.1", type=dropout_rates,
+                        help="dropout rates on x, each a case of its own (training runs 0.1)")
     args = parser.parse_args(argv)
     if not on_gpu():
         print("No CUDA device: running a toy-size smoke pass on the CPU (Triton interpreter). "
@@ -142,17 +159,19 @@ def main(argv=None) -> int:
     else:
         dtypes = [torch.bfloat16] if args.quick else [DTYPES[d] for d in args.dtypes.split(",")]
         row_counts = [16384] if args.quick else [16384, 65536]
-        cases = [(rows, hidden, dtype) for dtype in dtypes for rows in row_counts
-                 for hidden in (768, 1024, 2048, 4096, 8192)]
+        hiddens = (768, 1024, 4096) if args.quick else (768, 1024, 2048, 4096, 8192)
+        cases = [(rows, hidden, dtype) for dtype in dtypes for rows in row_counts for hidden in hiddens]
         device = "cuda"
     peaks = measure_peaks()
     results = []
     for rows, hidden, dtype in cases:
-        results += run_case(rows, hidden, dtype, device, peaks["copy_gbps"])
-        out = write_results("layer_norm", results, {"peaks": peaks, "eps": EPS})
+        for dropout_p in args.dropouts:
+            results += run_case(rows, hidden, dtype, device, peaks["copy_gbps"], dropout_p)
+            out = write_results("layer_norm", results, {"peaks": peaks, "eps": EPS})
     print(markdown_table(results))
     plot(out / "layer_norm.png", [r for r in results if r["mode"] != "fwd+bwd"], "hidden", "gbps",
-         ["rows", "dtype", "mode", "provider"], "residual add + LayerNorm, GB/s (fused-ideal bytes)")
+         ["rows", "dtype", "dropout", "mode", "provider"],
+         "residual add + dropout + LayerNorm, GB/s (fused-ideal bytes)")
     print(f"results in {out} ({device_name()})")
     return 0
 

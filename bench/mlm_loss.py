@@ -1,9 +1,13 @@
-"""Benchmark the fused MLM loss `linear_cross_entropy` against PyTorch eager, torch.compile, Liger and Cut
-Cross-Entropy: forward+backward time and the extra GPU memory beyond inputs and gradients.
+"""Benchmark the fused MLM loss `linear_cross_entropy` against PyTorch eager, torch.compile, PyTorch's own
+chunked `F.linear_cross_entropy` (where this torch has it), Liger and Cut Cross-Entropy: forward+backward time and
+the extra GPU memory beyond inputs and gradients.
 
 Each provider computes mean cross-entropy over hidden @ weight.T for N masked tokens (bf16, 10% ignored rows)
-and the gradients of hidden and weight. Extra memory = peak allocated during forward+backward minus what the
-inputs and the gradients themselves take; the eager logits (N x V fp32) are reported for reference.
+and the gradients of hidden and weight, on inputs whose logits look like a trained MLM head's (`mlm_like_inputs`:
+p(target) about 0.3), not N(0, 1) noise. Peers also run at the vocabulary padded to a multiple of 64 (`vocab_run`;
+TFLOP/s always count the real vocabulary). Extra memory = peak allocated during forward+backward minus what the
+inputs and the gradients themselves take; the eager logits (N x V fp32) are reported for reference. Our rows
+name the fused forward's tile, vocabulary splits and the backward's method (`configs`).
 A second table, softmax_cross_entropy, times the loss over logits that already exist (Triton, CUDA, PyTorch
 eager, Liger's cross-entropy): forward+backward GB/s, counting one read of the logits forward and one read plus
 one write of their gradient backward, as a share of the copy bandwidth measured in the same run.
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (bench_ms, device_name, extra_memory_bytes, markdown_table, measure_peaks,  # noqa: E402
                     on_gpu, plot, rotating, write_results)
 
+from videobert._kernels.triton import cross_entropy as tce  # noqa: E402
 from videobert.ops import BackendUnavailableError, linear_cross_entropy, softmax_cross_entropy  # noqa: E402
 from videobert.ops._backend import resolve  # noqa: E402
 
@@ -39,6 +44,12 @@ def providers() -> dict:
     backend = "triton"
     out = {"videobert_triton": lambda h, w, labels: linear_cross_entropy(h, w, labels, backend=backend),
            "torch_eager": _eager}
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is not None:  # PyTorch's own chunked fused loss, where this torch has it
+        out["torch_linear_cross_entropy"] = lambda h, w, labels: F.linear_cross_entropy(
+            h, w, labels, ignore_index=-100, options=options())
+    else:
+        print("torch.nn.functional.linear_cross_entropy (chunked) not in this torch: no row")
     if on_gpu():
         out["torch_compile"] = torch.compile(_eager, dynamic=True)
         try:
@@ -55,34 +66,64 @@ def providers() -> dict:
     return out
 
 
+def mlm_like_inputs(N: int, D: int, V: int, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, weight, labels) whose logits look like a trained MLM head's, not N(0, 1) noise (which would leave
+    Cut Cross-Entropy's gradient filtering nothing to skip): weight rows of unit norm, logits N(0, 2^2) plus 12
+    on the target, i.e. p(target) about 0.3 and a loss about 1.2 at V = 51k, BERT-like; 10% ignored rows."""
+    weight = torch.randn(V, D, generator=gen) * D ** -0.5
+    labels = torch.randint(0, V, (N,), generator=gen)
+    target = weight[labels]
+    hidden = 2 * torch.randn(N, D, generator=gen) + 12 * target / target.square().sum(1, keepdim=True)
+    labels = torch.where(torch.rand(N, generator=gen) < 0.1, -100, labels)
+    return hidden, weight, labels
+
+
+def linear_configs(N: int, D: int, V: int, dtype, device) -> str:
+    """Our fused forward's tile config and vocabulary splits, and the backward's method, at this shape."""
+    device = torch.device(device)
+    tile = tce.LINEAR_CONFIG["gpu" if device.type == "cuda" else "interpret"]
+    _, splits = tce.forward_splits(N, V, device)
+    return (f"fwd {'x'.join(map(str, tile[:3]))} w{tile[3]} s{tile[4]} splits {splits}; "
+            f"bwd {tce.default_backward_method(N, D, V, dtype, device)}")
+
+
 def run_case(N: int, D: int, V: int, dtype, device) -> list[dict]:
     """Rows of every linear cross-entropy provider at one shape: forward+backward time, TFLOP/s and the memory
-    allocated beyond inputs and gradients."""
+    allocated beyond inputs and gradients; each peer also at the vocabulary padded to a multiple of 64 (extra
+    weight rows: the aligned shape a model may pad its embedding to), ours at the vocabulary as given."""
     gen = torch.Generator().manual_seed(N + D + V)
-    hidden = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
-    weight = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device, dtype).requires_grad_()
-    labels = torch.randint(0, V, (N,), generator=gen)
-    labels = torch.where(torch.rand(N, generator=gen) < 0.1, -100, labels).to(device)
-    eager_logits_bytes = N * V * 4
-    sets = rotating(hidden, weight, labels)
+    hidden, weight, labels = mlm_like_inputs(N, D, V, gen)
+    hidden, labels = hidden.to(device, dtype).requires_grad_(), labels.to(device)
+    V64 = -(-V // 64) * 64
+    weights = {V: weight.to(device, dtype).requires_grad_()}
+    if V64 != V:
+        pad = torch.randn(V64 - V, D, generator=gen) * D ** -0.5
+        weights[V64] = torch.cat([weight, pad]).to(device, dtype).requires_grad_()
     results = []
     for name, fn in providers().items():
         def step(hidden, weight, labels):
             return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight))
-        try:
-            step(*sets[0])
-            extra = extra_memory_bytes(lambda: step(*sets[0]))  # beyond the gradients it returns
-            extra = "" if extra is None else extra / 2**20
-            ms, p20, p80 = bench_ms(step, sets)
-        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
-            print(f"{name} N={N} D={D} V={V}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-            continue
-        flops = 6.0 * N * D * V  # logits, dhidden, dweight
-        logits_mib = eager_logits_bytes / 2**20
-        results.append(dict(N=N, D=D, V=V, dtype=str(dtype).replace("torch.", ""), provider=name, ms=ms,
-                            p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9, extra_mib=extra,
-                            eager_logits_mib=logits_mib,
-                            extra_pct_of_eager_logits=100 * extra / logits_mib if extra != "" else ""))
+        for vocab, w in weights.items():
+            if name.startswith("videobert") and vocab != V:
+                continue
+            sets = rotating(hidden, w, labels)
+            try:
+                step(*sets[0])
+                extra = extra_memory_bytes(lambda: step(*sets[0]))  # beyond the gradients it returns
+                extra = "" if extra is None else extra / 2**20
+                ms, p20, p80 = bench_ms(step, sets)
+            except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+                print(f"{name} N={N} D={D} V={vocab}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                continue
+            flops = 6.0 * N * D * V  # logits, dhidden, dweight over the real vocabulary: padding is no work
+            logits_mib = N * V * 4 / 2**20  # the eager fp32 logits
+            results.append(dict(N=N, D=D, V=V, vocab_run=vocab, dtype=str(dtype).replace("torch.", ""),
+                                provider=name, ms=ms, p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9,
+                                extra_mib=extra, eager_logits_mib=logits_mib,
+                                extra_pct_of_eager_logits=100 * extra / logits_mib if extra != "" else "",
+                                configs=linear_configs(N, D, V, dtype, device) if name == "videobert_triton"
+                                else ""))
     ours = next((r["ms"] for r in results if r["provider"] == "videobert_triton"), None)
     for row in results:
         row["speedup_of_videobert"] = row["ms"] / ours if ours else ""

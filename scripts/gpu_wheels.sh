@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, where pip can reach an index, the pure-Python packages a GPU machine without internet lacks for the GPU
 # check: the benchmark peers (Liger-Kernel, Apple's Cut Cross-Entropy), expecttest (torch.library.opcheck
-# imports it) and setuptools >= 77 (pyproject.toml's SPDX licence; the install there builds without isolation). Wheels go to .whl/ (git-ignored); carry that folder to the GPU machine, where scripts/gpu_check.sh
+# imports it) and setuptools >= 77 (pyproject.toml's SPDX licence; the install there builds without isolation).
+# Wheels go to .whl/ (git-ignored); carry that folder to the GPU machine, where scripts/gpu_check.sh
 # installs them before anything else. Usage: scripts/gpu_wheels.sh [python version of the GPU machine, default
 # 3.12]. Extra names (NAME or NAME==VERSION) may follow the version.
 set -euo pipefail

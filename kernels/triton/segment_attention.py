@@ -510,6 +510,15 @@ def reset_autotuning() -> None:
         tuned.cache.clear()
 
 
+def tuned_configs() -> str:
+    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3; dkdv ...; dq ..."), for benchmark
+    tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes each table's first entry, or no CUDA launch yet)."""
+    chosen = [f"{kind} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+              for kind, tuned in (("fwd", _fwd_tuned), ("dkdv", _dkdv_tuned), ("dq", _dq_tuned))
+              for c in tuned.cache.values()]
+    return "; ".join(dict.fromkeys(chosen)) or "untuned"
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
