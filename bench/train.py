@@ -84,11 +84,7 @@ def hugging_face_step(config: VideoBERTConfig, device):
 def packed_attention() -> str:
     """The attention Hugging Face runs padding-free packed rows with: flash-attention-2 where flash-attn is
     importable (its varlen path), else SDPA with the block-diagonal mask transformers builds from position_ids."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return "sdpa"
-    return "flash_attention_2" if on_gpu() else "sdpa"
+    return "flash_attention_2" if on_gpu() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def hugging_face_packed_step(config: VideoBERTConfig, device):

@@ -144,6 +144,55 @@ def test_head_positions_are_the_masked_and_cls_positions_in_row_order():
     assert torch.equal(cls_only, cls)
 
 
+def test_static_batch_gives_the_same_losses_and_gradients():
+    """static_batch pads rows and the heads' gather indices to fixed capacities; the losses, accuracies, counts
+    and every gradient equal those of the batch as made."""
+    from videobert.data import static_batch
+
+    config = small_config()
+    batch = random_pretraining_batch(config, 9, 64, seed=4)
+    static = static_batch(batch, config, row_multiple=8, capacity_multiple=64)
+    assert static.input_ids.shape == (8, 64) and batch.input_ids.shape[0] < 8
+    assert [t.numel() for t in static.head_positions[:3]] == [64, 64, 64]
+    assert static.vtm_labels.shape == (64,) and static.head_positions.counts[2] == 9
+    model = VideoBERTForPretraining(config).eval()
+    runs = []
+    for inputs in (batch.model_inputs(), static.model_inputs()):
+        model.zero_grad()
+        out = model(**inputs)
+        out["loss"].backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = runs
+    for key in want:
+        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-5, atol=1e-6, msg=key)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    broken = random_pretraining_batch(config, 9, 64, seed=4)
+    broken.vtm_labels = broken.vtm_labels[:-1]
+    with pytest.raises(ValueError, match="one entry per \\[CLS\\] token"):
+        static_batch(broken, config)
+
+
+def test_pretraining_step_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of the pretraining model's forward and backward on a static batch: no graph
+    break, no data-dependent shape, no host read (what CUDA-graph capture needs), the eager losses and gradients."""
+    from videobert.data import static_batch
+
+    config = small_config()
+    static = static_batch(random_pretraining_batch(config, 6, 64, seed=2), config, capacity_multiple=64)
+    model = VideoBERTForPretraining(config).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    grads = []
+    for run in (model, compiled):
+        model.zero_grad()
+        loss = run(**static.model_inputs())["loss"]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for got, want in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pretraining_forward_synchronises_once():
     import warnings

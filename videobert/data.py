@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from videobert.config import VideoBERTConfig
-from videobert.model import IGNORE_INDEX
+from videobert.model import IGNORE_INDEX, HeadPositions
 
 
 def to_device(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
@@ -35,11 +35,15 @@ class PackedBatch:
     mlm_labels: torch.Tensor
     vtm_labels: torch.Tensor
     video_features: Optional[torch.Tensor] = None  # (B, L, F), read at [FEAT] positions (continuous mode)
+    head_positions: Optional[HeadPositions] = None  # static-shape head indices (`static_batch`)
 
     def to(self, device) -> "PackedBatch":
         """The same batch on `device` (`to_device`)."""
-        return PackedBatch(*(to_device(t, device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
-                                                            self.mlm_labels, self.vtm_labels, self.video_features)))
+        tensors = (to_device(t, device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
+                                                  self.mlm_labels, self.vtm_labels, self.video_features))
+        positions = None if self.head_positions is None else HeadPositions(
+            *(to_device(t, device) for t in self.head_positions))
+        return PackedBatch(*tensors, head_positions=positions)
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""
@@ -47,7 +51,49 @@ class PackedBatch:
                       mlm_labels=self.mlm_labels, vtm_labels=self.vtm_labels)
         if self.video_features is not None:
             inputs["video_features"] = self.video_features
+        if self.head_positions is not None:
+            inputs["head_positions"] = self.head_positions
         return inputs
+
+    def shape_key(self) -> tuple:
+        """What fixes the shapes of a forward on this batch: rows, row length and (static batches) the head
+        capacities; batches with one key can replay one captured CUDA graph."""
+        caps = () if self.head_positions is None else tuple(t.numel() for t in self.head_positions[:3])
+        return (*self.input_ids.shape, *caps)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def static_batch(batch: PackedBatch, config: VideoBERTConfig, row_multiple: int = 8,
+                 capacity_multiple: int = 256) -> PackedBatch:
+    """`batch` (on the CPU) with static shapes for a fullgraph compile or CUDA-graph replay: rows padded to a
+    multiple of `row_multiple` with padding rows, and `head_positions`, the heads' gather indices (masked text,
+    masked visual, [CLS] tokens) each padded to a multiple of `capacity_multiple` (the matching labels padded
+    with -100 to the [CLS] capacity). Few distinct shapes, so few graphs; the losses are those of `batch`."""
+    B, L = batch.input_ids.shape
+    pad = _round_up(B, row_multiple) - B
+
+    def rows(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([t, t.new_full((pad, *t.shape[1:]), value)]) if pad else t
+    input_ids = rows(batch.input_ids, config.pad_token_id)
+    token_types = rows(batch.token_type_ids, 0)
+    segment_ids = rows(batch.segment_ids, -1)
+    labels = rows(batch.mlm_labels, IGNORE_INDEX)
+    features = None if batch.video_features is None else rows(batch.video_features, 0.0)
+    flat_labels, flat_types = labels.flatten(), token_types.flatten()
+    masked = flat_labels != IGNORE_INDEX
+    groups = [(masked & (flat_types == 0)).nonzero().flatten(), (masked & (flat_types != 0)).nonzero().flatten(),
+              (input_ids.flatten() == config.cls_token_id).nonzero().flatten()]
+    if groups[2].numel() != batch.vtm_labels.numel():
+        raise ValueError(f"vtm_labels must have one entry per [CLS] token ({groups[2].numel()}), got "
+                         f"{batch.vtm_labels.numel()}")
+    padded = [torch.cat([g, g.new_zeros(_round_up(g.numel(), capacity_multiple) - g.numel())]) for g in groups]
+    vtm = torch.cat([batch.vtm_labels, batch.vtm_labels.new_full((padded[2].numel() - groups[2].numel(),),
+                                                                  IGNORE_INDEX)])
+    counts = torch.tensor([g.numel() for g in groups], dtype=torch.long)
+    return PackedBatch(input_ids, token_types, segment_ids, labels, vtm, features, HeadPositions(*padded, counts))
 
 
 def encode_sample(config: VideoBERTConfig, text_ids: Sequence[int], visual_tokens: Sequence[int],

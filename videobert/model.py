@@ -6,7 +6,7 @@ Hugging Face BERT weights with `from_bert`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,23 @@ from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attentio
 from videobert.profiling import nvtx_range
 
 IGNORE_INDEX = -100
+
+
+class HeadPositions(NamedTuple):
+    """Gather indices of the pretraining heads with static shapes, computed on the host by the data pipeline
+    (`videobert.data.static_batch`): flat (B * L) positions of the masked text tokens, the masked visual tokens
+    and the [CLS] tokens, each padded to a fixed capacity, and their true counts (3,). With them the forward has
+    no data-dependent shape and no host sync (a fullgraph compile, CUDA-graph replay); entries past a count are
+    ignored."""
+
+    text: torch.Tensor
+    visual: torch.Tensor
+    cls: torch.Tensor
+    counts: torch.Tensor
+
+    def to(self, device) -> "HeadPositions":
+        """The same positions on `device`."""
+        return HeadPositions(*(t.to(device, non_blocking=True) for t in self))
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -154,14 +171,16 @@ class VideoBERTForPretraining(nn.Module):
                 segment_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
                 vtm_labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
-                video_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Losses and accuracies as a dict of tensors; one host sync (the numbers of masked and [CLS] positions)
-        when there are labels.
+                video_features: Optional[torch.Tensor] = None,
+                head_positions: Optional[HeadPositions] = None) -> dict[str, torch.Tensor]:
+        """Losses and accuracies as a dict of tensors. With labels and no `head_positions`, one host sync (the
+        numbers of masked and [CLS] positions); with `head_positions`, none and static shapes.
 
         mlm_labels (B, L): joint-vocabulary target id at masked positions, -100 elsewhere; text positions
         (token type 0) are scored over the word pieces, video positions over the visual tokens.
-        vtm_labels (S,): 1 matched / 0 mismatched / -100 ignored for each sample, in the order of the
-        samples' [CLS] tokens in the flattened (B * L) rows.
+        vtm_labels: 1 matched / 0 mismatched / -100 ignored for each sample, in the order of the samples'
+        [CLS] tokens in the flattened (B * L) rows: (S,) for the S samples, or with `head_positions` padded with
+        -100 to its [CLS] capacity.
         """
         cfg = self.config
         if mlm_labels is not None and mlm_labels.shape != input_ids.shape:
@@ -174,9 +193,12 @@ class VideoBERTForPretraining(nn.Module):
         flat = hidden.flatten(0, 1)
         out: dict[str, torch.Tensor] = {}
         total = flat.new_zeros((), dtype=torch.float32)
-        if mlm_labels is not None or vtm_labels is not None:
+        if head_positions is not None:
+            text_pos, visual_pos, cls_pos, counts = head_positions
+        elif mlm_labels is not None or vtm_labels is not None:
             text_pos, visual_pos, cls_pos = _head_positions(input_ids, token_type_ids, mlm_labels,
                                                             cfg.cls_token_id)
+            counts = None
         if mlm_labels is not None:
             masked = torch.cat([text_pos, visual_pos])
             h = self.mlm_hidden(flat[masked])
@@ -185,13 +207,20 @@ class VideoBERTForPretraining(nn.Module):
             bias = self.mlm_bias.to(h.dtype)
             text_vocab, vis = slice(0, cfg.text_vocab_size), slice(cfg.visual_offset, cfg.vocab_size)
             n = text_pos.numel()
-            for name, rows, vocab, shift, w in (("text_mlm", slice(0, n), text_vocab, 0, cfg.text_mlm_weight),
-                                                ("visual_mlm", slice(n, None), vis, cfg.visual_offset,
-                                                 cfg.visual_mlm_weight)):
-                res = linear_cross_entropy(h[rows], weight[vocab], labels[rows] - shift, bias[vocab],
-                                           return_stats=True, backend=cfg.backend)
+            for index, (name, rows, vocab, shift, w) in enumerate((
+                    ("text_mlm", slice(0, n), text_vocab, 0, cfg.text_mlm_weight),
+                    ("visual_mlm", slice(n, None), vis, cfg.visual_offset, cfg.visual_mlm_weight))):
+                targets = labels[rows] - shift
+                if counts is None:
+                    count = torch.tensor(targets.numel())  # a CPU count: no sync
+                else:  # capacity past the count: ignored rows, which the fused loss skips
+                    count = counts[index]
+                    valid = torch.arange(targets.numel(), device=targets.device) < count
+                    targets = torch.where(valid, targets, IGNORE_INDEX)
+                res = linear_cross_entropy(h[rows], weight[vocab], targets, bias[vocab], return_stats=True,
+                                           backend=cfg.backend)
                 total = total + w * res.loss
-                _record(out, name, res, torch.tensor(labels[rows].numel()))  # a CPU count: no sync
+                _record(out, name, res, count)
         if vtm_labels is not None:
             if vtm_labels.shape != cls_pos.shape:
                 raise ValueError(f"vtm_labels must have one entry per [CLS] token ({cls_pos.numel()}), "
