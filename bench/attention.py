@@ -111,7 +111,10 @@ def providers(seg, layout: str, dropout_p: float, max_autotune: bool = False):
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         flash_attn_varlen_func = None
-    if flash_attn_varlen_func is not None and on_gpu():
+    if flash_attn_varlen_func is None or not on_gpu():
+        print("flash_attn_varlen: " + ("flash-attn not importable" if flash_attn_varlen_func is None else
+                                       "GPU only") + "; no row")
+    else:
         lengths = torch.stack([torch.bincount(r[r >= 0].long(), minlength=1) for r in seg.cpu()], 0)
         lengths = lengths[lengths > 0].to(torch.int32)
         cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)

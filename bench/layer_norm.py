@@ -53,7 +53,9 @@ def providers(device: torch.device, dtype: torch.dtype, hidden: int, dropout_p: 
         out[f"videobert_{backend}"] = (lambda backend: lambda x, r, w, b: add_layer_norm(
             x, r, w, b, EPS, dropout_p=dropout_p, return_residual=True, backend=backend))(backend)
     out["torch_eager"] = lambda x, r, w, b: _eager(x, r, w, b, dropout_p)
-    if on_gpu():
+    if not on_gpu():
+        print("torch_compile, apex and Liger rows: GPU only")
+    else:
         # The backward is timed by replaying one graph (retain_graph), which donated buffers forbid.
         import torch._functorch.config
 

@@ -50,7 +50,9 @@ def providers() -> dict:
             h, w, labels, ignore_index=-100, options=options())
     else:
         print("torch.nn.functional.linear_cross_entropy (chunked) not in this torch: no row")
-    if on_gpu():
+    if not on_gpu():
+        print("torch_compile, Liger and Cut Cross-Entropy rows: GPU only")
+    else:
         out["torch_compile"] = torch.compile(_eager, dynamic=True)
         try:
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction

@@ -11,6 +11,8 @@ bf16 peak measured in the same run), peak memory, the padded batches' padding wa
 speedup over the best Hugging Face row of its preset (named in `best_hugging_face`). Synthetic VideoBERT-like
 data: joint, text-only and video-only samples of 5 to 128 tokens from the embedded corpus (videobert.samples),
 51k-entry joint vocabulary.
+Our fused model also runs as `--cuda-graphs` trains (videobert_fused+cuda_graphs, GPU only: whole steps replayed
+from CUDA graphs, every batch shape captured before the timing).
 Usage: python bench/train.py [--quick] [--presets base,large] [--videos 256] [--providers ...] [--compile]
 (--compile: every other provider under torch.compile too). Without a GPU it runs a toy smoke pass (tiny preset,
 a few steps, no compiled rows) on the CPU and says so.
@@ -34,11 +36,11 @@ from common import device_name, markdown_table, measure_peaks, on_gpu, write_res
 
 from videobert.config import PRESETS, VideoBERTConfig  # noqa: E402
 from videobert.corpus import synthetic_corpus  # noqa: E402
-from videobert.data import allowed_pairs  # noqa: E402
+from videobert.data import allowed_pairs, static_batch  # noqa: E402
 from videobert.model import VideoBERTForPretraining  # noqa: E402
 from videobert.samples import SampleOptions, make_batch, synthetic_videos  # noqa: E402
 from videobert.text_tokenizer import TextTokenizer  # noqa: E402
-from videobert.train import flops_per_token  # noqa: E402
+from videobert.train import GraphedSteps, flops_per_token  # noqa: E402
 
 
 def batches(config: VideoBERTConfig, tokenizer: TextTokenizer, videos: int, count: int, row_length: int):
@@ -112,11 +114,28 @@ def ours_step(config: VideoBERTConfig, device):
     return model, lambda batch: model(**batch.model_inputs())["loss"]
 
 
+def ours_graphed_step(config: VideoBERTConfig, device):
+    """(model, step(CPU batch) -> loss) of this project's model trained by whole steps replayed from CUDA graphs
+    (`--cuda-graphs`: static batches, capturable fused AdamW, clipping inside the graph)."""
+    model = VideoBERTForPretraining(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-4, device=device), fused=True,
+                                  capturable=True)
+    graphed = GraphedSteps(model, optimizer, lambda batch: static_batch(batch, config), 1.0, device)
+
+    def step(batch):
+        return graphed(batch)["loss"]
+    step.whole_step = True  # forward, backward and the optimizer's update in one call, on the CPU batch
+    return model, step
+
+
 def run_provider(name, make, config, layout, data, device, steps, warmup, compile_model, peak_tflops,
                  counted_model):
     """One provider's timed steps on the packed (layout 0) or padded (1) batches; FLOPs are counted on
     `counted_model` (this project's model for the preset, the same useful work for every provider)."""
     model, step = make(config, device)
+    whole_step = getattr(step, "whole_step", False)
+    if whole_step:  # every batch shape captured before the timing starts
+        warmup = max(warmup, 3 * len(data))
     runner = torch.compile(step) if compile_model else step
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     keys_per_token = [allowed_pairs(packed.segment_ids) / stats.tokens for packed, _, stats in data]  # not timed
@@ -129,12 +148,15 @@ def run_provider(name, make, config, layout, data, device, steps, warmup, compil
                 torch.cuda.synchronize()
             start = time.perf_counter()
         packed_or_padded = data[i % len(data)]
-        batch, stats = packed_or_padded[layout].to(device), packed_or_padded[2]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss = runner(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch, stats = packed_or_padded[layout], packed_or_padded[2]
+        if whole_step:
+            runner(batch)
+        else:
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = runner(batch.to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             timed_tokens += stats.tokens
             mean_keys += keys_per_token[i % len(data)] / steps
@@ -150,8 +172,8 @@ def run_provider(name, make, config, layout, data, device, steps, warmup, compil
     return row
 
 
-PROVIDERS = ("videobert_fused", "videobert_reference_ops", "hugging_face_bert_sdpa", "hugging_face_bert_packed",
-             "hugging_face_bert_packed+compile")
+PROVIDERS = ("videobert_fused", "videobert_fused+cuda_graphs", "videobert_reference_ops", "hugging_face_bert_sdpa",
+             "hugging_face_bert_packed", "hugging_face_bert_packed+compile")
 
 
 def _providers(text: str) -> list[str]:
@@ -208,6 +230,9 @@ def main(argv=None) -> int:
         # (name, make, config, layout: 0 packed, 1 padded, compiled)
         providers = [("videobert_fused", ours_step, config, 0, False),
                      ("videobert_reference_ops", ours_step, reference, 0, False)]
+        graphed = [("videobert_fused+cuda_graphs", ours_graphed_step, config, 0, False)] if on_gpu() else []
+        if not graphed:
+            print("videobert_fused+cuda_graphs: CUDA graphs need a GPU")
         if importlib.util.find_spec("transformers") is None:
             print("transformers not importable: no Hugging Face rows")
         else:
@@ -220,6 +245,7 @@ def main(argv=None) -> int:
         if args.compile:
             providers += [(name + "+compile", make, cfg, layout, True) for name, make, cfg, layout, compiled
                           in providers if not compiled and name + "+compile" not in {p[0] for p in providers}]
+        providers += graphed  # last: a capped run keeps the goal's rows first
         for name, make, provider_config, layout, compiled in providers:
             extra_compiled = args.compile and compiled and name.removesuffix("+compile") in args.providers
             if name not in args.providers and not extra_compiled:

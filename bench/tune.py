@@ -99,7 +99,7 @@ def cuda_rows(hidden: int, copy_gbps: float) -> list[dict]:
         timing = bench_graph_ms(lambda dout, s, mean, rstd, dx, dres: library.call(
             "vb_add_layer_norm_bwd", dout.data_ptr(), None, s.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             w.data_ptr(), dx.data_ptr(), dres.data_ptr(), partial[0].data_ptr(), partial[1].data_ptr(), dw.data_ptr(),
-            db.data_ptr(), ROWS, hidden, blocks, dtype, dtype, 0, 0, 0, 1.0, 0, s.device.index,
+            db.data_ptr(), ROWS, hidden, blocks, dtype, dtype, None, 0, 1.0, 0, s.device.index,
             library.stream(s.device)), sets, rep_ms=10)
         if timing:
             out.append(dict(kernel="cuda_bwd", hidden=hidden, rows_per_program="", warps="", per_sm=label,

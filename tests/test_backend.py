@@ -166,12 +166,49 @@ def test_custom_op_loads_its_backend_when_called_first():
 
 def test_triton_launch_helpers():
     """The plain-int grid helpers agree with Triton's (constexpr functions, slow on the host); the dropout
-    arguments are Triton's int32 view of the offset, the keep threshold and scale, and neutral without dropout."""
+    arguments pass the (seed, offset) tensor itself (the kernel reads it: nothing on the host), the keep
+    threshold and scale, and are neutral without dropout."""
     triton = pytest.importorskip("triton")
     from videobert._kernels.triton.launch import cdiv, dropout_args, next_power_of_2
 
     assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 1100))
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in (1, 3, 16, 64, 129))
-    assert dropout_args(0.0, None) == dict(seed=0, offset=0, threshold=0, drop_scale=1.0)
-    args = dropout_args(0.25, torch.tensor([7, 2**32 + 2**31 + 5]))
-    assert args == dict(seed=7, offset=-(2**31) + 5, threshold=2**29, drop_scale=1 / 0.75)
+    fallback, rng = torch.zeros(3), torch.tensor([7, 2**32 + 2**31 + 5])
+    assert dropout_args(0.0, None, fallback) == dict(Rng=fallback, threshold=0, drop_scale=1.0)
+    assert dropout_args(0.25, rng, fallback) == dict(Rng=rng, threshold=2**29, drop_scale=1 / 0.75)
+
+
+def test_dropout_generator_draws_fresh_masks_and_replays_exactly():
+    """The device-side dropout generator: each call takes (seed, counter) and advances the counter in place on
+    the state's device, so calls replayed as a CUDA graph replays them (the same ops on the same state tensor)
+    draw fresh masks, never a repeated one, while a recorded (seed, offset) reproduces its mask bit for bit;
+    manual_seed and the checkpoint getters make the states reproducible."""
+    from videobert.ops import add_layer_norm, get_dropout_states, manual_seed, set_dropout_states
+    from videobert.ops._checks import dropout_state, next_rng
+
+    device = triton_device()
+    x = torch.randn(16, 64, device=device)
+    w = torch.ones(64, device=device)
+    state = torch.tensor([12345, 0], device=device)
+
+    def step(rng):  # s = dropout(x): zero exactly where dropped
+        return add_layer_norm(x, None, w, None, dropout_p=0.5, rng=rng, return_residual=True, backend="triton")[1]
+
+    recorded, outputs = [], []
+    for _ in range(4):  # what four replays of a captured step do
+        rng = next_rng(state)
+        recorded.append(rng)
+        outputs.append(step(rng))
+    assert state.tolist() == [12345, 4] and [r.tolist() for r in recorded] == [[12345, i] for i in range(4)]
+    masks = [(out == 0) for out in outputs]
+    assert all(not torch.equal(masks[i], masks[j]) for i in range(4) for j in range(i))
+    assert torch.equal(step(recorded[2]), outputs[2])  # the recorded (seed, offset) replays exactly
+    # Per-device states: seeded by manual_seed, restored from a checkpoint's copy.
+    manual_seed(7)
+    first = dropout_state(torch.device("cpu")).clone()
+    next_rng(dropout_state(torch.device("cpu")))
+    saved = get_dropout_states()
+    manual_seed(7)
+    assert torch.equal(dropout_state(torch.device("cpu")), first)
+    set_dropout_states(saved)
+    assert dropout_state(torch.device("cpu")).tolist() == [first[0].item(), 1]

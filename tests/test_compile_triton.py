@@ -63,7 +63,7 @@ def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
     `full` turns on residual, bias and dropout (and the extra ds input of the backward)."""
     block_n, rows, warps = ln.launch_config(hidden, backward=kind == "bwd")
     flags = dict(HAS_RESIDUAL=full, HAS_BIAS=full, HAS_DROPOUT=full, ROWS=rows, BLOCK_N=block_n)
-    rng = {"seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32"}
+    rng = {"Rng": "*i64", "threshold": "i32", "drop_scale": "fp32"}
     if kind == "fwd":
         sig = {"X": "*bf16", "Res": "*bf16", "W": "*fp32", "Bias": "*fp32", "Out": "*bf16", "S": "*bf16",
                "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", **rng}
@@ -151,7 +151,7 @@ def test_compile_check_specialises_like_a_launch(monkeypatch):
     by 16) give 16-byte vector loads, as a GPU launch's specialisation does; unmarked ones give element loads."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     sig = {"X": "*bf16", "Res": "*bf16", "W": "*fp32", "Bias": "*fp32", "Out": "*bf16", "S": "*bf16",
-           "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", "seed": "i64", "offset": "i32",
+           "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", "Rng": "*i64",
            "threshold": "i32", "drop_scale": "fp32"}
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         launched, odd = pool.map(_layer_norm_fwd_ptx, [as_launched(sig, "N"), sig])

@@ -191,3 +191,116 @@ def test_progress_bar_draws_on_a_terminal_only(capsys):
     quiet.update(5)
     quiet.clear()
     assert capsys.readouterr().err == ""
+
+
+def _replaying_capture(fn, pool):
+    """A stand-in for CUDA-graph capture on the CPU: nothing runs at capture; each replay reruns the captured
+    step on the very buffers it was captured with and refreshes the same output dict, as a graph replay does."""
+    outputs: dict = {}
+
+    def replay():
+        outputs.clear()
+        outputs.update(fn())
+    return replay, outputs
+
+
+def test_graphed_steps_train_as_eager_steps():
+    """GraphedSteps (the --cuda-graphs loop) trains on every batch exactly once with the eager step's losses
+    and parameters: warmup steps, the capture's own batch, and replays with new batches copied into the captured
+    buffers; shapes are bucketed, so few graphs are captured."""
+    from videobert.config import VideoBERTConfig
+    from videobert.data import random_pretraining_batch, static_batch
+    from videobert.model import VideoBERTForPretraining
+    from videobert.train import GraphedSteps
+
+    config = VideoBERTConfig.preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    batches = [random_pretraining_batch(config, 6, 64, seed=i) for i in range(6)]
+    torch.manual_seed(0)
+    eager_model = VideoBERTForPretraining(config)
+    graphed_model = VideoBERTForPretraining(config)
+    graphed_model.load_state_dict(eager_model.state_dict())
+    # SGD: Adam's normalisation would turn rounding-level gradient differences (the static batch sums its padded
+    # rows in another order) into whole-step differences of near-zero-gradient entries.
+    eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.1)
+    graphed_opt = torch.optim.SGD(graphed_model.parameters(), lr=0.1)
+    steps = GraphedSteps(graphed_model, graphed_opt, lambda b: static_batch(b, config, capacity_multiple=64), 1.0,
+                         torch.device("cpu"), warmup=1, capture=_replaying_capture)
+    for batch in batches:
+        eager_opt.zero_grad()
+        want = eager_model(**batch.model_inputs())
+        want["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(eager_model.parameters(), 1.0)
+        eager_opt.step()
+        got = steps(batch)
+        torch.testing.assert_close(got["loss"], want["loss"].detach(), rtol=1e-5, atol=1e-6)
+    assert len(steps.graphs) == 1 and sum(steps.eager_runs.values()) == 1  # one shape: one warmup, one capture
+    for (name, p), q in zip(eager_model.named_parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cuda_graphs_flag_says_what_it_needs(tmp_path):
+    """--cuda-graphs refuses what it cannot capture, naming each: here no GPU, gradient accumulation, skip."""
+    with pytest.raises(ValueError, match="--cuda-graphs needs") as info:
+        train(TrainArgs(out=str(tmp_path), steps=2, cuda_graphs=True, grad_accum=2, on_nan="skip"))
+    message = str(info.value)
+    assert "--grad-accum 1" in message and "--on-nan stop" in message
+    if not torch.cuda.is_available():
+        assert "a GPU" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_match_eager_steps_on_the_gpu():
+    """Real CUDA graphs: captured steps (fused ops, dropout off for comparability) give the eager steps' losses,
+    and with dropout on, replays draw fresh masks (the losses of two replays of one batch differ)."""
+    from videobert.config import VideoBERTConfig
+    from videobert.data import random_pretraining_batch, static_batch
+    from videobert.model import VideoBERTForPretraining
+    from videobert.train import GraphedSteps
+
+    device = torch.device("cuda")
+    config = VideoBERTConfig.preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    batches = [random_pretraining_batch(config, 6, 64, seed=i) for i in range(6)]
+    torch.manual_seed(0)
+    eager_model = VideoBERTForPretraining(config).to(device)
+    graphed_model = VideoBERTForPretraining(config).to(device)
+    graphed_model.load_state_dict(eager_model.state_dict())
+    eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.1)
+    graphed_opt = torch.optim.SGD(graphed_model.parameters(), lr=0.1)
+    steps = GraphedSteps(graphed_model, graphed_opt, lambda b: static_batch(b, config, capacity_multiple=64), 1.0,
+                         device)
+    for batch in batches:
+        eager_opt.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16):
+            want = eager_model(**static_batch(batch, config, capacity_multiple=64).to(device).model_inputs())
+        want["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(eager_model.parameters(), 1.0)
+        eager_opt.step()
+        got = steps(batch)
+        torch.testing.assert_close(got["loss"], want["loss"].detach(), rtol=2e-2, atol=2e-2)
+    assert steps.graphs  # the later batches replayed a captured graph
+    dropout = VideoBERTConfig.preset("tiny")
+    model = VideoBERTForPretraining(dropout).to(device)
+    steps = GraphedSteps(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda b: static_batch(b, dropout),
+                         1.0, device, warmup=1)
+    batch = random_pretraining_batch(dropout, 6, 64, seed=9)
+    losses = [float(steps(batch)["loss"]) for _ in range(4)]  # warmup, capture + replay, two replays
+    assert len(set(losses[1:])) == 3, losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_static_pretraining_step_never_synchronises():
+    """Forward and backward of the fused path on a static batch read nothing on the host (no sync at all)."""
+    from videobert.config import VideoBERTConfig
+    from videobert.data import random_pretraining_batch, static_batch
+    from videobert.model import VideoBERTForPretraining
+
+    config = VideoBERTConfig.preset("tiny")
+    model = VideoBERTForPretraining(config).cuda()
+    batch = static_batch(random_pretraining_batch(config, 6, 64, seed=2), config).to("cuda")
+    model(**batch.model_inputs())["loss"].backward()  # autotune, lazy state (these may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(**batch.model_inputs())["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

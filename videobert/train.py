@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from videobert._optional import require
 from videobert.config import PRESETS, VideoBERTConfig
-from videobert.data import allowed_pairs
+from videobert.data import allowed_pairs, static_batch
 from videobert.model import VideoBERTForPretraining
+from videobert.ops import get_dropout_states, manual_seed, set_dropout_states
 from videobert.profiling import nvtx_range
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
@@ -58,6 +59,8 @@ class LoopArgs:
     keep: int = 2
     on_nan: str = "stop"  # or "skip"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode with --compile ("reduce-overhead": Inductor's CUDA graphs)
+    cuda_graphs: bool = False  # whole steps (forward, backward, optimizer) captured per batch shape and replayed
     fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
     resume: bool = False
     profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
@@ -97,6 +100,9 @@ class Job:
     evaluate: Callable[[torch.nn.Module, torch.device], dict]
     summary: Callable[[dict], str]
     info: dict  # written to OUT/run.json on a fresh start
+    # A batch with static shapes (`videobert.data.static_batch`), for --cuda-graphs and reduce-overhead compiles;
+    # None where the job has no such form.
+    make_static: Optional[Callable[[object], object]] = None
 
 
 # ------------------------------------------------------------------------------------------- data and model
@@ -190,7 +196,9 @@ def flops_per_token(config: VideoBERTConfig, model: torch.nn.Module, mean_keys: 
 # ------------------------------------------------------------------------------------------- checkpoints
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    # A captured step's learning rate is a 0-d tensor: stored as its number (the loop restores the tensor).
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
+    tensors, meta = {}, {"param_groups": groups, "state": {}}
     for index, entry in state["state"].items():
         meta["state"][str(index)] = {}
         for key, value in entry.items():
@@ -238,6 +246,8 @@ def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: di
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        # The fused ops' dropout generators live on the GPUs (see videobert.ops.get_dropout_states).
+        rng.update({f"dropout.{name}": state for name, state in get_dropout_states().items()})
     save_file({**{f"opt.{k}": v for k, v in tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
               tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "data": stream.state_dict()}))
@@ -270,6 +280,7 @@ def load_checkpoint(path: Path, model, optimizer, stream: PretrainingStream, sha
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
                                       if f"rng.cuda{i}" in state])
+        set_dropout_states({k[len("rng.dropout."):]: v for k, v in state.items() if k.startswith("rng.dropout.")})
     stream.load_state_dict(info["data"])
     return int(info["step"])
 
@@ -393,12 +404,102 @@ def pretraining_job(args: TrainArgs, out: Path, rank: int, world: int) -> Job:
         return (f"text {row['text_mlm_acc']:.3f}  visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}"
                 + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
     return Job(config, make_model(args, config), stream, lambda model, device: evaluate(model, held_out, device),
-               summary, {"args": asdict(args), "config": config.to_dict()})
+               summary, {"args": asdict(args), "config": config.to_dict()},
+               make_static=lambda batch: static_batch(batch, config))
 
 
 def train(args: TrainArgs, log=print) -> dict:
     """Run (or resume) pretraining; returns the last logged metrics (see `run_loop`)."""
     return run_loop(args, lambda out, rank, world: pretraining_job(args, out, rank, world), log)
+
+
+def _cuda_graph(fn: Callable[[], dict], pool) -> tuple[Callable[[], None], dict]:
+    """Capture `fn` (its outputs stay in the graph's memory) into a CUDA graph: (replay, outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+class GraphedSteps:
+    """Training steps replayed from CUDA graphs (`--cuda-graphs`): each batch is made static (`make_static`:
+    rows and the heads' capacities rounded up, so a few shapes recur) and the whole step, zeroing the gradients,
+    forward, backward, clipping and the optimizer's update, is captured once per shape and then replayed: no
+    launch and no read from the host (dropout draws advance a state on the device). The first `warmup` batches
+    of a shape run eagerly on a side stream (autotuning, lazy initialisation); the capture's batch is then
+    trained on by one replay, so every batch is trained on exactly once. The optimizer must be capturable with
+    a tensor learning rate; the gradients stay allocated (zeroed, not freed) and are shared by all graphs.
+    `capture(fn, pool) -> (replay, outputs)` is `_cuda_graph` on a GPU (tests pass a stand-in)."""
+
+    def __init__(self, model, optimizer, make_static: Callable, clip: float, device: torch.device,
+                 warmup: int = 2, capture: Callable = _cuda_graph):
+        self.model, self.optimizer, self.make_static = model, optimizer, make_static
+        self.clip, self.device, self.warmup, self.capture = clip, device, warmup, capture
+        self.graphs: dict[tuple, tuple] = {}  # shape key -> (replay, static device batch, static outputs)
+        self.eager_runs: dict[tuple, int] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def _step(self, batch) -> dict:
+        self.optimizer.zero_grad(set_to_none=False)
+        # cache_enabled=False: a captured autocast must not keep casts of the weights from the capture.
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda",
+                            cache_enabled=False):
+            output = self.model(**batch.model_inputs())
+        output["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        return _metrics(output)
+
+    def __call__(self, batch) -> dict:
+        """Train on `batch` (on the CPU); returns its metrics as device tensors of its own."""
+        static = self.make_static(batch)
+        key = static.shape_key()
+        if key in self.graphs:
+            replay, buffers, outputs = self.graphs[key]
+            _copy_batch(buffers, static)
+            replay()
+            return {k: v.clone() for k, v in outputs.items()}  # the next replay of any graph may overwrite them
+        on_device = static.to(self.device)
+        runs = self.eager_runs.get(key, 0)
+        if runs < self.warmup:
+            self.eager_runs[key] = runs + 1
+            if self.device.type != "cuda":
+                return self._step(on_device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                metrics = self._step(on_device)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return metrics
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the batch's copy done before the capture reads its buffers
+        replay, outputs = self.capture(lambda: self._step(on_device), self.pool)
+        self.graphs[key] = (replay, on_device, outputs)
+        replay()  # capturing ran nothing: this is the batch's step
+        return {k: v.clone() for k, v in outputs.items()}
+
+
+def _copy_batch(buffers, batch) -> None:
+    """Copy a static CPU batch into a captured graph's input buffers (same shapes), without blocking."""
+    pairs = [(buffers.input_ids, batch.input_ids), (buffers.token_type_ids, batch.token_type_ids),
+             (buffers.segment_ids, batch.segment_ids), (buffers.mlm_labels, batch.mlm_labels),
+             (buffers.vtm_labels, batch.vtm_labels), *zip(buffers.head_positions, batch.head_positions)]
+    if batch.video_features is not None:
+        pairs.append((buffers.video_features, batch.video_features))
+    for target, source in pairs:
+        target.copy_(source.pin_memory() if target.is_cuda else source, non_blocking=True)
+
+
+def _check_graphable(args: LoopArgs, job: Job, device: torch.device, world: int) -> None:
+    """Raise ValueError naming what --cuda-graphs cannot be combined with."""
+    problems = [why for bad, why in (
+        (device.type != "cuda", "a GPU"), (world > 1, "a single process (no DDP/FSDP)"),
+        (args.grad_accum != 1, "--grad-accum 1"), (args.on_nan != "stop", "--on-nan stop (the loss is read only "
+                                                                         "when logged)"),
+        (args.compile, "no --compile (it captures the whole step itself)"),
+        (job.make_static is None, "a job with static batches (pretraining)")) if bad]
+    if problems:
+        raise ValueError("--cuda-graphs needs " + ", ".join(problems))
 
 
 def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=print) -> dict:
@@ -415,6 +516,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     if world > 1:
         dist.barrier()  # rank 0 may write the vocabulary the others read
     torch.manual_seed(args.seed)
+    manual_seed(args.seed)  # the fused ops' dropout generators on the GPUs
     job = make_job(out, rank, world)
     config, stream = job.config, job.stream
     if world > 1:
@@ -427,18 +529,28 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
         for layer in model.bert.layers:
             fully_shard(layer)
         fully_shard(model)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  fused=device.type == "cuda" and not sharded)
+    if args.cuda_graphs:
+        _check_graphable(args, job, device, world)
+    # Captured steps read the learning rate from a tensor the schedule refills (capturable=True).
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay),
+                                  lr=torch.tensor(args.lr, device=device) if args.cuda_graphs else args.lr,
+                                  fused=device.type == "cuda" and not sharded, capturable=args.cuda_graphs)
     step = 0
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint is not None:
         step = load_checkpoint(checkpoint, model, optimizer, stream, sharded)
+        if args.cuda_graphs:  # captured steps read the learning rate from a tensor
+            for group in optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
         log(f"resumed from {checkpoint} at step {step}")
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
         (out / "run.json").write_text(json.dumps(job.info, indent=2))
     runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
-    runner = torch.compile(runner) if args.compile else runner
+    runner = torch.compile(runner, mode=args.compile_mode) if args.compile else runner
+    graphed = GraphedSteps(model, optimizer, job.make_static, args.clip, device) if args.cuda_graphs else None
+    # Inductor's CUDA graphs (reduce-overhead) need recurring shapes too: static batches.
+    static = job.make_static if args.compile and args.compile_mode == "reduce-overhead" else None
     profile = tuple(int(x) for x in args.profile_steps.split(":")) if args.profile_steps else None
     per_token = None
     last: dict = {}
@@ -454,12 +566,25 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
             if profile and step == profile[0] and torch.cuda.is_available():
                 torch.cuda.profiler.start()
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps)
+                lr = args.lr * lr_factor(step, args.warmup, args.steps)
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
             totals: dict[str, torch.Tensor] = {}
-            for micro in range(args.grad_accum):
+            if graphed is not None:  # the whole step from a graph; the loss is checked when logged
                 with nvtx_range("data"):
                     batch, stats = next(batches)
-                    batch = batch.to(device)
+                window_tokens += stats.tokens
+                progress.tokens += stats.tokens
+                with nvtx_range("step"):
+                    totals = graphed(batch)
+                if per_token is None:
+                    per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
+            for micro in range(args.grad_accum if graphed is None else 0):
+                with nvtx_range("data"):
+                    batch, stats = next(batches)
+                    batch = (batch if static is None else static(batch)).to(device)
                 window_tokens += stats.tokens
                 progress.tokens += stats.tokens * world
                 with nvtx_range("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -470,37 +595,40 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
                 if per_token is None:
                     per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
-            # One synchronisation per step (besides the heads' counts of masked positions): the summed loss is
-            # finite iff every micro-batch's was.
-            flag = torch.isfinite(totals["loss"]).float().reshape(1)
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-                if args.on_nan == "skip":
-                    say(f"step {step + 1}: non-finite loss, step skipped")
-                    step += 1
-                    continue
-                raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); stopping "
-                                   "without a checkpoint (use --on-nan skip to skip such steps)")
-            with nvtx_range("optimizer"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if graphed is None:
+                # One synchronisation per step (besides the heads' counts of masked positions): the summed loss
+                # is finite iff every micro-batch's was.
+                flag = torch.isfinite(totals["loss"]).float().reshape(1)
+                if world > 1:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if not bool(flag.item()):
+                    optimizer.zero_grad(set_to_none=True)
+                    if args.on_nan == "skip":
+                        say(f"step {step + 1}: non-finite loss, step skipped")
+                        step += 1
+                        continue
+                    raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); "
+                                       "stopping without a checkpoint (use --on-nan skip to skip such steps)")
+                with nvtx_range("optimizer"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(step)
             if profile and step == profile[1] and torch.cuda.is_available():
                 torch.cuda.profiler.stop()
             final = step == args.steps or signals.received is not None
             logged = step % args.log_every == 0 or final
+            if graphed is not None and logged and not bool(torch.isfinite(totals["loss"])):
+                raise RuntimeError(f"step {step}: the loss is not finite ({float(totals['loss'])}); stopping without "
+                                   "a checkpoint (with --cuda-graphs the loss is read when logged)")
             evaluated = {}
             if logged and (step % args.eval_every == 0 or final) and (rank == 0 or sharded):
                 evaluated = job.evaluate(model, device)  # with FSDP every rank takes part in the forwards
             if rank == 0 and logged:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
-                       "lr": optimizer.param_groups[0]["lr"],
+                       "lr": float(optimizer.param_groups[0]["lr"]),
                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
                 if device.type == "cuda":
                     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
@@ -535,7 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser, fields: type = TrainArgs, cho
                   required: tuple = ()) -> None:
     """Flags for a run-arguments dataclass, one per field (`--field-name`): booleans as switches, `choices` per
     field name, `required` ones without a default. `videobert pretrain` takes TrainArgs's."""
-    choices = {"preset": PRESETS, "on_nan": ("stop", "skip"), **(choices or {})}
+    choices = {"preset": PRESETS, "on_nan": ("stop", "skip"),
+               "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+               **(choices or {})}
     for name, default in asdict(fields()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):

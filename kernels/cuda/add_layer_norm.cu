@@ -46,11 +46,13 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_fwd_ke
                                           const W* __restrict__ weight, const W* __restrict__ bias,
                                           T* __restrict__ out, T* __restrict__ s_out, float* __restrict__ mean_out,
                                           float* __restrict__ rstd_out, int64_t rows, int64_t n, int tpr, float eps,
-                                          uint64_t seed, uint32_t offset, int32_t threshold, float drop_scale,
+                                          const int64_t* __restrict__ rng, int32_t threshold, float drop_scale,
                                           int has_dropout) {
   constexpr int kVecs = kItems / VEC;
   __shared__ float smem[kWarp];
   const int groups = blockDim.x / tpr, group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const uint64_t seed = has_dropout ? static_cast<uint64_t>(rng[0]) : 0;  // read here, not at launch: graph-safe
+  const uint32_t offset = has_dropout ? static_cast<uint32_t>(rng[1]) : 0;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group; row < rows;
        row += static_cast<int64_t>(gridDim.x) * groups) {
     const int64_t base = row * n;
@@ -110,11 +112,13 @@ __global__ void __launch_bounds__(max_threads(VECTORIZED)) add_layer_norm_bwd_ke
                                           const float* __restrict__ rstd_in, const W* __restrict__ weight,
                                           T* __restrict__ dx, T* __restrict__ dresidual,
                                           float* __restrict__ dw_partial, float* __restrict__ db_partial,
-                                          int64_t rows, int64_t n, int tpr, uint64_t seed, uint32_t offset,
+                                          int64_t rows, int64_t n, int tpr, const int64_t* __restrict__ rng,
                                           int32_t threshold, float drop_scale, int has_dropout) {
   constexpr int kVecs = kItems / VEC;
   __shared__ float smem[kWarp];
   const int groups = blockDim.x / tpr, group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const uint64_t seed = has_dropout ? static_cast<uint64_t>(rng[0]) : 0;
+  const uint32_t offset = has_dropout ? static_cast<uint32_t>(rng[1]) : 0;
   float dw[kVecs][VEC], db[kVecs][VEC];
 #pragma unroll
   for (int k = 0; k < kVecs; ++k) {
@@ -248,28 +252,28 @@ constexpr int kBwdThreadsPerSm = 1024;
 
 template <typename T, typename W, int VEC, bool VECTORIZED>
 int launch_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out, void* s,
-               float* mean, float* rstd, int64_t rows, int64_t n, float eps, uint64_t seed, uint32_t offset,
+               float* mean, float* rstd, int64_t rows, int64_t n, float eps, const int64_t* rng,
                int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
   const int tpr = threads_per_row(n), threads = block_threads(tpr), groups = threads / tpr;
   const int64_t blocks = (rows + groups - 1) / groups;
   add_layer_norm_fwd_kernel<T, W, VEC, VECTORIZED><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const W*>(weight),
-      static_cast<const W*>(bias), static_cast<T*>(out), static_cast<T*>(s), mean, rstd, rows, n, tpr, eps, seed,
-      offset, threshold, drop_scale, has_dropout);
+      static_cast<const W*>(bias), static_cast<T*>(out), static_cast<T*>(s), mean, rstd, rows, n, tpr, eps, rng,
+      threshold, drop_scale, has_dropout);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, typename W, int VEC, bool VECTORIZED>
 int launch_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,
                const void* weight, void* dx, void* dresidual, float* dw_partial, float* db_partial, void* dweight,
-               void* dbias, int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, uint32_t offset,
+               void* dbias, int64_t rows, int64_t n, int64_t partial_rows, const int64_t* rng,
                int32_t threshold, float drop_scale, int has_dropout, cudaStream_t stream) {
   const BwdShape shape = bwd_shape(n);
   add_layer_norm_bwd_kernel<T, W, VEC, VECTORIZED>
       <<<static_cast<unsigned>(partial_rows), shape.threads, shape.smem, stream>>>(
           static_cast<const T*>(dout), static_cast<const T*>(ds), static_cast<const T*>(s), mean, rstd,
           static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<T*>(dresidual), dw_partial, db_partial,
-          rows, n, shape.tpr, seed, offset, threshold, drop_scale, has_dropout);
+          rows, n, shape.tpr, rng, threshold, drop_scale, has_dropout);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   const unsigned col_blocks = static_cast<unsigned>((n + kSumCols - 1) / kSumCols);
@@ -348,17 +352,17 @@ int vb_layer_norm_max_hidden(int vectorized) { return max_hidden(vectorized != 0
 
 int vb_add_layer_norm_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out,
                           void* s, float* mean, float* rstd, int64_t rows, int64_t n, int dtype, int weight_dtype,
-                          float eps, uint64_t seed, uint32_t offset, int32_t threshold, float drop_scale,
+                          float eps, const int64_t* rng, int32_t threshold, float drop_scale,
                           int has_dropout, int device, void* stream) {
-  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0) {
+  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0 || (has_dropout && rng == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (rows == 0) return 0;
   DeviceScope scope(device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
   const bool aligned = aligned16({x, residual, weight, bias, out, s});
-  return dispatch<Fwd>(dtype, weight_dtype, n, aligned, x, residual, weight, bias, out, s, mean, rstd, rows, n, eps, seed,
-                       offset, threshold, drop_scale, has_dropout, static_cast<cudaStream_t>(stream));
+  return dispatch<Fwd>(dtype, weight_dtype, n, aligned, x, residual, weight, bias, out, s, mean, rstd, rows, n, eps, rng,
+                       threshold, drop_scale, has_dropout, static_cast<cudaStream_t>(stream));
 }
 
 int vb_add_layer_norm_bwd_blocks(int64_t rows, int64_t n, int dtype, int weight_dtype, int device,
@@ -375,16 +379,17 @@ int vb_add_layer_norm_bwd_blocks(int64_t rows, int64_t n, int dtype, int weight_
 int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,
                           const void* weight, void* dx, void* dresidual, float* dweight_partial,
                           float* dbias_partial, void* dweight, void* dbias, int64_t rows, int64_t n,
-                          int64_t partial_rows, int dtype, int weight_dtype, uint64_t seed, uint32_t offset,
+                          int64_t partial_rows, int dtype, int weight_dtype, const int64_t* rng,
                           int32_t threshold, float drop_scale, int has_dropout, int device, void* stream) {
-  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0 || partial_rows < 1) {
+  if (!valid_types(dtype, weight_dtype) || n < 1 || rows < 0 || partial_rows < 1 ||
+      (has_dropout && rng == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   DeviceScope scope(device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
   const bool aligned = aligned16({dout, ds, s, weight, dx, dresidual});
   return dispatch<Bwd>(dtype, weight_dtype, n, aligned, dout, ds, s, mean, rstd, weight, dx, dresidual, dweight_partial,
-                       dbias_partial, dweight, dbias, rows, n, partial_rows, seed, offset, threshold, drop_scale,
+                       dbias_partial, dweight, dbias, rows, n, partial_rows, rng, threshold, drop_scale,
                        has_dropout, static_cast<cudaStream_t>(stream));
 }
 

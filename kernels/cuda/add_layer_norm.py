@@ -14,9 +14,12 @@ from videobert._kernels.reference import dropout_threshold
 MAX_HIDDEN, MAX_HIDDEN_UNVECTORIZED = library.layer_norm_max_hidden(True), library.layer_norm_max_hidden(False)
 
 
-def _rng(dropout_p: float, rng: Optional[torch.Tensor]) -> tuple[int, int, int, float, int]:
-    seed, offset = (int(rng[0]), int(rng[1]) & 0xFFFFFFFF) if (rng is not None and dropout_p > 0) else (0, 0)
-    return seed & 0xFFFFFFFFFFFFFFFF, offset, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), int(dropout_p > 0)
+def _rng(dropout_p: float, rng: Optional[torch.Tensor], device: torch.device) -> tuple:
+    """(rng pointer, threshold, scale, has_dropout): the kernels read (seed, offset) from the device tensor when
+    they run, so nothing is read on the host and a captured graph replays with the state of that moment."""
+    if dropout_p == 0:
+        return None, 0, 1.0, 0
+    return pointer(rng, "rng", device), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), 1
 
 
 def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
@@ -29,7 +32,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng):
     call("vb_add_layer_norm_fwd", pointer(x, "x", device), pointer(residual, "residual", device),
          pointer(weight, "weight", device), pointer(bias, "bias", device), out.data_ptr(), s.data_ptr(),
          mean.data_ptr(), rstd.data_ptr(), rows, n, DTYPES[x.dtype], DTYPES[weight.dtype], eps,
-         *_rng(dropout_p, rng), device.index, library.stream(device))
+         *_rng(dropout_p, rng, device), device.index, library.stream(device))
     return out, s, mean, rstd
 
 
@@ -49,7 +52,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
          pointer(mean, "mean", device), pointer(rstd, "rstd", device), pointer(weight, "weight", device),
          dx.data_ptr(), None if dres is None else dres.data_ptr(), dw_partial.data_ptr(),
          None if db_partial is None else db_partial.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
-         rows, n, blocks, DTYPES[s.dtype], DTYPES[weight.dtype], *_rng(dropout_p, rng), device.index,
+         rows, n, blocks, DTYPES[s.dtype], DTYPES[weight.dtype], *_rng(dropout_p, rng, device), device.index,
          library.stream(device))
     return dx, dres, dw, db
 

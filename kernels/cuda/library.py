@@ -22,13 +22,12 @@ try:
 except OSError as exc:
     raise ImportError(f"the CUDA extension {_PATH.name} does not load: {exc}") from exc
 
-_p, _i, _i64, _u32, _u64, _f = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint64,
-                                ctypes.c_float)
+_p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Argument types of each entry point, in videobert_kernels.h's order (pointers as void*).
 _SIGNATURES = {
-    "vb_add_layer_norm_fwd": [_p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i, _i, _f, _u64, _u32, ctypes.c_int32, _f,
-                              _i, _i, _p],
-    "vb_add_layer_norm_bwd": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i, _i, _u64, _u32,
+    "vb_add_layer_norm_fwd": [_p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i, _i, _f, _p, ctypes.c_int32, _f, _i, _i,
+                              _p],
+    "vb_add_layer_norm_bwd": [_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i, _i, _p,
                               ctypes.c_int32, _f, _i, _i, _p],
     "vb_add_layer_norm_bwd_blocks": [_i64, _i64, _i, _i, _i, ctypes.POINTER(_i64)],
     "vb_softmax_cross_entropy_fwd": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i, _i64, _f, _i, _p],

@@ -18,10 +18,12 @@ int vb_layer_norm_max_hidden(int vectorized);
 // s = residual + dropout(x) (rounded to x's type), out = LN(s) * weight + bias, fp32 mean/rstd per row.
 // x, residual, out, s: rows x n of `dtype`; weight, bias: n of `weight_dtype` (x's type or float32).
 // residual and bias may be null. Dropout keeps element (row, col) iff the Philox-4x32-10 word
-// (col % 4) of counters (col / 4, row low, row high, offset) under key `seed` has top 31 bits >= threshold.
+// (col % 4) of counters (col / 4, row low, row high, offset) under key `seed` has top 31 bits >= threshold,
+// where rng is a device pointer to int64 (seed, offset), read by the kernel when it runs (so a captured CUDA
+// graph replays with whatever the device holds then); null without dropout.
 int vb_add_layer_norm_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* out,
                           void* s, float* mean, float* rstd, int64_t rows, int64_t n, int dtype, int weight_dtype,
-                          float eps, uint64_t seed, uint32_t offset, int32_t threshold, float drop_scale,
+                          float eps, const int64_t* rng, int32_t threshold, float drop_scale,
                           int has_dropout, int device, void* stream);
 
 // dx (and dresidual, if non-null) from dout, the optional extra gradient of s (ds, may be null), the saved s,
@@ -30,7 +32,7 @@ int vb_add_layer_norm_fwd(const void* x, const void* residual, const void* weigh
 int vb_add_layer_norm_bwd(const void* dout, const void* ds, const void* s, const float* mean, const float* rstd,
                           const void* weight, void* dx, void* dresidual, float* dweight_partial,
                           float* dbias_partial, void* dweight, void* dbias, int64_t rows, int64_t n,
-                          int64_t partial_rows, int dtype, int weight_dtype, uint64_t seed, uint32_t offset,
+                          int64_t partial_rows, int dtype, int weight_dtype, const int64_t* rng,
                           int32_t threshold, float drop_scale, int has_dropout, int device, void* stream);
 
 // Grid (and partial_rows) that vb_add_layer_norm_bwd should be given for `rows` rows of n on `device`: the

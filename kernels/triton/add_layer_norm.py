@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from videobert._kernels.triton.launch import cdiv, dropout_args, multiprocessors, next_power_of_2
-from videobert._kernels.triton.rng import dropout_keep
+from videobert._kernels.triton.rng import dropout_keep, load_seed
 
 MAX_HIDDEN = 8192
 
@@ -36,9 +36,10 @@ def _row_mean(x, N):
 
 
 @triton.jit
-def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, seed, offset, threshold,
+def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, Rng, threshold,
                                drop_scale, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed, offset = load_seed(Rng, HAS_DROPOUT)
     rows, offs, mask = _row_tile(tl.program_id(0), M, N, ROWS, BLOCK_N)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
@@ -65,10 +66,11 @@ def _add_layer_norm_fwd_kernel(X, Res, W, Bias, Out, S, Mean, Rstd, M, N, eps, s
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(DOut, DSExtra, S, Mean, Rstd, W, DX, DRes, DWPartial, DBPartial, M, N, num_tiles,
-                               seed, offset, threshold, drop_scale, HAS_DS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                               Rng, threshold, drop_scale, HAS_DS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
                                BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr):
     pid = tl.program_id(0)
+    seed, offset = load_seed(Rng, HAS_DROPOUT)
     cols = tl.arange(0, BLOCK_N)
     dw = tl.zeros([BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
@@ -160,7 +162,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, rng, config=No
     block_n, rows, warps = config or launch_config(N)
     _add_layer_norm_fwd_kernel[(cdiv(M, rows),)](
         x, x if residual is None else residual, weight, weight if bias is None else bias, out, s, mean, rstd, M, N,
-        eps, **dropout_args(dropout_p, rng), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        eps, **dropout_args(dropout_p, rng, mean), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
     return out, s, mean, rstd
 
@@ -183,7 +185,7 @@ def add_layer_norm_bwd(dout, ds, s, mean, rstd, weight, has_residual, has_bias, 
     if M > 0:
         _add_layer_norm_bwd_kernel[(programs,)](
             dout, dout if ds is None else ds, s, mean, rstd, weight, dx, dx if dres is None else dres, dw_partial,
-            db_partial, M, N, num_tiles, **dropout_args(dropout_p, rng), HAS_DS=ds is not None,
+            db_partial, M, N, num_tiles, **dropout_args(dropout_p, rng, mean), HAS_DS=ds is not None,
             HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_N=block_n,
             LOOP_STAGES=loop_stages or backward_loop_stages(N), num_warps=warps)
     dw = torch.empty_like(weight)

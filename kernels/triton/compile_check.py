@@ -142,7 +142,7 @@ def attention_signature(kind: str, dtype: str) -> dict:
     sig.update({"B": "i32", "H": "i32", "L": "i32"})
     if kind != "fwd":
         sig["scale"] = "fp32"
-    sig.update({"scale_log2": "fp32", "seed": "i64", "offset": "i32", "threshold": "i32", "drop_scale": "fp32",
+    sig.update({"scale_log2": "fp32", "Rng": "*i64", "threshold": "i32", "drop_scale": "fp32",
                 "L_BUCKET": "i32"})
     return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
 

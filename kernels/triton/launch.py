@@ -35,18 +35,13 @@ def multiprocessors(device: torch.device) -> int:
         if device.type == "cuda" else 1
 
 
-_NO_DROPOUT = dict(seed=0, offset=0, threshold=0, drop_scale=1.0)
-
-
-def dropout_args(dropout_p: float, rng: Optional[torch.Tensor]) -> dict:
-    """Kernel arguments of `rng.dropout_keep`: seed, offset (its 32 bits as a signed int32), threshold and the
-    1 / (1 - p) scale; seed, offset and threshold 0 and scale 1 when there is no dropout."""
+def dropout_args(dropout_p: float, rng: Optional[torch.Tensor], fallback: torch.Tensor) -> dict:
+    """Kernel arguments of `rng.load_seed` / `rng.dropout_keep`: Rng, the int64 (seed, offset) tensor on the
+    kernel's device (`fallback`, any tensor, where there is no dropout: the kernel reads nothing then), the
+    threshold and the 1 / (1 - p) scale. Nothing is read on the host."""
     if dropout_p == 0:
-        return _NO_DROPOUT
-    seed, offset = rng.tolist() if rng is not None else (0, 0)  # one host read, not one per element
-    offset &= 0xFFFFFFFF
-    return dict(seed=seed, offset=offset - 2**32 if offset >= 2**31 else offset,
-                threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
+        return dict(Rng=fallback, threshold=0, drop_scale=1.0)
+    return dict(Rng=rng, threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -4,6 +4,20 @@ import triton.language as tl
 
 
 @triton.jit
+def load_seed(Rng, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset) of a dropout launch, read from its int64 (seed, offset) tensor when the kernel runs (not
+    passed at launch, so a captured CUDA graph replays with what the device holds then); 0, 0 without dropout.
+    The offset keeps its low 32 bits, as a signed int32."""
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        offset = tl.load(Rng + 1).to(tl.int32)
+    else:
+        seed = 0
+        offset = 0
+    return seed, offset
+
+
+@triton.jit
 def dropout_keep(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr):
     """(R, BLOCK_COLS) keep-mask for columns col_start + [0, BLOCK_COLS) (col_start a multiple of 4) of the
     rows given as an (R, 1) tensor: counters (column // 4, row, c2, offset), word column % 4."""

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
 from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision, dropout_args, next_power_of_2
-from videobert._kernels.triton.rng import dropout_keep
+from videobert._kernels.triton.rng import dropout_keep, load_seed
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
@@ -230,10 +230,11 @@ def _segment_attention_fwd_kernel(
         Q, K, V, Out, Lse, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_ob, stride_ol, stride_oh,
-        B, H, L, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        B, H, L, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -325,10 +326,11 @@ def _segment_attention_bwd_dkdv_kernel(
         Q, K, V, DO, Lse, Delta, DK, DV, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
-        B, H, L, scale, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
     stats = pid_bh.to(tl.int64) * L
@@ -389,10 +391,11 @@ def _segment_attention_bwd_dq_kernel(
         Q, K, V, DO, Lse, Delta, DQ, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
-        B, H, L, scale, scale_log2, seed, offset, threshold, drop_scale, L_BUCKET,
+        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
     stats = pid_bh.to(tl.int64) * L
@@ -438,16 +441,18 @@ def _segment_attention_bwd_dq_kernel(
 # element names more head dims (sm_8x, sm_9x) served only without dropout (its Philox state does not fit beside
 # those tiles without spilling; the autotune key holds HAS_DROPOUT). The first entry serving a launch is its
 # untuned default (VIDEOBERT_AUTOTUNE=0). The forward's last two entries are for sm_90 at D=64: the 128x128 tile
-# that fits beside dropout (two stages), and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two
-# blocks per multiprocessor, whose independent softmax and wgmma phases can overlap.
+# at two stages, and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two blocks per
+# multiprocessor, whose independent softmax and wgmma phases can overlap. Since dropout reads its (seed, offset)
+# from a device tensor (graph-safe) instead of launch arguments, three registers more stay live: the 128x128 tile
+# no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9).
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
              ((64, 64, 4, 3), (32, 64), (32, 64, 128)), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
              ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
              ((32, 64, 4, 3), (64, 128), (32, 64)), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
-             ((128, 128, 8, 2), (), (32, 64), ((32, 64), (128,))), ((64, 128, 4, 3), (), (32,), ((32,), (64,)))]
+             ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (32,), ((32,), (64,)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
-              ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((16, 64, 4, 4), (32, 64, 128), (32, 64, 128)),
+              ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
               ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64), ((64,), (128,))),
             ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
@@ -590,7 +595,7 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     has_rules = modality_rules is not None
     seg, mod, windows = reused_metadata(segment_ids, modality_ids, modality_rules)
     rules = modality_rules.contiguous() if has_rules else seg
-    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng), L_BUCKET=next_power_of_2(max(L, 1)))
+    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng, seg), L_BUCKET=next_power_of_2(max(L, 1)))
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
                   HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))

@@ -68,15 +68,75 @@ def check_range(name: str, t: torch.Tensor, low: int, high: int, *, allow: Optio
         raise ValueError(f"{name} values must lie in [{low}, {high}){extra}; found {value}")
 
 
-def make_rng(dropout_p: float, rng: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The (seed, offset) int64 CPU tensor for dropout: validated if given, else drawn from torch's CPU generator."""
+# Dropout generator state per GPU: int64 (seed, counter) on the device (see make_rng).
+_STATES: dict[torch.device, torch.Tensor] = {}
+_MANUAL_SEED: list[Optional[int]] = [None]
+
+
+def _device_key(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def dropout_state(device: torch.device) -> torch.Tensor:
+    """The dropout generator of `device`: an int64 (seed, counter) tensor that lives there. Its seed comes from
+    `manual_seed` if one was set, else from torch's CPU generator, once, at first use (so torch.manual_seed at
+    start makes a run reproducible); each call with dropout takes (seed, counter) and advances the counter on
+    the device."""
+    key = _device_key(torch.device(device))
+    if key not in _STATES:
+        manual = _MANUAL_SEED[0]
+        seed = (torch.tensor(manual * 1_000_003 + (key.index or 0)) if manual is not None
+                else torch.randint(0, 2**62, (), dtype=torch.int64))
+        _STATES[key] = torch.stack([seed % 2**62, torch.zeros((), dtype=torch.int64)]).to(key)
+    return _STATES[key]
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the dropout generators of every GPU (existing ones restart; new ones derive from `seed`)."""
+    _MANUAL_SEED[0] = int(seed)
+    for key in list(_STATES):
+        del _STATES[key]
+
+
+def get_dropout_states() -> dict[str, torch.Tensor]:
+    """The GPUs' dropout generator states as CPU tensors, by device name (for checkpoints)."""
+    return {str(key): state.cpu() for key, state in _STATES.items()}
+
+
+def set_dropout_states(states: dict[str, torch.Tensor]) -> None:
+    """Restore `get_dropout_states()` (a resumed run draws the masks the interrupted one would have)."""
+    for name, state in states.items():
+        key = _device_key(torch.device(name))
+        check_tensor(f"dropout state {name}", state, dtypes=(torch.int64,), shape=(2,))
+        if key.type != "cuda" or key.index < torch.cuda.device_count():
+            _STATES[key] = state.to(key).clone()
+
+
+def next_rng(state: torch.Tensor) -> torch.Tensor:
+    """This call's (seed, offset): a copy of `state`, whose counter then advances by one in place, on its device
+    (no host read: a captured CUDA graph advances it at every replay, drawing fresh masks)."""
+    rng = state.clone()
+    state[1:].add_(1)
+    return rng
+
+
+def make_rng(dropout_p: float, rng: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """The int64 (seed, offset) tensor a dropout op runs with, on the op's `device` (the kernels read it there):
+    `rng` if given (validated; a CPU one is copied over), else drawn. On a GPU the draw is `next_rng` of the
+    device's `dropout_state`, device-side only; on the CPU a fresh 62-bit seed from torch's (seedable) CPU
+    generator per call, with offset 0. None without dropout."""
     if dropout_p == 0.0:
         return None
     if rng is None:
-        # A fresh 62-bit seed per call from the (seedable) default generator; CPU, so no device sync.
-        return torch.stack([torch.randint(0, 2**62, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
-    check_tensor("rng", rng, dtypes=(torch.int64,), shape=(2,), device=torch.device("cpu"))
-    return rng
+        if device.type == "cpu":
+            return torch.stack([torch.randint(0, 2**62, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
+        return next_rng(dropout_state(device))
+    check_tensor("rng", rng, dtypes=(torch.int64,), shape=(2,))
+    if rng.device.type != "cpu" and rng.device != device:
+        raise ValueError(f"rng must be on the CPU or on the op's device {device}, got {rng.device}")
+    return rng if rng.device == device else rng.to(device)
 
 
 def rng_pair(rng: Optional[torch.Tensor]) -> tuple[int, int]:

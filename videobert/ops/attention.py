@@ -117,8 +117,9 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     """Masked attention on (B, L, H, D) q/k/v; query i sees key j iff segment_ids match, are >= 0 and the
     modality rule (0 blocked, 1 full, 2 causal j <= i) allows it. Rows with no allowed key give zeros.
 
-    `rng` is an optional int64 CPU tensor (seed, offset) fixing the dropout mask; drawn from torch's
-    generator when omitted. Returns (B, L, H, D) in q's dtype.
+    `rng` is an optional int64 tensor (seed, offset), on the CPU or q's device, fixing the dropout mask; drawn
+    when omitted (on a GPU from a generator state kept on the device: no host read, graph-safe). Returns
+    (B, L, H, D) in q's dtype.
     """
     _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p)
     D = q.shape[-1]
@@ -130,7 +131,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
                                 num_modalities=0 if modality_rules is None else modality_rules.shape[0])
     op = _segment_attention_op if torch.compiler.is_compiling() else _eager
     out, _ = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
-                make_rng(dropout_p, rng), resolved)
+                make_rng(dropout_p, rng, q.device), resolved)
     return out
 
 

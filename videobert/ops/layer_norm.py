@@ -111,10 +111,12 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
     """out = LayerNorm(residual + dropout(x)) over the last dim with fp32 statistics, in x's dtype;
     returns (out, s) with s = residual + dropout(x) when `return_residual`. residual may be None.
 
-    `rng` is an optional int64 CPU tensor (seed, offset) fixing the dropout mask.
+    `rng` is an optional int64 tensor (seed, offset), on the CPU or x's device, fixing the dropout mask; by default
+    it is drawn (on a GPU from a generator state kept on the device: no host read, graph-safe).
     """
     _validate(x, residual, weight, bias, eps, dropout_p)
     resolved = _backend.resolve(OP, backend, x.device, x.dtype, hidden_size=x.shape[-1])
     op = _add_layer_norm_op if torch.compiler.is_compiling() else _eager
-    out, s, _, _ = op(x, residual, weight, bias, float(eps), float(dropout_p), make_rng(dropout_p, rng), resolved)
+    out, s, _, _ = op(x, residual, weight, bias, float(eps), float(dropout_p), make_rng(dropout_p, rng, x.device),
+                      resolved)
     return (out, s) if return_residual else out
