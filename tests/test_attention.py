@@ -269,7 +269,7 @@ def test_varlen_matches_float64(lengths, rules):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     mod = torch.randint(0, 2, (q.shape[0],), generator=gen) if rules is not None else None
     rules_t = torch.tensor(rules) if rules is not None else None
-    out = segment_attention_varlen(q, k, v, cu_seqlens, mod, rules_t, backend="torch")
+    out = segment_attention_varlen(q, k, v, cu_seqlens, modality_ids=mod, modality_rules=rules_t, backend="torch")
     assert out.shape == q.shape
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -283,18 +283,42 @@ def test_varlen_matches_float64(lengths, rules):
 
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(q=torch.randn(1, 5, 2, 8)), ValueError, "q must be 3-D"),
-    (dict(k=torch.randn(5, 2, 4)), ValueError, r"k must have shape \(5, 2, 8\)"),
-    (dict(cu_seqlens=torch.tensor([0.0, 5.0])), TypeError, "cu_seqlens must have dtype in"),
-    (dict(cu_seqlens=torch.tensor([[0, 5]])), ValueError, "cu_seqlens must be 1-D"),
-    (dict(cu_seqlens=torch.zeros(0, dtype=torch.long)), ValueError, "at least one offset"),
-    (dict(cu_seqlens=torch.tensor([0, 4])), ValueError, r"rise from 0 to the number of tokens \(5\)"),
-    (dict(cu_seqlens=torch.tensor([1, 5])), ValueError, "rise from 0"),
-    (dict(cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError, "without decreasing"),
+    (dict(k=torch.randn(5, 2, 4)), ValueError, r"k must have q's shape \(5, 2, 8\)"),
+    (dict(k=torch.randn(5, 1, 8), v=torch.randn(5, 1, 8)), ValueError, "grouped-query attention is not supported"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 5.0])), TypeError, "cu_seqlens_q must have dtype in"),
+    (dict(cu_seqlens_q=torch.tensor([[0, 5]])), ValueError, "cu_seqlens_q must be 1-D"),
+    (dict(cu_seqlens_q=torch.zeros(0, dtype=torch.long)), ValueError, "at least one offset"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4])), ValueError, r"rise from 0 to the number of tokens \(5\)"),
+    (dict(cu_seqlens_q=torch.tensor([1, 5])), ValueError, "rise from 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 2, 5])), ValueError, "without decreasing"),
+    (dict(cu_seqlens_k=torch.tensor([0, 3, 5])), ValueError, "cu_seqlens_k must equal cu_seqlens_q"),
+    (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q must be a non-negative int"),
+    (dict(causal=True, modality_rules=torch.ones(1, 1, dtype=torch.long)), ValueError, "pass one"),
+    (dict(window_size=(4, 4)), ValueError, "does not support window_size"),
+    (dict(alibi_slopes=torch.ones(2)), ValueError, "does not support alibi_slopes"),
+    (dict(no_such=1), TypeError, "unexpected arguments"),
     (dict(modality_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError, "modality_ids must be 1-D"),
 ])
 def test_varlen_bad_inputs_raise_clear_errors(overrides, error, match):
     q = torch.randn(5, 2, 8)
-    args = dict(q=q, k=q.clone(), v=q.clone(), cu_seqlens=torch.tensor([0, 2, 5]))
+    args = dict(q=q, k=q.clone(), v=q.clone(), cu_seqlens_q=torch.tensor([0, 2, 5]))
     args.update(overrides)
     with pytest.raises(error, match=match):
         segment_attention_varlen(**args)
+
+
+def test_varlen_calls_like_flash_attn():
+    """flash_attn_varlen_func's call works as is: cu_seqlens_q/_k, max_seqlen_q/_k, dropout_p, softmax_scale and
+    causal positionally, window_size and friends at their defaults; causal is within each sample; with
+    return_attn_probs the log-sum-exp (H, T) of each query's scores comes back, detached."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, cu, seg = varlen_inputs([4, 7, 1], 2, 16, torch.float64, "cpu", gen)
+    scale = 0.3
+    out, lse, probs = segment_attention_varlen(q, k, v, cu, cu, 7, 7, 0.0, scale, True, True, window_size=(-1, -1),
+                                               softcap=0.0, alibi_slopes=None, deterministic=False, backend="torch")
+    causal_within = naive_mask(seg, None, None) & torch.ones(12, 12, dtype=torch.bool).tril()
+    assert_close(out, naive_attention(q[None], k[None], v[None], causal_within, scale)[0], torch.float64, "out")
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    want_lse = scores.masked_fill(~causal_within[0][None], float("-inf")).logsumexp(-1)
+    assert probs is None and lse.shape == (2, 12) and not lse.requires_grad
+    assert_close(lse, want_lse, torch.float64, "lse")

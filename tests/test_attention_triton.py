@@ -368,9 +368,10 @@ def test_varlen_matches_float64_reference(rules):
     mod = torch.randint(0, 2, (q.shape[0],), generator=gen).to(DEVICE) if rules is not None else None
     rules_t = torch.tensor(rules, device=DEVICE) if rules is not None else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = segment_attention_varlen(*leaves, cu_seqlens, mod, rules_t, backend="triton")
+    out = segment_attention_varlen(*leaves, cu_seqlens, modality_ids=mod, modality_rules=rules_t, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = segment_attention_varlen(*ref_leaves, cu_seqlens, mod, rules_t, backend="torch")
+    ref = segment_attention_varlen(*ref_leaves, cu_seqlens, modality_ids=mod, modality_rules=rules_t,
+                                   backend="torch")
     check(((out, *grads), (ref, *torch.autograd.grad(ref, ref_leaves, dout.double()))), torch.float32, "varlen")

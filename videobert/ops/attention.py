@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from videobert._kernels import reference
+from videobert._kernels.reference import RULE_CAUSAL
 from videobert.ops import _backend
 from videobert.ops._checks import (INT_DTYPES, check_probability, check_range, check_same_dtype, check_tensor,
                                    make_rng, rng_pair, value_checks_enabled)
@@ -121,6 +122,11 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     when omitted (on a GPU from a generator state kept on the device: no host read, graph-safe). Returns
     (B, L, H, D) in q's dtype.
     """
+    return _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend)[0]
+
+
+def _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+    """(out (B, L, H, D), lse (B, H, L) fp32, detached) of `segment_attention`."""
     _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p)
     D = q.shape[-1]
     if softmax_scale is None:
@@ -130,39 +136,76 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D,
                                 num_modalities=0 if modality_rules is None else modality_rules.shape[0])
     op = _segment_attention_op if torch.compiler.is_compiling() else _eager
-    out, _ = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
-                make_rng(dropout_p, rng, q.device), resolved)
-    return out
+    out, lse = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
+                  make_rng(dropout_p, rng, q.device), resolved)
+    return out, lse.detach()
 
 
-def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             modality_ids: Optional[torch.Tensor] = None,
-                             modality_rules: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
-                             softmax_scale: Optional[float] = None, rng: Optional[torch.Tensor] = None,
-                             backend: str = "auto") -> torch.Tensor:
-    """`segment_attention` over samples packed without padding, as flash-attn's varlen functions take them:
-    q, k, v (T, H, D) holding the samples back to back, `cu_seqlens` (S + 1,) their cumulative lengths from 0 to
-    T (empty samples allowed); `modality_ids` (T,) and `modality_rules` as in `segment_attention`. Each token
-    attends within its own sample (self-attention: one cu_seqlens for queries and keys). Returns (T, H, D).
+# flash_attn_varlen_func arguments with no counterpart here, and the value that means "not used".
+_FLASH_ONLY = {"window_size": (-1, -1), "softcap": 0.0, "alibi_slopes": None, "deterministic": False,
+               "block_table": None}
+
+
+def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+                             max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+                             softmax_scale: Optional[float] = None, causal: bool = False,
+                             return_attn_probs: bool = False, *, modality_ids: Optional[torch.Tensor] = None,
+                             modality_rules: Optional[torch.Tensor] = None, rng: Optional[torch.Tensor] = None,
+                             backend: str = "auto", **flash_only):
+    """`segment_attention` over samples packed without padding, called as flash-attn's `flash_attn_varlen_func`:
+    q, k, v (T, H, D) holding the samples back to back, `cu_seqlens_q` (S + 1,) their cumulative lengths from 0 to
+    T (empty samples allowed); self-attention within each sample, so `cu_seqlens_k` (if given) must be the same
+    tensor or equal; `max_seqlen_*` are accepted (not needed); `causal` restricts each token to the keys at or
+    before it in its sample; `modality_ids` (T,) and `modality_rules` as in `segment_attention` (not with
+    `causal`). Returns (T, H, D), or with `return_attn_probs` (out, softmax_lse (H, T) fp32, None) as flash-attn
+    does. What flash-attn has and this does not (different key/value head counts, windows, softcap, ALiBi, paged
+    keys) raises ValueError.
     """
     check_tensor("q", q, ndim=3)
-    T = q.shape[0]
+    T, H, _ = q.shape
     for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, ndim=3, shape=tuple(q.shape), device=q.device)
-    check_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, ndim=1, device=q.device)
-    if cu_seqlens.numel() == 0:
-        raise ValueError("cu_seqlens must hold at least one offset (0), got an empty tensor")
-    if value_checks_enabled(cu_seqlens):
-        ends_ok = int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T
-        if not ends_ok or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens ({T}) without decreasing, "
-                             f"got {cu_seqlens[:8].tolist()}{' ...' if cu_seqlens.numel() > 8 else ''}")
+        check_tensor(name, t, ndim=3, device=q.device)
+        if t.shape[1] != H:
+            raise ValueError(f"{name} must have q's {H} heads (grouped-query attention is not supported), got "
+                             f"shape {tuple(t.shape)}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)} (self-attention), got {tuple(t.shape)}")
+    unknown = set(flash_only) - set(_FLASH_ONLY)
+    if unknown:
+        raise TypeError(f"segment_attention_varlen got unexpected arguments {sorted(unknown)}")
+    used = [name for name, value in flash_only.items() if value != _FLASH_ONLY[name]]
+    if used:
+        raise ValueError(f"segment_attention_varlen does not support {', '.join(used)} (only their defaults "
+                         f"{', '.join(f'{n}={_FLASH_ONLY[n]!r}' for n in used)})")
+    check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=INT_DTYPES, ndim=1, device=q.device)
+    if cu_seqlens_q.numel() == 0:
+        raise ValueError("cu_seqlens_q must hold at least one offset (0), got an empty tensor")
+    if cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens_q:
+        check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=INT_DTYPES, shape=tuple(cu_seqlens_q.shape),
+                     device=q.device)
+        if value_checks_enabled(cu_seqlens_k) and not torch.equal(cu_seqlens_k, cu_seqlens_q):
+            raise ValueError("cu_seqlens_k must equal cu_seqlens_q: self-attention within each sample")
+    if value_checks_enabled(cu_seqlens_q):
+        ends_ok = int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == T
+        if not ends_ok or bool((cu_seqlens_q[1:] < cu_seqlens_q[:-1]).any()):
+            raise ValueError(f"cu_seqlens_q must rise from 0 to the number of tokens ({T}) without decreasing, "
+                             f"got {cu_seqlens_q[:8].tolist()}{' ...' if cu_seqlens_q.numel() > 8 else ''}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if causal:
+        if modality_rules is not None or modality_ids is not None:
+            raise ValueError("causal=True and modality_rules both give the mask; pass one")
+        modality_rules = torch.tensor([[RULE_CAUSAL]], dtype=torch.int32, device=q.device)
     if modality_ids is not None:
         check_tensor("modality_ids", modality_ids, dtypes=INT_DTYPES, shape=(T,), ndim=1, device=q.device)
         modality_ids = modality_ids[None]
+    elif causal:
+        modality_ids = torch.zeros((1, T), dtype=torch.int32, device=q.device)
     # Token i belongs to sample s where cu_seqlens[s] <= i < cu_seqlens[s + 1]: one search on the device.
-    positions = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
-    segment_ids = torch.searchsorted(cu_seqlens, positions, right=True)[None] - 1
-    out = segment_attention(q[None], k[None], v[None], segment_ids, modality_ids, modality_rules,
-                            dropout_p=dropout_p, softmax_scale=softmax_scale, rng=rng, backend=backend)
-    return out[0]
+    positions = torch.arange(T, device=q.device, dtype=cu_seqlens_q.dtype)
+    segment_ids = torch.searchsorted(cu_seqlens_q, positions, right=True)[None] - 1
+    out, lse = _attention(q[None], k[None], v[None], segment_ids, modality_ids, modality_rules, dropout_p,
+                          softmax_scale, rng, backend)
+    return (out[0], lse[0], None) if return_attn_probs else out[0]
