@@ -57,8 +57,10 @@ def test_packed_and_padded_batches_give_the_same_outputs(device):
     padded = [pack_samples([s], longest) for s in samples]
     padded_ids, padded_types, padded_seg = (torch.cat([p[i] for p in padded]) for i in range(3))
     with torch.no_grad():
-        out_packed = model(packed_ids.to(device), packed_types.to(device), packed_seg.to(device))
-        out_padded = model(padded_ids.to(device), padded_types.to(device), padded_seg.to(device))
+        out_packed = model(packed_ids.to(device), token_type_ids=packed_types.to(device),
+                           segment_ids=packed_seg.to(device)).last_hidden_state
+        out_padded = model(padded_ids.to(device), token_type_ids=padded_types.to(device),
+                           segment_ids=padded_seg.to(device)).last_hidden_state
     tokens_packed = out_packed[packed_seg.to(device) >= 0]
     tokens_padded = out_padded[padded_seg.to(device) >= 0]
     torch.testing.assert_close(tokens_packed, tokens_padded, rtol=1e-5, atol=1e-5)
@@ -73,9 +75,9 @@ def test_modality_rules_isolate_text_from_video():
     other_video = ids.clone()
     other_video[types == 1] = config.visual_offset + 100
     with torch.no_grad():
-        a = model(ids, types, modality_rules=late_fusion)
-        b = model(other_video, types, modality_rules=late_fusion)
-        c = model(other_video, types)  # joint attention: text now sees the changed video
+        a = model(ids, token_type_ids=types, modality_rules=late_fusion).last_hidden_state
+        b = model(other_video, token_type_ids=types, modality_rules=late_fusion).last_hidden_state
+        c = model(other_video, token_type_ids=types).last_hidden_state  # joint: text now sees the changed video
     text = types[0] == 0
     torch.testing.assert_close(a[0, text], b[0, text])
     assert not torch.allclose(a[0, text], c[0, text])
@@ -89,18 +91,18 @@ def test_video_features_replace_feat_positions():
     types = torch.tensor([[0, 0, 0, 1, 1, 1]])
     feats = torch.randn(1, 6, 16)
     with torch.no_grad():
-        a = model(ids, types, video_features=feats)
+        a = model(ids, token_type_ids=types, video_features=feats).last_hidden_state
         feats2 = feats.clone()
         feats2[0, 0] += 1.0  # not a [FEAT] position: ignored
-        b = model(ids, types, video_features=feats2)
+        b = model(ids, token_type_ids=types, video_features=feats2).last_hidden_state
         feats2[0, 3] += 1.0
-        c = model(ids, types, video_features=feats2)
+        c = model(ids, token_type_ids=types, video_features=feats2).last_hidden_state
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
     with pytest.raises(ValueError, match=r"video_features must have shape \(1, 6, 16\)"):
-        model(ids, types, video_features=torch.randn(1, 6, 8))
+        model(ids, token_type_ids=types, video_features=torch.randn(1, 6, 8))
     with pytest.raises(ValueError, match="no video_feature_dim"):
-        VideoBERTModel(small_config())(ids, types, video_features=feats)
+        VideoBERTModel(small_config())(ids, token_type_ids=types, video_features=feats)
 
 
 def test_bad_model_inputs_raise_clear_errors():
@@ -114,7 +116,7 @@ def test_bad_model_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="segment_ids must have the shape of input_ids"):
         model(ids, segment_ids=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="token_type_ids values"):
-        model(ids, torch.full((2, 5), 2))
+        model(ids, token_type_ids=torch.full((2, 5), 2))
     with pytest.raises(ValueError, match="longer than max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
 
@@ -124,9 +126,10 @@ def test_encoder_compiles_fullgraph():
     model = VideoBERTModel(config).eval()
     batch = random_pretraining_batch(config, 4, 48, seed=1)
     with torch.no_grad():
-        eager = model(batch.input_ids, batch.token_type_ids, batch.segment_ids)
+        eager = model(batch.input_ids, token_type_ids=batch.token_type_ids,
+                      segment_ids=batch.segment_ids).last_hidden_state
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(
-            batch.input_ids, batch.token_type_ids, batch.segment_ids)
+            batch.input_ids, token_type_ids=batch.token_type_ids, segment_ids=batch.segment_ids).last_hidden_state
     torch.testing.assert_close(compiled, eager)
 
 
@@ -276,7 +279,8 @@ def test_vtm_labels_must_match_cls_count():
     model = VideoBERTForPretraining(config)
     batch = random_pretraining_batch(config, 4, 48, seed=4)
     with pytest.raises(ValueError, match="vtm_labels must have one entry per"):
-        model(batch.input_ids, batch.token_type_ids, batch.segment_ids, vtm_labels=batch.vtm_labels[:-1])
+        model(batch.input_ids, token_type_ids=batch.token_type_ids, segment_ids=batch.segment_ids,
+              vtm_labels=batch.vtm_labels[:-1])
 
 
 # ---------------------------------------------------------------- Hugging Face BERT
@@ -310,7 +314,7 @@ def test_hidden_states_match_hugging_face_bert(transformers):
     ids, types, attention = _padded_batch(gen)
     with torch.no_grad():
         expected = bert(input_ids=ids, token_type_ids=types, attention_mask=attention).last_hidden_state
-        ours = model(ids, types, segment_ids=torch.where(attention.bool(), 0, -1))
+        ours = model(ids, attention, types).last_hidden_state  # BertModel's positional order
     real = attention.bool()
     torch.testing.assert_close(ours[real], expected[real], rtol=1e-5, atol=1e-5)
     # the word table grew by the extra specials and the visual tokens; BERT's rows are unchanged
@@ -330,8 +334,7 @@ def test_pretraining_heads_match_bert_for_pretraining(transformers):
     vtm = torch.tensor([1, 0, 1, 1])
     with torch.no_grad():
         hf = bert(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=attention)
-        ours = model(ids, torch.zeros_like(ids), torch.where(attention.bool(), 0, -1), mlm_labels=labels,
-                     vtm_labels=vtm)
+        ours = model(ids, attention, torch.zeros_like(ids), mlm_labels=labels, vtm_labels=vtm)
     expected_mlm = F.cross_entropy(hf.prediction_logits.flatten(0, 1), labels.flatten())
     expected_vtm = F.cross_entropy(hf.seq_relationship_logits, 1 - vtm)  # BERT's class 0 is "is next"
     torch.testing.assert_close(ours["text_mlm_loss"], expected_mlm, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,7 @@ def test_packed_inference_equals_one_sample_per_forward():
     assert [i for i, _ in got] == list(range(len(samples)))
     with torch.no_grad():
         for (ids, types), (_, hidden) in zip(samples, got):
-            alone = model(ids[None], types[None])[0]
+            alone = model(ids[None], token_type_ids=types[None]).last_hidden_state[0]
             torch.testing.assert_close(hidden, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -81,12 +81,14 @@ def test_caption_decoding_step_equals_the_training_prediction():
     assert full["mlm_labels"][:6].tolist() == [*pieces, config.sep_token_id]
     assert (full["mlm_labels"][6:] == -100).all()
     with torch.no_grad():
-        states = model.bert(full["input_ids"][None], full["token_type_ids"][None],
-                            position_ids=full["position_ids"][None], modality_rules=PREFIX_LM_RULES)[0]
+        states = model.bert(full["input_ids"][None], token_type_ids=full["token_type_ids"][None],
+                            position_ids=full["position_ids"][None],
+                            modality_rules=PREFIX_LM_RULES).last_hidden_state[0]
         for t in range(len(pieces) + 1):
             part = caption_sample(config, pieces[:t], clips, max_caption_tokens=8, with_labels=False)
-            prefix = model.bert(part["input_ids"][None], part["token_type_ids"][None],
-                                position_ids=part["position_ids"][None], modality_rules=PREFIX_LM_RULES)[0]
+            prefix = model.bert(part["input_ids"][None], token_type_ids=part["token_type_ids"][None],
+                                position_ids=part["position_ids"][None],
+                                modality_rules=PREFIX_LM_RULES).last_hidden_state[0]
             torch.testing.assert_close(prefix[t], states[t], rtol=1e-4, atol=1e-5)
             # video positions do not move with the caption's length
             assert part["position_ids"][-len(clips) - 1:].tolist() == full["position_ids"][-len(clips) - 1:].tolist()
@@ -108,8 +110,8 @@ def test_the_triton_kernel_serves_the_prefix_lm_pattern():
         from videobert.data import pack_tensors
 
         packed = pack_tensors(samples, 40, {"input_ids": 0, "token_type_ids": 0, "position_ids": 0}, [[0, 1]])
-        hidden = model(packed["input_ids"], packed["token_type_ids"], packed["segment_ids"], packed["position_ids"],
-                       modality_rules=PREFIX_LM_RULES)
+        hidden = model(packed["input_ids"], token_type_ids=packed["token_type_ids"], segment_ids=packed["segment_ids"],
+                       position_ids=packed["position_ids"], modality_rules=PREFIX_LM_RULES).last_hidden_state
         hidden.square().sum().backward()
         rows.append((hidden.detach(), model.layers[0].qkv.weight.grad.clone()))
     torch.testing.assert_close(rows[1][0], rows[0][0], rtol=1e-4, atol=1e-4)
@@ -234,7 +236,7 @@ def test_zero_shot_ranks_by_the_masked_token_probabilities(pretrained):
         config.mask_token_id]
     ids, types = encode_sample(config, text, segment.clips)
     with torch.no_grad():
-        states = checkpoint.model.bert(ids[None], types[None])[0]
+        states = checkpoint.model.bert(ids[None], token_type_ids=types[None]).last_hidden_state[0]
         logp = torch.log_softmax(checkpoint.model.text_logits(states), dim=-1)
     for slot, words, position in (("verb", verbs, 1 + text.index(config.mask_token_id)), ("noun", nouns, len(text))):
         direct = sorted(words, key=lambda w: -float(logp[position, tok.token_id(w)]))[:5]
@@ -361,7 +363,7 @@ def test_embed_writes_contextual_states(pretrained, tmp_path, capsys):
     first = saved["window_clips"][0].tolist()
     ids, types = encode_sample(checkpoint.config, [], video.visual_tokens[first[0]:first[0] + first[1]])
     with torch.no_grad():
-        states = checkpoint.model.bert(ids[None], types[None])[0]
+        states = checkpoint.model.bert(ids[None], token_type_ids=types[None]).last_hidden_state[0]
     torch.testing.assert_close(saved["clips"][:first[1]], states[2:-1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(saved["windows"][0], states[0], rtol=1e-4, atol=1e-5)
     assert main(["embed", "--ckpt", str(pretrained), "--videos", "1", "--out", str(tmp_path / "npy"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 EXTRA_SPECIAL_TOKENS = ("[>]", "[FEAT]")
@@ -123,6 +124,25 @@ class VideoBERTConfig:
         """JSON form, as stored next to checkpoints."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def save_pretrained(self, directory, architecture: Optional[str] = None) -> None:
+        """Write `directory/config.json` as transformers does (model_type "videobert", the fields, and the model
+        class under "architectures")."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"model_type": MODEL_TYPE, **({"architectures": [architecture]} if architecture else {}),
+                **self.to_dict()}
+        (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory, **overrides) -> "VideoBERTConfig":
+        """Read `directory/config.json` written by `save_pretrained` (transformers' own keys are skipped)."""
+        data = read_model_config(directory)
+        if data.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{Path(directory) / 'config.json'}: model_type is {data.get('model_type')!r}, not "
+                             f"{MODEL_TYPE!r} (a BERT checkpoint loads through VideoBERTModel.from_pretrained)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({**{k: v for k, v in data.items() if k in known or k not in _HF_KEYS}, **overrides})
+
     @classmethod
     def from_bert_config(cls, bert_config, **overrides) -> "VideoBERTConfig":
         """Sizes from a transformers `BertConfig`, with VideoBERT's visual vocabulary added."""
@@ -137,3 +157,23 @@ class VideoBERTConfig:
             attention_dropout=bert_config.attention_probs_dropout_prob,
             initializer_range=bert_config.initializer_range, text_vocab_size=bert_config.vocab_size,
             pad_token_id=bert_config.pad_token_id or 0), **overrides})
+
+
+MODEL_TYPE = "videobert"
+# Keys transformers writes into a config.json besides a model's own fields.
+_HF_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
+            "_name_or_path", "_attn_implementation_autoset"}
+
+
+def read_model_config(directory) -> dict:
+    """`directory/config.json` as a dict (FileNotFoundError / ValueError naming the file otherwise)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a saved model folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data

@@ -30,7 +30,7 @@ from torch import nn
 from videobert._optional import require
 from videobert.config import VideoBERTConfig
 from videobert.data import encode_sample, pack_tensors, plan_rows, to_device
-from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, init_weights
+from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _pooler_moved, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
 from videobert.tasks import (Checkpoint, Segment, clip_budget, device_of, encode_samples, load_checkpoint,
@@ -71,21 +71,23 @@ class VideoBERTForTask(nn.Module):
         if task not in ("classify", "multiple-choice"):
             raise ValueError(f"task must be 'classify' or 'multiple-choice', got {task!r}")
         self.config, self.task = config, task
-        self.bert = VideoBERTModel(config)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.bert = VideoBERTModel(config, add_pooling_layer=False)
+        self.bert.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(config.hidden_size, num_labels if task == "classify" else 1)
-        for module in (self.pooler, self.head):
+        for module in (self.bert.pooler, self.head):
             module.apply(lambda m: init_weights(m, config))
+        self._register_load_state_dict_pre_hook(_pooler_moved)
 
     def forward(self, input_ids, token_type_ids, segment_ids, labels=None, question_index=None,
                 choice_index=None) -> dict[str, torch.Tensor]:
         """`logits` per sample in [CLS] order (classify: (S, classes)) or per question (multiple-choice:
         (Q, most candidates), -inf where a question has fewer); with `labels` (S,) or (Q,) also loss,
         task_loss, task_acc, task_count. question_index / choice_index (S,): each candidate's question and place."""
-        hidden = self.bert(input_ids, token_type_ids, segment_ids).flatten(0, 1)
+        hidden = self.bert(input_ids, token_type_ids=token_type_ids, segment_ids=segment_ids).last_hidden_state
+        hidden = hidden.flatten(0, 1)
         cls = (input_ids.flatten() == self.config.cls_token_id).nonzero().squeeze(1)
-        logits = self.head(self.dropout(torch.tanh(self.pooler(hidden[cls])))).float()
+        logits = self.head(self.dropout(torch.tanh(self.bert.pooler(hidden[cls])))).float()
         if self.task == "multiple-choice":
             matrix = logits.new_full((int(question_index.max()) + 1 if question_index.numel() else 0,
                                       int(choice_index.max()) + 1 if choice_index.numel() else 0), float("-inf"))
@@ -110,7 +112,7 @@ def build_model(config: VideoBERTConfig, info: dict, task: Optional[str] = None)
     if args["task"] == "caption":
         model = VideoBERTForPretraining(config)
         # The matching head takes no part in captioning; frozen, DDP does not wait for its gradients.
-        for module in (model.pooler, model.vtm_head):
+        for module in (model.bert.pooler, model.vtm_head):
             module.requires_grad_(False)
         return model
     return VideoBERTForTask(config, args["task"], len(info.get("labels") or [0]), args.get("dropout", 0.1))
@@ -429,8 +431,7 @@ def finetune_job(args: FinetuneArgs, out: Path, rank: int, world: int) -> Job:
     if args.task == "caption":
         model.load_state_dict(pretrained.model.state_dict())
     else:
-        model.bert.load_state_dict(pretrained.model.bert.state_dict())
-        model.pooler.load_state_dict(pretrained.model.pooler.state_dict())
+        model.bert.load_state_dict(pretrained.model.bert.state_dict())  # the pooler with it
     model.train()
     if rank == 0:
         pretrained.tokenizer.save(out)

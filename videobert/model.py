@@ -6,14 +6,17 @@ Hugging Face BERT weights with `from_bert`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-from videobert.config import VideoBERTConfig
+from videobert.config import MODEL_TYPE, VideoBERTConfig, read_model_config
 from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention, softmax_cross_entropy
+from videobert.ops._checks import make_rng
 from videobert.profiling import nvtx_range
 
 IGNORE_INDEX = -100
@@ -36,6 +39,55 @@ class HeadPositions(NamedTuple):
         return HeadPositions(*(t.to(device, non_blocking=True) for t in self))
 
 
+class ModelOutput(dict):
+    """The output contract of transformers' ModelOutput without importing transformers: a dict whose keys are also
+    attributes, holding only the fields that are set; integer indexing and `to_tuple()` give them in order."""
+
+    def __getattr__(self, name: str):
+        if name in type(self).FIELDS:
+            return self.get(name)
+        raise AttributeError(name)
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else dict.__getitem__(self, key)
+
+    def to_tuple(self) -> tuple:
+        """The set fields, in order."""
+        return tuple(self[name] for name in type(self).FIELDS if self.get(name) is not None)
+
+
+class EncoderOutput(ModelOutput):
+    """BaseModelOutputWithPooling's fields: last_hidden_state (B, L, hidden), pooler_output (B, hidden) from each
+    row's first token, hidden_states (embeddings and every layer) when asked."""
+
+    FIELDS = ("last_hidden_state", "pooler_output", "hidden_states")
+
+
+class PretrainingOutput(ModelOutput):
+    """The pretraining model's output: loss and, per objective (text_mlm, visual_mlm, vtm), <name>_loss,
+    <name>_acc and <name>_count."""
+
+    FIELDS = ("loss", *(f"{name}_{field}" for name in ("text_mlm", "visual_mlm", "vtm")
+                        for field in ("loss", "acc", "count")))
+
+
+def segment_ids_from(attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor], batch: int,
+                     length: int, device: torch.device) -> torch.Tensor:
+    """(B, L) int32 sample ids of a Hugging Face-style batch: a new sample wherever position_ids do not count up by
+    one (packed rows, as transformers' padding-free collator lays them out), -1 where attention_mask is 0
+    (padding); 0 everywhere for a plain batch. On the device, no sync."""
+    if position_ids is None:
+        seg = torch.zeros((batch, length), dtype=torch.int32, device=device)
+    else:
+        pos = position_ids.expand(batch, length)
+        start = torch.ones_like(pos, dtype=torch.bool)
+        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        seg = start.cumsum(1, dtype=torch.int32) - 1
+    if attention_mask is not None:
+        seg = torch.where(attention_mask[:, -length:].bool(), seg, -1)
+    return seg
+
+
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) position of each token within its own segment (0, 1, ... in row order); 0 on padding."""
     B, L = segment_ids.shape
@@ -50,8 +102,9 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor], dropout_p: float,
-                config: VideoBERTConfig) -> torch.Tensor:
-    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=dropout_p, backend=config.backend)
+                config: VideoBERTConfig, rng: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=dropout_p, rng=rng,
+                          backend=config.backend)
 
 
 class VideoBERTEmbeddings(nn.Module):
@@ -67,9 +120,9 @@ class VideoBERTEmbeddings(nn.Module):
                              if config.video_feature_dim else None)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, token_type_ids, position_ids, video_features=None):
-        """(B, L, hidden): LayerNorm(word + position + type) then dropout, as BERT."""
-        emb = self.word_embeddings(input_ids)
+    def forward(self, input_ids, token_type_ids, position_ids, video_features=None, inputs_embeds=None):
+        """(B, L, hidden): LayerNorm(word (or inputs_embeds) + position + type) then dropout, as BERT."""
+        emb = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if video_features is not None:
             feature_pos = (input_ids == self.config.feature_token_id)[..., None]
             emb = torch.where(feature_pos, self.feature_proj(video_features).to(emb.dtype), emb)
@@ -92,54 +145,167 @@ class VideoBERTLayer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, hidden, segment_ids, modality_ids=None, modality_rules=None):
-        """(B, L, hidden) -> (B, L, hidden)."""
+    def dropout_rates(self) -> tuple[float, float, float]:
+        """The layer's dropout rates in the order it draws them: attention, then the two sublayer outputs."""
+        cfg = self.config
+        if not self.training:
+            return 0.0, 0.0, 0.0
+        return cfg.attention_dropout, cfg.hidden_dropout, cfg.hidden_dropout
+
+    def forward(self, hidden, segment_ids, modality_ids=None, modality_rules=None, rngs=None):
+        """(B, L, hidden) -> (B, L, hidden). `rngs`: the three dropout (seed, offset) pairs, drawn before the
+        layer runs (gradient checkpointing recomputes it with the same masks); drawn inside otherwise."""
         cfg = self.config
         B, L, _ = hidden.shape
+        p_attn, p_attn_out, p_ffn_out = self.dropout_rates()
+        rng_attn, rng_attn_out, rng_ffn_out = rngs if rngs is not None else (None, None, None)
         q, k, v = self.qkv(hidden).view(B, L, 3, cfg.num_heads, cfg.head_dim).unbind(2)
-        attn = segment_attention(q, k, v, segment_ids, modality_ids, modality_rules,
-                                 dropout_p=cfg.attention_dropout if self.training else 0.0, backend=cfg.backend)
+        attn = segment_attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p=p_attn,
+                                 rng=rng_attn, backend=cfg.backend)
         attn = self.attn_out(attn.reshape(B, L, cfg.hidden_size))
-        drop = cfg.hidden_dropout if self.training else 0.0
-        hidden = _layer_norm(self.attn_norm, attn, hidden.to(attn.dtype), drop, cfg)
+        hidden = _layer_norm(self.attn_norm, attn, hidden.to(attn.dtype), p_attn_out, cfg, rng_attn_out)
         mlp = self.ffn_out(F.gelu(self.ffn_in(hidden)))
-        return _layer_norm(self.ffn_norm, mlp, hidden.to(mlp.dtype), drop, cfg)
+        return _layer_norm(self.ffn_norm, mlp, hidden.to(mlp.dtype), p_ffn_out, cfg, rng_ffn_out)
 
 
-class VideoBERTModel(nn.Module):
-    """The encoder: embeddings and post-norm layers over padded or packed rows; returns (B, L, hidden)."""
+class PreTrainedMixin:
+    """transformers' PreTrainedModel contract for this project's models, without importing transformers:
+    `save_pretrained(dir)` (config.json + model.safetensors), `from_pretrained(dir)` (this project's folders,
+    bit-exact; Hugging Face BERT folders converted), `gradient_checkpointing_enable()` / `_disable()`."""
 
-    def __init__(self, config: VideoBERTConfig):
+    # The encoder's attribute name in models with heads (transformers' base_model_prefix).
+    base_model_prefix = "bert"
+
+    def save_pretrained(self, directory) -> None:
+        """Write `directory/config.json` and `directory/model.safetensors` (the state dict, no pickle)."""
+        from safetensors.torch import save_file
+
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder, architecture=type(self).__name__)
+        tmp = folder / "model.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
+        tmp.replace(folder / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides):
+        """A model from a folder: one written by `save_pretrained` (an encoder's weights go into a model with
+        heads, whose heads then start fresh; a model with heads gives its encoder to `VideoBERTModel`), or a
+        Hugging Face BERT checkpoint folder (converted by `from_bert`; needs transformers). RoBERTa-family and
+        other model types are refused: their position embeddings start at padding_idx + 1, which this encoder's
+        positions (0 per sample) would silently misread."""
+        data = read_model_config(directory)
+        kind = data.get("model_type")
+        if kind == "bert":
+            from videobert._optional import require
+
+            transformers = require("transformers", "hf", "loading a Hugging Face BERT checkpoint")
+            source = transformers.BertForPreTraining.from_pretrained(directory)
+            config = VideoBERTConfig.from_bert_config(source.config, **config_overrides)
+            return cls.from_bert(source, config)
+        if kind != MODEL_TYPE:
+            raise ValueError(f"{Path(directory) / 'config.json'}: model_type {kind!r} is not supported (this "
+                             f"project's 'videobert' folders and Hugging Face 'bert' checkpoints are; RoBERTa's "
+                             f"positions start at padding_idx + 1 and are not converted)")
+        from safetensors.torch import load_file
+
+        model = cls(VideoBERTConfig.from_pretrained(directory, **config_overrides))
+        weights = Path(directory) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} does not exist")
+        state = load_file(weights)
+        prefix = cls.base_model_prefix + "."
+        own = model.state_dict()
+        if isinstance(model, VideoBERTModel) and not any(k in own for k in state):  # a model with heads
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        elif not isinstance(model, VideoBERTModel) and not any(k.startswith(prefix) for k in state):  # an encoder
+            state = {**{k: v for k, v in own.items() if not k.startswith(prefix)},
+                     **{prefix + k: v for k, v in state.items()}}
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Recompute each encoder layer in the backward instead of keeping its activations (the same gradients,
+        dropout included: each layer's dropout draws are fixed before it runs)."""
+        encoder = self if isinstance(self, VideoBERTModel) else getattr(self, self.base_model_prefix)
+        encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep activations again (the default)."""
+        encoder = self if isinstance(self, VideoBERTModel) else getattr(self, self.base_model_prefix)
+        encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether `gradient_checkpointing_enable` is in effect."""
+        encoder = self if isinstance(self, VideoBERTModel) else getattr(self, self.base_model_prefix)
+        return encoder.gradient_checkpointing
+
+
+class VideoBERTModel(PreTrainedMixin, nn.Module):
+    """The encoder: embeddings, post-norm layers over padded or packed rows and BERT's pooler; called like
+    Hugging Face's BertModel, returning an `EncoderOutput`."""
+
+    def __init__(self, config: VideoBERTConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.embeddings = VideoBERTEmbeddings(config)
         self.layers = nn.ModuleList(VideoBERTLayer(config) for _ in range(config.num_layers))
+        # BERT's pooler (dense + tanh on a row's first token); the heads that own one (pretraining, fine-tuning)
+        # create it themselves, in their order of initialisation.
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.gradient_checkpointing = False
         self.apply(lambda m: init_weights(m, config))
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, *, segment_ids: Optional[torch.Tensor] = None,
                 modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
-                video_features: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Encode (B, L) ids. segment_ids default to one sample per row; position_ids default to restarting
-        per segment; modality_ids default to token_type_ids when modality_rules are given."""
-        _check_inputs(self.config, input_ids, token_type_ids, segment_ids, position_ids, video_features)
+                video_features: Optional[torch.Tensor] = None):
+        """Encode (B, L) ids (or inputs_embeds (B, L, hidden)) with BertModel's arguments: attention_mask (1 token,
+        0 padding), token_type_ids, position_ids (restarting inside a row = packed samples, as transformers'
+        padding-free collator lays them out). This project's own arguments are keyword-only: segment_ids (the
+        sample of each token, -1 padding; when not given, from attention_mask and position_ids; one sample per
+        row without either), modality_ids and modality_rules (modality_ids default to token_type_ids when rules
+        are given), video_features. position_ids default to restarting per sample. Returns EncoderOutput
+        (last_hidden_state, pooler_output, hidden_states with output_hidden_states), or its tuple with
+        return_dict=False."""
+        ids = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, segment_ids,
+                            position_ids, video_features)
+        B, L = ids.shape[:2]
+        device = ids.device
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+            token_type_ids = torch.zeros((B, L), dtype=torch.long, device=device)
         if segment_ids is None:
-            segment_ids = torch.zeros_like(input_ids)
+            segment_ids = segment_ids_from(attention_mask, position_ids, B, L, device)
         if position_ids is None:
             position_ids = segment_positions(segment_ids)
+        position_ids = position_ids.expand(B, L)
         _check_ids("position_ids", position_ids, self.config.max_position_embeddings)
         if modality_rules is not None and modality_ids is None:
             modality_ids = token_type_ids
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids, video_features)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, video_features, inputs_embeds)
         if torch.is_autocast_enabled(hidden.device.type):
             # Keep the residual stream in the autocast dtype so every fused op sees one dtype.
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        states = [hidden] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             with nvtx_range(f"layer{index}"):
-                hidden = layer(hidden, segment_ids, modality_ids, modality_rules)
-        return hidden
+                if checkpointing:  # the dropout draws first, so that the recomputation drops the same elements
+                    rngs = tuple(make_rng(p, None, hidden.device) for p in layer.dropout_rates())
+                    hidden = torch.utils.checkpoint.checkpoint(layer, hidden, segment_ids, modality_ids,
+                                                               modality_rules, rngs, use_reentrant=False)
+                else:
+                    hidden = layer(hidden, segment_ids, modality_ids, modality_rules)
+            if states is not None:
+                states.append(hidden)
+        out = EncoderOutput(last_hidden_state=hidden,
+                            pooler_output=None if self.pooler is None else torch.tanh(self.pooler(hidden[:, 0])))
+        if states is not None:
+            out["hidden_states"] = tuple(states)
+        return out if return_dict is not False else out.to_tuple()
 
     @classmethod
     def from_bert(cls, source, config: Optional[VideoBERTConfig] = None) -> "VideoBERTModel":
@@ -151,30 +317,33 @@ class VideoBERTModel(nn.Module):
         return model
 
 
-class VideoBERTForPretraining(nn.Module):
+class VideoBERTForPretraining(PreTrainedMixin, nn.Module):
     """Encoder + masked text / masked visual token heads (tied to the word table) + video-text matching."""
 
     def __init__(self, config: VideoBERTConfig):
         super().__init__()
         self.config = config
-        self.bert = VideoBERTModel(config)
+        self.bert = VideoBERTModel(config, add_pooling_layer=False)
         h = config.hidden_size
         self.mlm_transform = nn.Linear(h, h)
         self.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.pooler = nn.Linear(h, h)
+        self.bert.pooler = nn.Linear(h, h)  # here, so that every parameter draws its init as it always has
         self.vtm_head = nn.Linear(h, 2)  # class 1 = video and text belong together
-        for module in (self.mlm_transform, self.mlm_norm, self.pooler, self.vtm_head):
+        for module in (self.mlm_transform, self.mlm_norm, self.bert.pooler, self.vtm_head):
             module.apply(lambda m: init_weights(m, config))
+        self._register_load_state_dict_pre_hook(_pooler_moved)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, *,
                 segment_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
-                vtm_labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
-                video_features: Optional[torch.Tensor] = None,
-                head_positions: Optional[HeadPositions] = None) -> dict[str, torch.Tensor]:
-        """Losses and accuracies as a dict of tensors. With labels and no `head_positions`, one host sync (the
-        numbers of masked and [CLS] positions); with `head_positions`, none and static shapes.
+                vtm_labels: Optional[torch.Tensor] = None, modality_ids: Optional[torch.Tensor] = None,
+                modality_rules: Optional[torch.Tensor] = None, video_features: Optional[torch.Tensor] = None,
+                head_positions: Optional[HeadPositions] = None) -> PretrainingOutput:
+        """Losses and accuracies (a PretrainingOutput: a dict whose keys are attributes too). The encoder's
+        arguments are BertModel's (positional: input_ids, attention_mask, token_type_ids, position_ids); the rest
+        are keyword-only. With labels and no `head_positions`, one host sync (the numbers of masked and [CLS]
+        positions); with `head_positions`, none and static shapes.
 
         mlm_labels (B, L): joint-vocabulary target id at masked positions, -100 elsewhere; text positions
         (token type 0) are scored over the word pieces, video positions over the visual tokens.
@@ -188,10 +357,11 @@ class VideoBERTForPretraining(nn.Module):
                              f"got {tuple(mlm_labels.shape)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.bert(input_ids, token_type_ids, segment_ids, position_ids, modality_ids, modality_rules,
-                           video_features)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids=segment_ids,
+                           modality_ids=modality_ids, modality_rules=modality_rules,
+                           video_features=video_features).last_hidden_state
         flat = hidden.flatten(0, 1)
-        out: dict[str, torch.Tensor] = {}
+        out = PretrainingOutput()
         total = flat.new_zeros((), dtype=torch.float32)
         if head_positions is not None:
             text_pos, visual_pos, cls_pos, counts = head_positions
@@ -246,7 +416,7 @@ class VideoBERTForPretraining(nn.Module):
 
     def match_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         """(S, 2) video-text matching logits from S samples' [CLS] states (class 1: they belong together)."""
-        return self.vtm_head(torch.tanh(self.pooler(cls_hidden)))
+        return self.vtm_head(torch.tanh(self.bert.pooler(cls_hidden)))
 
     @classmethod
     def from_bert(cls, source, config: Optional[VideoBERTConfig] = None) -> "VideoBERTForPretraining":
@@ -296,23 +466,55 @@ def init_weights(module: nn.Module, config: VideoBERTConfig) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _check_inputs(config, input_ids, token_type_ids, segment_ids, position_ids, video_features) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be an integer (B, L) tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    for name, t in (("token_type_ids", token_type_ids), ("segment_ids", segment_ids),
-                    ("position_ids", position_ids)):
-        if t is not None and t.shape != input_ids.shape:
-            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, segment_ids, position_ids,
+                  video_features) -> torch.Tensor:
+    """Validate an encoder call; returns the tensor that fixes (B, L) (input_ids, or inputs_embeds)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be an integer (B, L) tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        ids = input_ids
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.shape[-1:] != (config.hidden_size,) \
+                or inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be a (B, L, {config.hidden_size}) tensor, got "
+                             f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+        if video_features is not None:
+            raise ValueError("video_features go with input_ids (their [FEAT] positions), not inputs_embeds")
+        ids = inputs_embeds
+    shape = tuple(ids.shape[:2])
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                    ("segment_ids", segment_ids)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            raise ValueError(f"{name} must have the shape of input_ids {shape}, got "
+                             f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != shape[1]
+                                     or position_ids.shape[0] not in (1, shape[0])):
+        raise ValueError(f"position_ids must have the shape of input_ids {shape} (or (1, L)), got "
+                         f"{tuple(position_ids.shape)}")
+    if attention_mask is not None and segment_ids is not None:
+        raise ValueError("pass attention_mask or segment_ids (which marks padding as -1), not both")
     if video_features is not None:
         if config.video_feature_dim is None:
             raise ValueError("video_features given but the config has no video_feature_dim")
-        want = (*input_ids.shape, config.video_feature_dim)
+        want = (*shape, config.video_feature_dim)
         if tuple(video_features.shape) != want:
             raise ValueError(f"video_features must have shape {want}, got {tuple(video_features.shape)}")
-    for name, t, high in (("input_ids", input_ids, config.vocab_size),
-                          ("token_type_ids", token_type_ids, config.type_vocab_size)):
-        _check_ids(name, t, high)
+    _check_ids("input_ids", input_ids, config.vocab_size)
+    _check_ids("token_type_ids", token_type_ids, config.type_vocab_size)
+    _check_ids("attention_mask", attention_mask, 2)  # 0 or 1, as transformers' masks
+    return ids
+
+
+def _pooler_moved(state: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: checkpoints written before the pooler moved into the encoder keep it as
+    "<prefix>pooler.*"; it is now "<prefix>bert.pooler.*"."""
+    for name in ("weight", "bias"):
+        old, new = f"{prefix}pooler.{name}", f"{prefix}bert.pooler.{name}"
+        if old in state and new not in state:
+            state[new] = state.pop(old)
 
 
 def _check_ids(name: str, t: Optional[torch.Tensor], high: int) -> None:
@@ -368,6 +570,8 @@ def _encoder_state(state: dict, model: VideoBERTModel) -> dict:
     if model.embeddings.feature_proj is not None:  # not in BERT: keeps its fresh initialisation
         for name in ("weight", "bias"):
             new[f"embeddings.feature_proj.{name}"] = ours[f"embeddings.feature_proj.{name}"]
+    for name in ("weight", "bias"):  # BERT's pooler (a checkpoint without one leaves ours fresh)
+        new[f"pooler.{name}"] = state.get(f"pooler.dense.{name}", ours[f"pooler.{name}"])
     for i in range(model.config.num_layers):
         src, dst = f"encoder.layer.{i}.", f"layers.{i}."
         for name in ("weight", "bias"):
@@ -382,10 +586,10 @@ def _encoder_state(state: dict, model: VideoBERTModel) -> dict:
 
 
 def _head_state(state: dict, model: VideoBERTForPretraining) -> dict:
-    """Pretraining-head parameters that the BERT checkpoint has (pooler, MLM transform and bias, NSP)."""
+    """Pretraining-head parameters that the BERT checkpoint has (MLM transform and bias, NSP)."""
     heads = {}
     for name in ("weight", "bias"):
-        for ours_name, bert_name in (("pooler", "pooler.dense"), ("mlm_transform", "cls.predictions.transform.dense"),
+        for ours_name, bert_name in (("mlm_transform", "cls.predictions.transform.dense"),
                                      ("mlm_norm", "cls.predictions.transform.LayerNorm")):
             if f"{bert_name}.{name}" in state:
                 heads[f"{ours_name}.{name}"] = state[f"{bert_name}.{name}"]

@@ -258,7 +258,7 @@ def _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules):
     packed = pack_tensors(fields, row_length, {"input_ids": 0, "token_type_ids": 0, "position_ids": 0}, rows)
     rules = None if modality_rules is None else modality_rules.to(device)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        hidden = encoder(**{k: v.to(device) for k, v in packed.items()}, modality_rules=rules)
+        hidden = encoder(**{k: v.to(device) for k, v in packed.items()}, modality_rules=rules).last_hidden_state
     hidden = hidden.float().cpu()
     states = {}
     for r, members in enumerate(rows):

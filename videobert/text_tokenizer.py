@@ -4,8 +4,9 @@ corpus' sentences. Its ids are the joint vocabulary's text ids [0, vocab_size); 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 from videobert.config import VideoBERTConfig
 
@@ -15,17 +16,20 @@ _CONFIG_FIELDS = dict(zip(SPECIALS, ("pad_token_id", "unk_token_id", "cls_token_
 
 
 class TextTokenizer:
-    """Lower-cased BERT WordPiece; `encode` gives word-piece ids without specials."""
+    """BERT WordPiece, lower-cased unless its vocabulary is cased; `encode` gives word-piece ids without
+    specials."""
 
-    def __init__(self, wordpiece):
-        self._tok = wordpiece
+    def __init__(self, wordpiece, lowercase: bool = True):
+        self._tok, self.lowercase = wordpiece, lowercase
         missing = [s for s in SPECIALS if wordpiece.token_to_id(s) is None]
         if missing:
             raise ValueError(f"the vocabulary lacks the special tokens {missing}")
 
     @classmethod
-    def from_vocab(cls, path: Union[str, Path]) -> "TextTokenizer":
-        """Load a BERT `vocab.txt` (one word piece per line)."""
+    def from_vocab(cls, path: Union[str, Path], lowercase: Optional[bool] = None) -> "TextTokenizer":
+        """Load a BERT `vocab.txt` (one word piece per line). Lower-casing follows `lowercase`, else the
+        `do_lower_case` of a `tokenizer_config.json` beside it (a Hugging Face checkpoint's: cased models say
+        false), else True."""
         from tokenizers import BertWordPieceTokenizer
 
         path = Path(path)
@@ -35,7 +39,9 @@ class TextTokenizer:
         missing = [s for s in SPECIALS if s not in pieces]
         if missing:
             raise ValueError(f"{path}: the vocabulary lacks the special tokens {missing}")
-        return cls(BertWordPieceTokenizer(str(path), lowercase=True))
+        if lowercase is None:
+            lowercase = _do_lower_case(path.parent / "tokenizer_config.json")
+        return cls(BertWordPieceTokenizer(str(path), lowercase=lowercase), lowercase)
 
     @classmethod
     def train(cls, sentences: Iterable[str], vocab_size: int = 1000) -> "TextTokenizer":
@@ -86,10 +92,12 @@ class TextTokenizer:
         return self._tok.decode(list(ids))
 
     def save(self, folder: Union[str, Path]) -> Path:
-        """Write `vocab.txt` into `folder`; returns its path."""
+        """Write `vocab.txt` and `tokenizer_config.json` (do_lower_case) into `folder`; returns the vocabulary's
+        path."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._tok.save_model(str(folder))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": self.lowercase}) + "\n")
         return folder / "vocab.txt"
 
     def config_overrides(self) -> dict:
@@ -103,3 +111,16 @@ class TextTokenizer:
         if wrong:
             details = ", ".join(f"{name}={got} (tokenizer: {want})" for name, (got, want) in sorted(wrong.items()))
             raise ValueError(f"the model config does not match the text tokenizer: {details}")
+
+
+def _do_lower_case(config_file: Path) -> bool:
+    """A tokenizer config's `do_lower_case` (True when the file or the key is missing)."""
+    if not config_file.is_file():
+        return True
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("do_lower_case", True)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{config_file}: not a JSON object ({exc})") from None
+    if not isinstance(value, bool):
+        raise ValueError(f"{config_file}: do_lower_case must be true or false, got {value!r}")
+    return value

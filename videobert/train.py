@@ -31,7 +31,7 @@ import torch.distributed as dist
 from videobert._optional import require
 from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs, static_batch
-from videobert.model import VideoBERTForPretraining
+from videobert.model import VideoBERTForPretraining, VideoBERTModel
 from videobert.ops import get_dropout_states, manual_seed, set_dropout_states
 from videobert.profiling import nvtx_range
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
@@ -61,6 +61,7 @@ class LoopArgs:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode with --compile ("reduce-overhead": Inductor's CUDA graphs)
     cuda_graphs: bool = False  # whole steps (forward, backward, optimizer) captured per batch shape and replayed
+    gradient_checkpointing: bool = False  # recompute each encoder layer in the backward (less activation memory)
     fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
     resume: bool = False
     profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
@@ -522,6 +523,10 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     if world > 1:
         dist.barrier()
     model = job.model.to(device)
+    if args.gradient_checkpointing:
+        for module in model.modules():
+            if isinstance(module, VideoBERTModel):
+                module.gradient_checkpointing = True
     sharded = world > 1 and args.fsdp
     if sharded:  # each encoder layer one FSDP unit: its parameters are gathered only while it runs
         from torch.distributed.fsdp import fully_shard

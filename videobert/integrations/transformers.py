@@ -181,7 +181,47 @@ def apply_videobert_kernels(model, attention: bool = True, layer_norm: bool = Tr
     return model
 
 
+
+
+def register_auto() -> None:
+    """Register model type "videobert" with transformers' AutoConfig, AutoModel and AutoModelForPreTraining
+    (idempotent): `AutoModel.from_pretrained(dir)` of a folder written by `save_pretrained` gives this project's
+    VideoBERTModel (AutoModelForPreTraining: VideoBERTForPretraining); AutoConfig gives a PretrainedConfig holding
+    the VideoBERTConfig fields. The models stay this project's classes (plain nn.Modules with transformers'
+    save/load contract), so importing videobert never needs transformers."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, PretrainedConfig, PreTrainedModel
+
+    from videobert.config import MODEL_TYPE
+    from videobert.model import VideoBERTForPretraining, VideoBERTModel
+
+    if MODEL_TYPE in getattr(AutoConfig, "_registered", set()):
+        return
+
+    class VideoBERTHFConfig(PretrainedConfig):
+        """transformers' view of a VideoBERTConfig: its fields as attributes."""
+
+        model_type = MODEL_TYPE
+
+    def loader(ours):
+        class Loader(PreTrainedModel):
+            """Stand-in that AutoModel resolves to: its from_pretrained returns this project's model."""
+
+            config_class = VideoBERTHFConfig
+
+            @classmethod
+            def from_pretrained(cls, directory, *args, **kwargs):
+                return ours.from_pretrained(directory)
+        Loader.__name__ = Loader.__qualname__ = f"Auto{ours.__name__}"
+        return Loader
+
+    AutoConfig.register(MODEL_TYPE, VideoBERTHFConfig, exist_ok=True)
+    AutoModel.register(VideoBERTHFConfig, loader(VideoBERTModel), exist_ok=True)
+    AutoModelForPreTraining.register(VideoBERTHFConfig, loader(VideoBERTForPretraining), exist_ok=True)
+    AutoConfig._registered = getattr(AutoConfig, "_registered", set()) | {MODEL_TYPE}
+
+
 try:  # registered on import when transformers is there; apply_videobert_kernels registers in any case
     register()
+    register_auto()
 except ImportError:
     pass
