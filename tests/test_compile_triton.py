@@ -72,7 +72,8 @@ def layer_norm_report(kind: str, hidden: int, arch: int, full: bool):
         sig = {"DOut": "*bf16", "DSExtra": "*bf16", "S": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "W": "*fp32",
                "DX": "*bf16", "DRes": "*bf16", "DWPartial": "*fp32", "DBPartial": "*fp32", "M": "i32", "N": "i32",
                "num_tiles": "i32", **rng}
-        kernel, flags = ln._add_layer_norm_bwd_kernel, dict(flags, HAS_DS=full, LOOP_STAGES=ln.backward_loop_stages(hidden))
+        kernel = ln._add_layer_norm_bwd_kernel
+        flags = dict(flags, HAS_DS=full, LOOP_STAGES=ln.backward_loop_stages(hidden))
     if hidden == 1:  # a launch specialises an integer argument equal to 1 into a constant
         del sig["N"]
         flags["N"] = 1

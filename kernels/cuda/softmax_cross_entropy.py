@@ -31,8 +31,9 @@ def softmax_cross_entropy_fwd(logits, labels, ignore_index, label_smoothing):
     loss, lse = (torch.empty((N,), device=device, dtype=torch.float32) for _ in range(2))
     correct = torch.empty((N,), device=device, dtype=torch.bool)
     call("vb_softmax_cross_entropy_fwd", _row_pointer(logits, "logits", device),
-         pointer(labels.long().contiguous(), "labels", device), loss.data_ptr(), lse.data_ptr(), correct.data_ptr(), N, V,
-         logits.stride(0), DTYPES[logits.dtype], ignore_index, label_smoothing, device.index, library.stream(device))
+         pointer(labels.long().contiguous(), "labels", device), loss.data_ptr(), lse.data_ptr(), correct.data_ptr(),
+         N, V, logits.stride(0), DTYPES[logits.dtype], ignore_index, label_smoothing, device.index,
+         library.stream(device))
     return loss, lse, correct
 
 
@@ -48,7 +49,8 @@ def softmax_cross_entropy_bwd(dloss, dlse, logits, labels, lse, ignore_index, la
                          f"{tuple(grad.shape)} and {grad.dtype}")
     call("vb_softmax_cross_entropy_bwd", _row_pointer(logits, "logits", device),
          pointer(labels.long().contiguous(), "labels", device), pointer(lse.float().contiguous(), "lse", device),
-         pointer(dloss.float().contiguous(), "dloss", device), None if dlse is None else pointer(dlse.float().contiguous(), "dlse", device),
+         pointer(dloss.float().contiguous(), "dloss", device),
+         None if dlse is None else pointer(dlse.float().contiguous(), "dlse", device),
          _row_pointer(grad, "out", device), N, V, logits.stride(0), grad.stride(0), DTYPES[logits.dtype],
          ignore_index, label_smoothing, device.index, library.stream(device))
     return grad
