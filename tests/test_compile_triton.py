@@ -16,7 +16,8 @@ from videobert._kernels.triton import segment_attention as sa  # noqa: E402
 from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, NO_DROPOUT_VARIANTS,  # noqa: E402
                                                      SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
                                                      attention_kernel, attention_report, attention_signature,
-                                                     compile_kernel, compile_report, loop_opcodes)
+                                                     attention_tensor_ops, compile_kernel, compile_report,
+                                                     loop_opcodes)
 from videobert._kernels.triton.compile_check import main as compile_check_main  # noqa: E402
 
 KERNELS = {kind: attention_kernel(kind) for kind in ("fwd", "dkdv", "dq")}
@@ -260,3 +261,25 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
         assert interior["HGMMA"] == masked["HGMMA"] > 0, kind  # the same tile work
         assert interior["FSEL"] == 0 < masked["FSEL"], kind
         assert sum(interior.values()) < 0.85 * sum(masked.values()) and only["FSEL"] > 0, kind
+
+
+def _tensor_ops(case):
+    kind, config, head_dim = case
+    return attention_tensor_ops(kind, config, head_dim, 90)
+
+
+def test_shipped_sm90_configs_use_wgmma(monkeypatch):
+    """Every attention config shipped for sm_9x runs its GEMMs on wgmma (HGMMA in its SASS, no mma.sync HMMA):
+    a config with a 32-row GEMM side compiles to mma.sync there and must serve sm_8x only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cases = []
+    for kind, (_, table) in KERNELS.items():
+        for entry in table:
+            dims = [d for d in HEAD_DIMS if sa.serves(entry, d, 9, dropout=False)]
+            if dims:
+                cases.append((kind, entry[0], dims[0]))
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ops = dict(zip(cases, pool.map(_tensor_ops, cases)))
+    slow = [f"{kind} {config} D={d}: {dict(ops[kind, config, d])}" for kind, config, d in cases
+            if not ops[kind, config, d]["HGMMA"] or ops[kind, config, d]["HMMA"]]
+    assert not slow, "\n".join(slow)

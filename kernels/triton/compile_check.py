@@ -170,6 +170,21 @@ def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: 
                           attention_constexprs(block_m, block_n, head_dim, rules, dropout), arch, warps, stages)
 
 
+def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> Counter:
+    """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync) and bulk tensor loads (UTMALDG) in the
+    SASS of an attention kernel compiled with `config` as launched (bf16, no rules, no dropout)."""
+    block_m, block_n, warps, stages = config
+    compiled = compile_kernel(attention_kernel(kind)[0], attention_signature(kind, "bf16"),
+                              attention_constexprs(block_m, block_n, head_dim, False, False), arch, warps, stages)
+    return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG)\b", _cubin_tool(compiled, arch, "nvdisasm", "-c")))
+
+
+def uses_wgmma(kind: str, config: tuple, head_dim: int) -> bool:
+    """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left)."""
+    ops = attention_tensor_ops(kind, config, head_dim, 90)
+    return ops["HGMMA"] > 0 and ops["HMMA"] == 0
+
+
 def fits(report: CompileReport, arch: int) -> bool:
     """No register spills (no stack) and within the card's shared memory."""
     return report.stack == 0 and report.shared <= SHARED_MEMORY_LIMIT[arch]
@@ -189,8 +204,13 @@ def table_entry(kind: str, config: tuple, pool) -> tuple:
     def dims(arch: int, variants) -> tuple:
         return tuple(d for d in HEAD_DIMS if all(ok[(kind, config, d, arch, *v)] for v in variants))
 
-    every = tuple(dims(arch, VARIANTS) for arch in ARCHS)
-    without = tuple(tuple(d for d in dims(arch, NO_DROPOUT_VARIANTS) if d not in served)
+    wgmma = dict(zip(HEAD_DIMS, pool.map(uses_wgmma, *zip(*[(kind, config, d) for d in HEAD_DIMS]))))
+
+    def shipped(arch: int, found: tuple) -> tuple:  # sm_9x ships wgmma configs only
+        return tuple(d for d in found if arch < 90 or wgmma[d])
+
+    every = tuple(shipped(arch, dims(arch, VARIANTS)) for arch in ARCHS)
+    without = tuple(tuple(d for d in shipped(arch, dims(arch, NO_DROPOUT_VARIANTS)) if d not in served)
                     for arch, served in zip(ARCHS, every))
     return (config, *every) + ((without,) if any(without) else ())
 

@@ -442,21 +442,23 @@ def _segment_attention_bwd_dq_kernel(
 # those tiles without spilling; the autotune key holds HAS_DROPOUT). The first entry serving a launch is its
 # untuned default (VIDEOBERT_AUTOTUNE=0). The forward's last two entries are for sm_90 at D=64: the 128x128 tile
 # at two stages, and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two blocks per
-# multiprocessor, whose independent softmax and wgmma phases can overlap. Since dropout reads its (seed, offset)
+# multiprocessor, whose independent softmax and wgmma phases can overlap. On sm_9x every entry uses wgmma (HGMMA
+# in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
+# there and serve sm_8x only. Since dropout reads its (seed, offset)
 # from a device tensor (graph-safe) instead of launch arguments, three registers more stay live: the 128x128 tile
 # no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9).
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
              ((64, 64, 4, 3), (32, 64), (32, 64, 128)), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
              ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-             ((32, 64, 4, 3), (64, 128), (32, 64)), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
+             ((32, 64, 4, 3), (64, 128), ()), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
              ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (32,), ((32,), (64,)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
-              ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
-              ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
+              ((32, 32, 4, 4), (32, 64, 128), ()), ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
+              ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64), ((64,), (128,))),
-            ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-            ((32, 64, 4, 4), (32, 64, 128), (32, 64, 128)), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
+            ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
+            ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
 def _configs(table):
