@@ -75,6 +75,29 @@ def dropout_keep(seed: int, offset: int, index: torch.Tensor, c1: torch.Tensor, 
     return (bits >> 1) >= dropout_threshold(p)
 
 
+def dropout_byte_threshold(p: float) -> int:
+    """Threshold on 8 random bits for attention dropout: keep iff byte >= threshold, so the dropout rate is p
+    rounded to a multiple of 1/256 (as FlashAttention's 8-bit thresholds round it); at most 255."""
+    return min(int(round(p * 256)), 255)
+
+
+def attention_dropout_scale(p: float) -> float:
+    """The keep scale of attention dropout: 1 / (1 - the rate actually drawn), i.e. 256 / (256 - threshold)."""
+    return 256.0 / (256 - dropout_byte_threshold(p))
+
+
+def dropout_keep_bytes(seed: int, offset: int, index: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+                       p: float) -> torch.Tensor:
+    """Boolean keep-mask with 16 decisions per Philox call (attention dropout): counters (index // 16, c1, c2,
+    offset), word (index % 16) // 4, byte index % 4 (lowest first); keep iff that byte >= dropout_byte_threshold.
+    The attention kernels use exactly this rule."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    words = philox(seed, index >> 4, c1, c2, torch.tensor(offset))
+    which = ((index >> 2) & 3).expand(words[0].shape)
+    word = torch.stack(words).gather(0, which[None])[0]
+    return ((word >> (8 * (index & 3))) & 255) >= dropout_byte_threshold(p)
+
+
 # ----------------------------------------------------------------------------------------------
 # Segment attention
 # ----------------------------------------------------------------------------------------------
@@ -96,10 +119,11 @@ def attention_allowed(segment_ids: torch.Tensor, modality_ids: torch.Tensor | No
 
 def attention_dropout_keep(seed: int, offset: int, B: int, H: int, L: int, p: float,
                            device: torch.device) -> torch.Tensor:
-    """(B, H, L, L) keep-mask of attention dropout: index = key j, counters (query i, b * H + h)."""
+    """(B, H, L, L) keep-mask of attention dropout (`dropout_keep_bytes`): index = key j, counters (query i,
+    b * H + h)."""
     j = torch.arange(L, device=device)
     bh = torch.arange(B * H, device=device).view(B, H, 1, 1)
-    return dropout_keep(seed, offset, j.view(1, 1, 1, L), j.view(1, 1, L, 1), bh, p)
+    return dropout_keep_bytes(seed, offset, j.view(1, 1, 1, L), j.view(1, 1, L, 1), bh, p)
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p: float,
@@ -117,7 +141,7 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
     probs = torch.exp(scores - lse[..., None])
     if dropout_p > 0:
         keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device)
-        probs = probs * keep / (1.0 - dropout_p)
+        probs = probs * keep * attention_dropout_scale(dropout_p)
     out = probs @ vf
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
@@ -133,7 +157,8 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     probs = torch.exp(scores.masked_fill(~allowed, float("-inf")) - lse.to(ct)[..., None])
     dprobs = dof @ vf.transpose(-1, -2)
     if dropout_p > 0:
-        keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device).to(ct) / (1.0 - dropout_p)
+        keep = attention_dropout_keep(seed, offset, B, H, L, dropout_p, q.device).to(ct) * attention_dropout_scale(
+            dropout_p)
         dv = (probs * keep).transpose(-1, -2) @ dof
         dprobs = dprobs * keep
     else:

@@ -1,5 +1,6 @@
 """Backend selection, the shared dropout RNG against Triton's own Philox, and packaging rules."""
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_available_backends_reports_every_op_and_backend():
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from videobert._kernels.triton.rng import dropout_keep  # noqa: E402
+from videobert._kernels.triton.rng import dropout_keep, dropout_keep_bytes  # noqa: E402
 
 
 @triton.jit
@@ -82,6 +83,13 @@ def _keep_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexp
     tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
 
 
+@triton.jit
+def _keep_bytes_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr, C: tl.constexpr):
+    rows = tl.arange(0, R)[:, None] + 1000
+    keep = dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, C)
+    tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
+
+
 def test_philox_and_dropout_masks_match_triton_bit_for_bit():
     device = triton_device()
     for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)):
@@ -96,6 +104,20 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
         _keep_kernel[(1,)](keep, seed, offset, 64, 5, threshold, 8, 32)
         cols, rows = torch.arange(64, 96)[None, :], torch.arange(1000, 1008)[:, None]
         assert torch.equal(keep.cpu().bool(), reference.dropout_keep(seed, offset, cols, rows, torch.tensor(5), 0.3))
+        # the attention's 8-bit masks: 16 decisions per call, two groups of 16 columns
+        _keep_bytes_kernel[(1,)](keep, seed, offset, 64, 5, reference.dropout_byte_threshold(0.3), 8, 32)
+        assert torch.equal(keep.cpu().bool(),
+                           reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), 0.3))
+
+
+def test_attention_dropout_rate_is_rounded_to_a_256th():
+    """8-bit thresholds draw the rate p rounded to a multiple of 1/256, and the keep scale is that rate's."""
+    assert reference.dropout_byte_threshold(0.1) == 26 and reference.dropout_byte_threshold(0.25) == 64
+    assert reference.attention_dropout_scale(0.25) == 1 / 0.75
+    assert reference.dropout_byte_threshold(0.9999) == 255  # at least one keep in 256
+    keep = reference.attention_dropout_keep(5, 9, 2, 4, 128, 0.1, torch.device("cpu"))
+    drawn = 1 - keep.double().mean().item()
+    assert abs(drawn - 26 / 256) < 5 * math.sqrt(0.1 * 0.9 / keep.numel()), drawn
 
 
 def test_reference_masks_stay_on_the_inputs_device():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from videobert._kernels.reference import dropout_threshold
+from videobert._kernels.reference import attention_dropout_scale, dropout_byte_threshold, dropout_threshold
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
@@ -35,12 +35,17 @@ def multiprocessors(device: torch.device) -> int:
         if device.type == "cuda" else 1
 
 
-def dropout_args(dropout_p: float, rng: Optional[torch.Tensor], fallback: torch.Tensor) -> dict:
+def dropout_args(dropout_p: float, rng: Optional[torch.Tensor], fallback: torch.Tensor,
+                 byte_threshold: bool = False) -> dict:
     """Kernel arguments of `rng.load_seed` / `rng.dropout_keep`: Rng, the int64 (seed, offset) tensor on the
     kernel's device (`fallback`, any tensor, where there is no dropout: the kernel reads nothing then), the
-    threshold and the 1 / (1 - p) scale. Nothing is read on the host."""
+    threshold and the 1 / (1 - p) scale; with `byte_threshold` (`rng.dropout_keep_bytes`, attention) the 8-bit
+    threshold and the scale of the rate it draws. Nothing is read on the host."""
     if dropout_p == 0:
         return dict(Rng=fallback, threshold=0, drop_scale=1.0)
+    if byte_threshold:
+        return dict(Rng=rng, threshold=dropout_byte_threshold(dropout_p),
+                    drop_scale=attention_dropout_scale(dropout_p))
     return dict(Rng=rng, threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
 
 

@@ -12,8 +12,8 @@ block may attend whole (the block inside one contiguous sample) skip the mask: e
 unmasked interior, then over the masked edge tiles, as FlashAttention splits off the causal diagonal; this
 saves the compare-and-select per score that the softmax's ALU budget cannot spare.
 
-Dropout regenerates the reference's Philox mask (`reference.dropout_keep`: index key j, counters
-query i and b * H + h), four decisions per Philox call.
+Dropout regenerates the reference's Philox mask (`reference.dropout_keep_bytes`: index key j, counters
+query i and b * H + h), sixteen decisions per Philox call on 8-bit thresholds (the rate rounded to 1/256).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
 from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision, dropout_args, next_power_of_2
-from videobert._kernels.triton.rng import dropout_keep, load_seed
+from videobert._kernels.triton.rng import dropout_keep_bytes, load_seed
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
@@ -219,7 +219,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, m
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
+        keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
         p = tl.where(keep, p * drop_scale, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -311,7 +311,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n,
         p_t = tl.where(allowed_t, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_t = tl.trans(dropout_keep(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold, BLOCK_N))
+        keep_t = tl.trans(dropout_keep_bytes(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
+                                             BLOCK_N))
         dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -380,7 +381,7 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
+        keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -446,15 +447,17 @@ def _segment_attention_bwd_dq_kernel(
 # in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
 # there and serve sm_8x only. Since dropout reads its (seed, offset)
 # from a device tensor (graph-safe) instead of launch arguments, three registers more stay live: the 128x128 tile
-# no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9).
+# no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9);
+# the 8-bit dropout masks (16 decisions per Philox call) take more registers at 4 warps on sm_90: the (64, 64) and
+# (64, 128) forward tiles and the (16, 64, 4, 4) dK/dV tile serve fewer head dims with dropout there.
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
-             ((64, 64, 4, 3), (32, 64), (32, 64, 128)), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
+             ((64, 64, 4, 3), (32, 64), (32,), ((), (64, 128))), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
              ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
              ((32, 64, 4, 3), (64, 128), ()), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
-             ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (32,), ((32,), (64,)))]
+             ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (), ((32,), (32, 64)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
-              ((32, 32, 4, 4), (32, 64, 128), ()), ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
+              ((32, 32, 4, 4), (32, 64, 128), ()), ((16, 64, 4, 4), (32, 64), (32, 64), ((128,), (128,))),
               ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64), ((64,), (128,))),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
@@ -597,7 +600,8 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     has_rules = modality_rules is not None
     seg, mod, windows = reused_metadata(segment_ids, modality_ids, modality_rules)
     rules = modality_rules.contiguous() if has_rules else seg
-    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng, seg), L_BUCKET=next_power_of_2(max(L, 1)))
+    scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng, seg, byte_threshold=True),
+                   L_BUCKET=next_power_of_2(max(L, 1)))
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
                   HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
