@@ -227,6 +227,10 @@ def _args(**overrides):
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(q=torch.randn(2, 5, 16)), ValueError, "q must be 4-D"),
     (dict(k=torch.randn(2, 5, 2, 4)), ValueError, r"k must have shape \(2, 5, 2, 8\)"),
+    (dict(k=torch.randn(2, 5, 2, 8, 1)), ValueError, r"k must have shape \(2, 5, 2, 8\), got \(2, 5, 2, 8, 1\)"),
+    (dict(v=torch.randn(2, 5, 2)), ValueError, r"v must have shape \(2, 5, 2, 8\), got \(2, 5, 2\)"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite number > 0"),
+    (dict(softmax_scale=-0.5), ValueError, "softmax_scale must be a finite number > 0"),
     (dict(v=torch.randn(2, 5, 2, 8, dtype=torch.float64)), TypeError, "v must have the dtype of q"),
     (dict(q=torch.randint(0, 3, (2, 5, 2, 8))), TypeError, "q must have dtype in"),
     (dict(k=torch.randn(2, 5, 8, 2).transpose(-1, -2)), ValueError, "k must have unit stride"),

@@ -24,7 +24,8 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Sequence[t
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+    if shape is not None and (len(shape) != t.dim() or any(want is not None and want != got
+                                                            for want, got in zip(shape, t.shape))):
         expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
     if device is not None and t.device != device:

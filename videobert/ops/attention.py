@@ -131,6 +131,8 @@ def _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, so
     D = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale!r}")
     if modality_rules is None:
         modality_ids = None  # without rules every modality pair is allowed: nothing to evaluate
     resolved = _backend.resolve(OP, backend, q.device, q.dtype, head_dim=D,
