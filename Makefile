@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/videobert pretrain --preset tiny --data synthetic --steps 300 --out runs/demo $(DEMO_FLAGS)
+	$(VENV)/bin/videobert pretrain --preset tiny --data synthetic --steps 300 --out runs/demo --overwrite $(DEMO_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -36,6 +36,27 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert (tmp_path / "a" / "curves.png").exists()
 
 
+def test_a_run_folder_holds_one_run(tmp_path):
+    """A second run into a used folder is refused (the first run's files untouched) unless --overwrite clears it;
+    --resume names each flag that would change the data or the model; a resumed run drops the metrics it
+    logged past the checkpoint (a crash after logging replays those steps)."""
+    out = tmp_path / "run"
+    train(TrainArgs(steps=3, out=str(out), **SMALL), log=lambda m: None)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds a previous run .*--resume.*--overwrite"):
+        train(TrainArgs(steps=2, out=str(out), **SMALL), log=lambda m: None)
+    assert (out / "metrics.jsonl").read_text() == before and latest_checkpoint(out).name == "step-00000003"
+    with pytest.raises(ValueError, match=r"--videos-per-batch 3 \(the run has 2\)"):
+        train(TrainArgs(steps=4, out=str(out), resume=True, **{**SMALL, "videos_per_batch": 3}), log=lambda m: None)
+    with open(out / "metrics.jsonl", "a") as f:  # as if the run had logged step 4 and died before its checkpoint
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    train(TrainArgs(steps=5, out=str(out), resume=True, lr=5e-4, **SMALL), log=lambda m: None)  # lr may change
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5] and metrics(out)[3]["loss"] != 1.0
+    train(TrainArgs(steps=2, out=str(out), overwrite=True, **SMALL), log=lambda m: None)
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+
+
 def test_nan_loss_stops_without_checkpoint_or_is_skipped(tmp_path, monkeypatch):
     from videobert.model import VideoBERTForPretraining
 

@@ -64,6 +64,7 @@ class LoopArgs:
     gradient_checkpointing: bool = False  # recompute each encoder layer in the backward (less activation memory)
     fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
     resume: bool = False
+    overwrite: bool = False  # clear OUT's previous run first (without it, and without --resume, one is refused)
     profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
 
 
@@ -503,6 +504,53 @@ def _check_graphable(args: LoopArgs, job: Job, device: torch.device, world: int)
         raise ValueError("--cuda-graphs needs " + ", ".join(problems))
 
 
+# A run folder's files that belong to one run (OUT also holds other commands' outputs, which stay).
+_RUN_FILES = ("run.json", "metrics.jsonl", "curves.png", "vocab.txt", "tokenizer_config.json")
+# Flags that may change when a run is resumed: how long, how fast and with which optimiser settings it runs, not
+# what it trains on or as (the data and the model).
+RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
+               "compile_mode", "cuda_graphs", "gradient_checkpointing", "profile_steps", "fsdp", "lr", "warmup",
+               "weight_decay", "clip", "grad_accum"}
+
+
+def _prepare_run_folder(out: Path, args: LoopArgs, rank: int) -> None:
+    """Create OUT; a previous run there is continued (--resume) or cleared first (--overwrite), never mixed with
+    a new one: without either flag it is refused (ValueError saying both ways)."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = [name for name in ("run.json", "metrics.jsonl", "checkpoints") if (out / name).exists()]
+    if not previous or args.resume:
+        return
+    if not args.overwrite:
+        raise ValueError(f"{out} holds a previous run ({', '.join(previous)}): pass --resume to continue it, or "
+                         "--overwrite to clear it first")
+    if rank == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in _RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def _check_resume_flags(out: Path, info: dict) -> None:
+    """Raise ValueError naming every flag that shapes the data or the model and differs from the run's."""
+    path = out / "run.json"
+    if not path.is_file() or "args" not in info:
+        return
+    saved = json.loads(path.read_text()).get("args", {})
+    differ = [f"--{name.replace('_', '-')} {value!r} (the run has {saved.get(name)!r})"
+              for name, value in info["args"].items() if name not in RESUME_FREE and saved.get(name) != value]
+    if differ:
+        raise ValueError(f"--resume with flags other than the run's: {'; '.join(differ)}; resume with the run's "
+                         f"flags (see {path}) or start another --out")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl rows past the resumed step: the steps replayed after a crash are logged once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=print) -> dict:
     """Train `make_job(out, rank, world)` as `args` say, or resume it; returns the last logged metrics. Raises
     RuntimeError on a non-finite loss (with on_nan="stop"); returns early with "interrupted" set after a signal
@@ -513,7 +561,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_run_folder(out, args, rank)
     if world > 1:
         dist.barrier()  # rank 0 may write the vocabulary the others read
     torch.manual_seed(args.seed)
@@ -543,7 +591,10 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     step = 0
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint is not None:
+        _check_resume_flags(out, job.info)
         step = load_checkpoint(checkpoint, model, optimizer, stream, sharded)
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", step)
         if args.cuda_graphs:  # captured steps read the learning rate from a tensor
             for group in optimizer.param_groups:
                 group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
