@@ -48,6 +48,82 @@ def test_subtitles_parse_into_sentences(tmp_path):
     assert [(s.start, s.end) for s in vtt] == [(1.0, 3.5), (3604.0, 3606.0)]
 
 
+YOUTUBE_VTT = """WEBVTT
+Kind: captions
+Language: en
+
+00:00:00.160 --> 00:00:02.310 align:start position:0%
+ 
+hello<00:00:00.560><c> everyone</c><00:00:00.960><c> welcome</c>
+
+00:00:02.310 --> 00:00:02.320 align:start position:0%
+hello everyone welcome
+ 
+
+00:00:02.320 --> 00:00:05.030 align:start position:0%
+hello everyone welcome
+today<00:00:02.720><c> we</c><00:00:03.120><c> season</c><00:00:03.500><c> the</c><00:00:03.900><c> steak</c>
+
+00:00:05.030 --> 00:00:05.040 align:start position:0%
+today we season the steak
+ 
+
+00:00:05.040 --> 00:00:07.000 align:start position:0%
+today we season the steak
+then<00:00:05.500><c> flip</c><00:00:05.900><c> it</c>
+"""
+
+
+def test_youtube_rolling_cues_give_each_line_once(tmp_path):
+    (tmp_path / "auto.vtt").write_text(YOUTUBE_VTT)
+    sentences = read_sentences(tmp_path / "auto.vtt")
+    assert [(s.start, s.end, s.text) for s in sentences] == [
+        (0.16, 2.31, "hello everyone welcome"), (2.32, 5.03, "today we season the steak"), (5.04, 7.0, "then flip it")]
+
+
+def test_a_video_without_sentences_gives_video_only_samples(tmp_path):
+    from videobert.config import VideoBERTConfig
+    from videobert.model import IGNORE_INDEX
+    from videobert.samples import SampleOptions, make_batch
+
+    write_video(tmp_path, "a", clips=10)
+    write_video(tmp_path, "b", clips=10)
+    (tmp_path / "text" / "a.jsonl").unlink()
+    (tmp_path / "text" / "b.jsonl").write_text("")
+    folder = VideoFolder(tmp_path)
+    videos = folder.videos(0, 2)
+    assert [v.sentences for v in videos] == [[], []] and folder.sentence_file("a") is None
+    config = VideoBERTConfig.tiny(num_visual_tokens=16)
+    batch, stats = make_batch(videos, lambda text: [7], config, SampleOptions(max_tokens=7), 32, (0,))
+    assert stats.samples == 6  # per video, windows of 4 clips (7 - [CLS] [>] [SEP]): 4 + 4 + 2
+    assert (batch.vtm_labels == IGNORE_INDEX).all()
+    real = batch.segment_ids >= 0
+    assert int((batch.token_type_ids[real] == 1).sum()) == 20 + 6  # every clip once, and each sample's [SEP]
+
+
+def test_tokenize_video_records_the_clip_nearest_each_centroid(tmp_path):
+    from videobert.visual_tokenizer import HierarchicalKMeans, tokenize_folder
+
+    rng = np.random.default_rng(2)
+    for index in range(3):
+        write_video(tmp_path, f"v{index}", tokens=False)
+        np.save(tmp_path / "features" / f"v{index}.npy", rng.normal(size=(9, 4)).astype("f4"))
+    tokenize_folder(tmp_path, tmp_path / "tok.pt", levels=1, branching=3, iterations=3, log=lambda m: None)
+    recorded = json.loads((tmp_path / "token_clips.json").read_text())["tokens"]
+    tokenizer = HierarchicalKMeans.load(tmp_path / "tok.pt")
+    members = {}
+    for index in range(3):
+        tokens = np.load(tmp_path / "tokens" / f"v{index}.npy")
+        features = np.load(tmp_path / "features" / f"v{index}.npy")
+        for clip, token in enumerate(tokens):
+            distance = float(((features[clip] - tokenizer.decode([int(token)])[0].numpy()) ** 2).sum())
+            members.setdefault(str(token), []).append((distance, f"v{index}", clip))
+    assert set(recorded) == set(members)
+    for token, entries in members.items():
+        best = min(entries)
+        assert (recorded[token]["video"], recorded[token]["clip"]) == best[1:]
+
+
 def test_folder_streams_videos(tmp_path):
     for name in ("b", "a"):
         write_video(tmp_path, name)
@@ -88,9 +164,6 @@ def test_bad_folders_and_features_name_the_file(tmp_path):
         folder.features("c")
     with pytest.raises(DataError, match="tokenize the features first"):
         folder.video(0)
-    (tmp_path / "text" / "a.jsonl").unlink()
-    with pytest.raises(DataError, match="no sentence file for video a"):
-        folder.sentence_file("a")
     with pytest.raises(DataError, match="unknown sentence format"):
         (tmp_path / "x.txt").write_text("hi")
         read_sentences(tmp_path / "x.txt")

@@ -76,15 +76,6 @@ def _tokenize_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extract_features(args: argparse.Namespace) -> int:
-    from videobert.features import extract_features, load_backbone
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    extract_features(args.video_dir, args.out, load_backbone(args.backbone), size=args.size,
-                     batch_size=args.batch_size, device=device)
-    return 0
-
-
 def _reported(command):
     """A command whose bad input (missing checkpoint, vocabulary mismatch, bad data) ends in one error line, exit 1."""
     def run(args: argparse.Namespace) -> int:
@@ -168,6 +159,40 @@ def _embed(args: argparse.Namespace) -> int:
         count += 1
     print(f"embeddings of {count} videos in {args.out} ({args.format})")
     return 0
+
+
+# ------------------------------------------------------------------------------------------- real data (issue 26)
+
+@_reported
+def _extract_features(args: argparse.Namespace) -> int:
+    from videobert.features import extract_features, load_backbone
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    thumbnails = None if args.thumbnail_size == 0 else (args.thumbnails or str(Path(args.out).parent / "thumbnails"))
+    extract_features(args.video_dir, args.out, load_backbone(args.backbone, args.weights, args.size),
+                     batch_size=args.batch_size, device=device, thumbnails=thumbnails,
+                     thumbnail_size=args.thumbnail_size)
+    return 0
+
+
+def _add_real_data_commands(sub) -> None:
+    """The commands that turn videos, subtitles and published annotations into a data folder."""
+    ext = sub.add_parser("extract-features", help="decode VIDEO_DIR's videos at 20 fps into 1.5 s clips and write "
+                                                   "one (clips, F) .npy of backbone features per video",
+                         description="Decode at 20 fps, cut 30-frame (1.5 s) clips, write one (clips, F) .npy per "
+                                     "video and one thumbnail per clip. A final clip with fewer than half its frames "
+                                     "(under 0.75 s) is dropped; a longer one repeats its last frame.")
+    ext.add_argument("video_dir")
+    ext.add_argument("--out", required=True, help="feature folder (DATA/features)")
+    ext.add_argument("--backbone", default="s3d", help="'s3d' (torchvision) or package.module:factory")
+    ext.add_argument("--weights", help="local state-dict file of the backbone (S3D: torchvision's s3d-d76dad2f.pth); "
+                                       "default for s3d: torch hub's cache, downloaded when online")
+    ext.add_argument("--size", type=int, default=224, help="crop size for a backbone without its own preprocessing")
+    ext.add_argument("--thumbnails", help="thumbnail folder (default: thumbnails/ beside --out)")
+    ext.add_argument("--thumbnail-size", type=int, default=64, help="pixels per side (0: no thumbnails)")
+    ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--device", default="auto")
+    ext.set_defaults(func=_extract_features)
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,15 +282,7 @@ def main(argv=None) -> int:
     tok.add_argument("--iterations", type=int, default=20)
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_tokenize_video)
-    ext = sub.add_parser("extract-features", help="decode VIDEO_DIR's videos at 20 fps into 1.5 s clips and write "
-                                                   "one (clips, F) .npy of backbone features per video")
-    ext.add_argument("video_dir")
-    ext.add_argument("--out", required=True)
-    ext.add_argument("--backbone", default="s3d", help="'s3d' (torchvision) or package.module:factory")
-    ext.add_argument("--size", type=int, default=224)
-    ext.add_argument("--batch-size", type=int, default=8)
-    ext.add_argument("--device", default="auto")
-    ext.set_defaults(func=_extract_features)
+    _add_real_data_commands(sub)
     bench = sub.add_parser("bench", help="run the benchmarks (bench/*.py; results in bench/results/<gpu>/<date>/)")
     bench.add_argument("name", choices=BENCHMARKS + ("all",))
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on, e.g. --quick")

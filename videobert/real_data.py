@@ -6,8 +6,14 @@ Layout of a data folder:
     features/<id>.npy   float32 (clips, F) clip features (from `videobert extract-features`)
     tokens/<id>.npy     int64 (clips,) visual tokens (from `videobert tokenize-video`); preferred when present
     text/<id>.jsonl     one {"start": s, "end": s, "text": "..."} per line, or text/<id>.srt / text/<id>.vtt
+                        (a video without one, or with an empty one, gives video-only samples)
+    thumbnails/<id>.npy uint8 (clips, S, S, 3) one picture per clip (from `extract-features`)
+    token_clips.json    per visual token, the clip nearest its centroid (from `tokenize-video`)
+    vocab.txt           the text vocabulary (from `videobert build-vocab`)
 
 Video ids are the stems under `tokens/` (else `features/`), sorted. Every error names the file (and line).
+Subtitles with rolling cues (YouTube's automatic captions: each cue repeats the previous cue's line, then adds
+one) give each line once.
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ def read_sentences(path: Union[str, Path]) -> list[Sentence]:
                                 f"({type(exc).__name__}: {exc})") from exc
     elif path.suffix in (".srt", ".vtt"):
         lines = text.splitlines()
+        previous: list[str] = []  # the last cue's lines: a rolling cue repeats them before its new one
         for number, line in enumerate(lines, 1):
             if "-->" not in line:
                 continue
@@ -75,11 +82,15 @@ def read_sentences(path: Union[str, Path]) -> list[Sentence]:
             start, end = _seconds(left, where), _seconds(right.split()[0] if right.split() else "", where)
             cue = []
             for following in lines[number:]:
-                if not following.strip():
+                cleaned = re.sub(r"<[^>]+>", "", following).strip()
+                if not cleaned and (cue or not following):  # YouTube's cues open with a line of one space
                     break
-                cue.append(re.sub(r"<[^>]+>", "", following).strip())
-            if cue:
-                sentences.append(Sentence(start, end, " ".join(cue)))
+                if cleaned:
+                    cue.append(cleaned)
+            new = [c for c in cue if c not in previous]
+            previous = cue
+            if new:
+                sentences.append(Sentence(start, end, " ".join(new)))
     else:
         raise DataError(f"{path}: unknown sentence format (use .jsonl, .srt or .vtt)")
     return _check_times(sentences, path)
@@ -121,13 +132,13 @@ class VideoFolder:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def sentence_file(self, video_id: str) -> Path:
-        """The sentence file of a video (jsonl, srt or vtt)."""
+    def sentence_file(self, video_id: str) -> Optional[Path]:
+        """The sentence file of a video (jsonl, srt or vtt), None when it has none."""
         for suffix in (".jsonl", ".srt", ".vtt"):
             path = self.root / "text" / f"{video_id}{suffix}"
             if path.is_file():
                 return path
-        raise DataError(f"{self.root / 'text' / video_id}.{{jsonl,srt,vtt}}: no sentence file for video {video_id}")
+        return None
 
     def features(self, video_id: str) -> np.ndarray:
         """(clips, F) float32 features of a video, checked against the folder's feature dimension."""
@@ -146,9 +157,11 @@ class VideoFolder:
         return array.astype(np.int64).tolist()
 
     def video(self, index: int) -> Video:
-        """Video `index` with its visual tokens (or, with_features, its clip features) and sentences."""
+        """Video `index` with its visual tokens (or, with_features, its clip features) and sentences (none without a
+        sentence file)."""
         video_id = self.ids[index]
-        sentences = read_sentences(self.sentence_file(video_id))
+        path = self.sentence_file(video_id)
+        sentences = read_sentences(path) if path is not None else []
         if self.with_features:
             features = torch.from_numpy(self.features(video_id))
             # The continuous mode reads no visual tokens; the clip count is what the samples use.

@@ -44,7 +44,12 @@ class SampleOptions:
 def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
                   options: SampleOptions, rng: random.Random) -> list[tuple]:
     """(input_ids, token_type_ids, vtm_label, clip features or None) of every sample drawn from `video`;
-    `other` supplies negatives."""
+    `other` supplies negatives. A video without sentences gives video-only samples: consecutive windows of its
+    clips, each as long as a sample's budget allows."""
+    if not video.sentences:
+        width = options.max_tokens - 3
+        return [_video_only(video, range(first, min(first + width, len(video.visual_tokens))), config, options)
+                for first in range(0, len(video.visual_tokens), width)]
     samples = []
     i = 0
     while i < len(video.sentences):
@@ -71,14 +76,25 @@ def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[
         indices = indices[:budget - len(text)]
         if not text and not indices:
             continue
-        features = None
-        if options.continuous:
-            if source.features is None:
-                raise ValueError(f"video {source.video_id} has no clip features; continuous mode needs them")
-            features = source.features[indices]
+        features = _clip_features(source, indices, options)
         ids, types = encode_sample(config, text, [source.visual_tokens[c] for c in indices], options.continuous)
         samples.append((ids, types, label, features))
     return samples
+
+
+def _clip_features(video: Video, indices: Sequence[int], options: SampleOptions) -> Optional[torch.Tensor]:
+    """The clip features of `indices` in the continuous mode (None otherwise)."""
+    if not options.continuous:
+        return None
+    if video.features is None:
+        raise ValueError(f"video {video.video_id} has no clip features; continuous mode needs them")
+    return video.features[list(indices)]
+
+
+def _video_only(video: Video, indices: range, config: VideoBERTConfig, options: SampleOptions) -> tuple:
+    """A video-only sample of the clips `indices` (no matching label)."""
+    ids, types = encode_sample(config, [], [video.visual_tokens[c] for c in indices], options.continuous)
+    return ids, types, IGNORE_INDEX, _clip_features(video, indices, options)
 
 
 @dataclass

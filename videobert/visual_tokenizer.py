@@ -20,6 +20,7 @@ import torch
 from videobert._optional import require
 
 FORMAT = "videobert.visual_tokenizer/1"
+TOKEN_CLIPS = "token_clips.json"  # in a data folder: per visual token, the clip nearest its centroid
 
 
 def _faiss():
@@ -223,7 +224,10 @@ def tokenize_folder(root: Union[str, Path], tokenizer_path: Union[str, Path], fi
                     seed: int = 0, log=print) -> HierarchicalKMeans:
     """Write tokens/<id>.npy for every features/<id>.npy of a data folder (see `videobert.real_data`), with the
     tokenizer at `tokenizer_path`, fitted first (on up to `max_fit_clips` clips, spread over the videos, and
-    saved there) when `fit` or when the file does not exist."""
+    saved there) when `fit` or when the file does not exist; and token_clips.json, per visual token the clip
+    nearest its centroid among the clips it was given (what pictures of the token show)."""
+    import json
+
     import numpy as np
 
     from videobert.real_data import DataError, read_features
@@ -258,12 +262,22 @@ def tokenize_folder(root: Union[str, Path], tokenizer_path: Union[str, Path], fi
         dim = tokenizer.feature_dim
     out_dir = root / "tokens"
     out_dir.mkdir(exist_ok=True)
+    nearest: dict[int, tuple[float, str, int]] = {}  # token -> (squared distance, video, clip)
     for count, video_id in enumerate(ids, 1):
-        tokens = tokenizer.encode(features(video_id)).cpu().numpy()
+        x = features(video_id)
+        encoded = tokenizer.encode(x)
+        distances = ((x.to(encoded.device) - tokenizer.decode(encoded)) ** 2).sum(-1)
+        for clip, (token, distance) in enumerate(zip(encoded.tolist(), distances.tolist())):
+            if token not in nearest or distance < nearest[token][0]:
+                nearest[token] = (distance, video_id, clip)
         tmp = out_dir / f".{video_id}.npy.tmp"
         with open(tmp, "wb") as f:
-            np.save(f, tokens)
+            np.save(f, encoded.cpu().numpy())
         os.replace(tmp, out_dir / f"{video_id}.npy")
         if count % 100 == 0 or count == len(ids):
             log(f"tokenized {count}/{len(ids)} videos")
+    clips = {str(token): {"video": video_id, "clip": clip} for token, (_, video_id, clip) in sorted(nearest.items())}
+    tmp = root / ".token_clips.json.tmp"
+    tmp.write_text(json.dumps({"tokenizer": str(tokenizer_path), "tokens": clips}) + "\n")
+    os.replace(tmp, root / TOKEN_CLIPS)
     return tokenizer
