@@ -196,3 +196,50 @@ def test_folder_with_features_for_the_continuous_mode(tmp_path):
     write_video(tmp_path, "a", clips=5, dim=3, tokens=False)
     video = VideoFolder(tmp_path, with_features=True).video(0)
     assert video.features.shape == (5, 3) and len(video.visual_tokens) == 5
+
+
+def test_build_vocab_command_trains_or_copies_a_vocabulary(tmp_path, capsys):
+    from videobert.cli import main
+    from videobert.text_tokenizer import TextTokenizer
+
+    for name in ("a", "b"):
+        write_video(tmp_path / "data", name, sentences=[{"start": 0, "end": 2, "text": "season the steak"}])
+    assert main(["build-vocab", str(tmp_path / "data"), "--size", "60"]) == 0
+    tokenizer = TextTokenizer.from_vocab(tmp_path / "data" / "vocab.txt")
+    assert tokenizer.vocab_size <= 60 and {"season", "steak"} <= set(tokenizer.vocabulary())
+    assert "word pieces (WordPiece on the folder's sentences)" in capsys.readouterr().out
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "steak"]) + "\n")
+    assert main(["build-vocab", str(tmp_path / "data"), "--from-bert", str(bert)]) == 0
+    assert (tmp_path / "data" / "vocab.txt").read_text() == (bert / "vocab.txt").read_text()
+    (tmp_path / "empty" / "features").mkdir(parents=True)
+    np.save(tmp_path / "empty" / "features" / "x.npy", np.zeros((2, 3), "f4"))
+    assert main(["build-vocab", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no sentences to train a vocabulary on; pass --from-bert DIR" in err
+
+
+def test_pretraining_a_data_folder_picks_its_vocabulary_and_a_share_held_out(tmp_path):
+    from videobert.real_data import build_vocab
+    from videobert.train import TrainArgs, build
+
+    data = tmp_path / "data"
+    for index in range(3):
+        write_video(data, f"v{index}", clips=8)
+    args = TrainArgs(data=str(data), out=str(tmp_path / "run"), videos_per_batch=1, row_length=64)
+    with pytest.raises(DataError, match=r"vocab.txt: no vocabulary; make one with `videobert build-vocab"):
+        build(args, tmp_path / "run", 0, 1)
+    build_vocab(data, 100)
+    _, _, train_stream, held_out = build(args, tmp_path / "run", 0, 1)
+    assert (train_stream.num_videos, held_out.num_videos) == (2, 1)  # 10% of 3, but at least one batch
+    with pytest.raises(ValueError, match=r"3 videos cannot give a held-out batch and a training batch per rank of "
+                                         r"--videos-per-batch 2 \(that needs 4\); lower --videos-per-batch"):
+        build(TrainArgs(data=str(data), out=str(tmp_path / "run"), videos_per_batch=2), tmp_path / "run", 0, 1)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "steak"]) + "\n")
+    with pytest.raises(ValueError, match=r"--init-from-bert .*bert: .*vocab.txt is another vocabulary .* run "
+                                         r"`videobert build-vocab .*data --from-bert .*bert`"):
+        build(TrainArgs(data=str(data), out=str(tmp_path / "run"), videos_per_batch=1, init_from_bert=str(bert)),
+              tmp_path / "run", 0, 1)

@@ -175,6 +175,17 @@ def _extract_features(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reported
+def _build_vocab(args: argparse.Namespace) -> int:
+    from videobert.real_data import build_vocab
+    from videobert.text_tokenizer import TextTokenizer
+
+    path = build_vocab(args.data, args.size, args.from_bert)
+    print(f"{path}: {TextTokenizer.from_vocab(path).vocab_size} word pieces"
+          + (f" (from {args.from_bert})" if args.from_bert else " (WordPiece on the folder's sentences)"))
+    return 0
+
+
 def _add_real_data_commands(sub) -> None:
     """The commands that turn videos, subtitles and published annotations into a data folder."""
     ext = sub.add_parser("extract-features", help="decode VIDEO_DIR's videos at 20 fps into 1.5 s clips and write "
@@ -193,6 +204,14 @@ def _add_real_data_commands(sub) -> None:
     ext.add_argument("--batch-size", type=int, default=8)
     ext.add_argument("--device", default="auto")
     ext.set_defaults(func=_extract_features)
+    voc = sub.add_parser("build-vocab", help="write DATA/vocab.txt: WordPiece trained on the folder's sentences, or "
+                                             "a BERT vocabulary copied")
+    voc.add_argument("data")
+    how = voc.add_mutually_exclusive_group()
+    how.add_argument("--size", type=int, default=8000, help="word pieces at most (specials and characters included)")
+    how.add_argument("--from-bert", metavar="DIR", help="copy a Hugging Face BERT folder's vocab.txt (for "
+                                                        "pretrain --init-from-bert DIR)")
+    voc.set_defaults(func=_build_vocab)
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:

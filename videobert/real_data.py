@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -174,3 +174,79 @@ class VideoFolder:
     def videos(self, start: int, stop: int) -> list[Video]:
         """Videos [start, stop) (the `videos` callable of `PretrainingStream`)."""
         return [self.video(i) for i in range(start, min(stop, len(self.ids)))]
+
+
+def held_out_videos(total: int, requested: int, share: float, per_batch: int, world: int, where: str
+                    ) -> tuple[int, str]:
+    """(videos held out, a line saying so) of a folder of `total` videos: `requested` when > 0, else the `share`
+    of them but at least one batch of `per_batch`; ValueError when what remains is less than a batch per rank."""
+    if not 0 < share < 1:
+        raise ValueError(f"--eval-share must lie in (0, 1), got {share}")
+    held = requested or max(per_batch, round(share * total))
+    if total - held < per_batch * world:
+        if requested:
+            raise ValueError(f"{where}: {total} videos leave too few for training after {held} held out")
+        raise ValueError(f"{where}: {total} videos cannot give a held-out batch and a training batch per rank of "
+                         f"--videos-per-batch {per_batch} (that needs {per_batch * (world + 1)}); lower "
+                         "--videos-per-batch")
+    how = "--eval-videos" if requested else f"{share:g} of them, at least one batch of --videos-per-batch {per_batch}"
+    return held, f"{where}: {held} of {total} videos held out for evaluation ({how})"
+
+
+def folder_sentences(root: Union[str, Path]) -> Iterator[str]:
+    """Every sentence text of a data folder's videos (to train a vocabulary on)."""
+    folder = VideoFolder(root)
+    for video_id in folder.ids:
+        path = folder.sentence_file(video_id)
+        if path is not None:
+            yield from (s.text for s in read_sentences(path))
+
+
+def build_vocab(root: Union[str, Path], size: int = 8000, from_bert: Optional[Union[str, Path]] = None) -> Path:
+    """Write ROOT/vocab.txt (and tokenizer_config.json): WordPiece trained on the folder's sentences (at most
+    `size` pieces), or `from_bert`'s vocabulary copied (a Hugging Face BERT folder); returns its path."""
+    import shutil
+
+    from videobert.text_tokenizer import TextTokenizer
+
+    root = Path(root)
+    if from_bert is not None:
+        source = Path(from_bert)
+        TextTokenizer.from_vocab(source / "vocab.txt")  # checked before anything is replaced
+        shutil.copyfile(source / "vocab.txt", root / "vocab.txt")
+        if (source / "tokenizer_config.json").is_file():
+            shutil.copyfile(source / "tokenizer_config.json", root / "tokenizer_config.json")
+        else:
+            (root / "tokenizer_config.json").unlink(missing_ok=True)
+        return root / "vocab.txt"
+    sentences = list(folder_sentences(root))
+    if not sentences:
+        raise DataError(f"{root / 'text'}: no sentences to train a vocabulary on; pass --from-bert DIR instead")
+    return TextTokenizer.train(sentences, vocab_size=size).save(root)
+
+
+def folder_tokenizer(root: Union[str, Path]):
+    """The TextTokenizer of a data folder's vocab.txt; DataError saying how to make one when it is missing."""
+    from videobert.text_tokenizer import TextTokenizer
+
+    path = Path(root) / "vocab.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: no vocabulary; make one with `videobert build-vocab {root}` (WordPiece on the "
+                        f"folder's sentences) or `videobert build-vocab {root} --from-bert DIR`")
+    return TextTokenizer.from_vocab(path)
+
+
+def check_bert_vocabulary(root: Union[str, Path], bert_dir: Union[str, Path], bert_tokenizer) -> None:
+    """ValueError when a data folder has a vocab.txt other than BERT's (pretraining from BERT reads BERT's word
+    pieces, and zero-shot would later read the folder's), saying which one to use."""
+    path = Path(root) / "vocab.txt"
+    if not path.is_file():
+        return
+    from videobert.text_tokenizer import TextTokenizer
+
+    own = TextTokenizer.from_vocab(path)
+    if own.vocabulary() != bert_tokenizer.vocabulary():
+        raise ValueError(f"--init-from-bert {bert_dir}: {path} is another vocabulary ({own.vocab_size} word pieces, "
+                         f"BERT's has {bert_tokenizer.vocab_size}); a model started from BERT uses BERT's: run "
+                         f"`videobert build-vocab {root} --from-bert {bert_dir}` (replaces {path}), or drop "
+                         f"--init-from-bert to pretrain with {path}")

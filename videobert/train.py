@@ -34,6 +34,7 @@ from videobert.data import allowed_pairs, static_batch
 from videobert.model import VideoBERTForPretraining, VideoBERTModel
 from videobert.ops import get_dropout_states, manual_seed, set_dropout_states
 from videobert.profiling import nvtx_range
+from videobert.real_data import VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
@@ -77,7 +78,8 @@ class TrainArgs(LoopArgs):
     videos_per_batch: int = 8
     row_length: int = 128
     num_videos: int = 4000
-    eval_videos: int = 64
+    eval_videos: int = 0  # 0: 64 synthetic videos, or --eval-share of a data folder's (at least one batch)
+    eval_share: float = 0.1
     vocab_size: int = 400
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
@@ -117,14 +119,17 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
     options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
                             max_tokens=min(args.row_length, 128))
-    if args.eval_videos < args.videos_per_batch:
+    num_eval = args.eval_videos or (64 if args.data == "synthetic" else 0)
+    if args.eval_videos and args.eval_videos < args.videos_per_batch:
         raise ValueError(f"eval_videos ({args.eval_videos}) must be at least videos_per_batch "
                          f"({args.videos_per_batch}): the held-out split is scored in whole batches")
     bert_dir = Path(args.init_from_bert) if args.init_from_bert else None
     if bert_dir is not None:  # BERT's own word pieces, as the paper started from BERT-large
         tokenizer = TextTokenizer.from_vocab(bert_dir / "vocab.txt")
+        if args.data != "synthetic":
+            check_bert_vocabulary(args.data, bert_dir, tokenizer)
     elif args.data != "synthetic":
-        tokenizer = TextTokenizer.from_vocab(Path(args.data) / "vocab.txt")
+        tokenizer = folder_tokenizer(args.data)
     elif (out / "vocab.txt").exists():
         tokenizer = TextTokenizer.from_vocab(out / "vocab.txt")
     else:
@@ -138,13 +143,12 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         train_videos, eval_videos = synthetic_videos(args.seed), synthetic_videos(args.seed + 1_000_003)
         num_train = args.num_videos
     else:
-        from videobert.real_data import VideoFolder
-
         folder = VideoFolder(args.data)
-        num_train = len(folder) - args.eval_videos
-        if num_train < args.videos_per_batch * world:
-            raise ValueError(f"{args.data}: {len(folder)} videos leave too few for training after "
-                             f"{args.eval_videos} held out")
+        num_eval, message = held_out_videos(len(folder), args.eval_videos, args.eval_share, args.videos_per_batch,
+                                            world, args.data)
+        if rank == 0:
+            print(message)
+        num_train = len(folder) - num_eval
         train_videos = folder.videos
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
     fields = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
@@ -158,7 +162,7 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
     common = dict(encode_text=tokenizer.encode, config=config, options=options, row_length=args.row_length,
                   videos_per_batch=args.videos_per_batch, seed=args.seed)
     train = PretrainingStream(train_videos, num_train, rank=rank, world_size=world, **common)
-    held_out = PretrainingStream(eval_videos, args.eval_videos, **common)
+    held_out = PretrainingStream(eval_videos, num_eval, **common)
     return config, tokenizer, train, held_out
 
 
