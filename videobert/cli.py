@@ -186,6 +186,14 @@ def _build_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reported
+def _import_youcook2(args: argparse.Namespace) -> int:
+    from videobert.youcook2 import import_youcook2
+
+    import_youcook2(args.annotations, args.features_dir, args.data)
+    return 0
+
+
 def _add_real_data_commands(sub) -> None:
     """The commands that turn videos, subtitles and published annotations into a data folder."""
     ext = sub.add_parser("extract-features", help="decode VIDEO_DIR's videos at 20 fps into 1.5 s clips and write "
@@ -212,6 +220,13 @@ def _add_real_data_commands(sub) -> None:
     how.add_argument("--from-bert", metavar="DIR", help="copy a Hugging Face BERT folder's vocab.txt (for "
                                                         "pretrain --init-from-bert DIR)")
     voc.set_defaults(func=_build_vocab)
+    yc2 = sub.add_parser("import-youcook2", help="YouCook2's youcookii_annotations_trainval.json and clip features "
+                                                 "into a data folder: sentences, tasks/{train,validation}.jsonl "
+                                                 "with verb and noun, verbs.txt and nouns.txt")
+    yc2.add_argument("annotations", help="youcookii_annotations_trainval.json")
+    yc2.add_argument("features_dir", help="one <video id>.npy of clip features per video (extract-features)")
+    yc2.add_argument("data", help="the data folder to write")
+    yc2.set_defaults(func=_import_youcook2)
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
