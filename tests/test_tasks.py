@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from videobert.cli import main
-from videobert.finetune import (PREFIX_LM_RULES, FinetuneArgs, build_model, caption_metrics, caption_sample,
+from videobert.finetune import (PREFIX_LM_RULES, FinetuneArgs, build_model, caption_sample,
                                 finetune, generate_captions)
 from videobert.real_data import DataError
 from videobert.tasks import (encode_samples, load_checkpoint, load_segments, retrieval, synthetic_segments,
@@ -116,14 +116,6 @@ def test_the_triton_kernel_serves_the_prefix_lm_pattern():
         rows.append((hidden.detach(), model.layers[0].qkv.weight.grad.clone()))
     torch.testing.assert_close(rows[1][0], rows[0][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rows[1][1], rows[0][1], rtol=1e-3, atol=1e-4)
-
-
-def test_caption_metrics_use_the_libraries():
-    perfect = caption_metrics(["cut the onion", "fry the egg now"], ["cut the onion", "fry the egg now"])
-    assert perfect["rougeL"] == pytest.approx(1.0) and perfect["bleu4"] > 99
-    assert perfect["mismatched_rougeL"] < 0.5
-    with pytest.raises(ValueError, match="one hypothesis per reference"):
-        caption_metrics(["a"], [])
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -323,6 +315,8 @@ def test_finetune_multiple_choice_beats_chance(pretrained, tmp_path, capsys):
 
 
 def test_captioning_fine_tune_and_decode(pretrained, tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap.bleu.bleu", reason="the caption metrics need pycocoevalcap "
+                                                          "(pip install -e '.[eval]')")
     out = tmp_path / "cap"
     finetune(FinetuneArgs(task="caption", ckpt=str(pretrained), out=str(out), steps=80, lr=1e-3, train_videos=150,
                           eval_videos=10, batch_size=32, log_every=20, eval_every=40), log=lambda m: None)
@@ -335,8 +329,8 @@ def test_captioning_fine_tune_and_decode(pretrained, tmp_path, capsys):
     assert main(["caption", "--ckpt", str(out), "--videos", "10", "--beam", "2",
                  "--out", str(tmp_path / "captions.jsonl")]) == 0
     result = _json_out(capsys)
-    assert {"bleu4", "rougeL", "mismatched_bleu4", "mismatched_rougeL"} <= set(result)
-    assert result["rougeL"] > 0.3, result  # the template words and the object are learned quickly
+    assert {"bleu3", "bleu4", "rougeL", "cider", "mismatched_bleu4", "mismatched_rougeL"} <= set(result)
+    assert result["rougeL"] > 30, result  # the template words and the object are learned quickly
     lines = (tmp_path / "captions.jsonl").read_text().splitlines()
     assert len(lines) == result["segments"] and {"reference", "caption"} <= set(json.loads(lines[0]))
     assert main(["caption", "--ckpt", str(pretrained), "--videos", "2"]) == 1  # not a captioning fine-tune

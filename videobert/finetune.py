@@ -376,20 +376,41 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
 
 
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU-4 (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score, 0-1) of captions against one
-    reference each, and the same for the captions paired with other segments' references (the level reached
-    without looking at the right video)."""
-    sacrebleu = require("sacrebleu", "eval", "caption metrics")
-    rouge_scorer = require("rouge_score.rouge_scorer", "eval", "caption metrics")
+    """The paper's caption metrics by pycocoevalcap (the COCO caption evaluation): BLEU-3, BLEU-4, METEOR and
+    ROUGE-L (x 100) and CIDEr of captions against one reference each, and the same against other segments'
+    references ("mismatched_": what a caption reaches without the right video). Text is lower-cased and split
+    into words without punctuation, as COCO's tokenizer does. METEOR runs Java: without it the score is left out
+    and "meteor_skipped" says why."""
+    import re
+    import shutil
+
+    modules = {name: require(f"pycocoevalcap.{name}.{name}", "eval", "caption metrics")
+               for name in ("bleu", "rouge", "cider", "meteor")}
+    punctuation = set(require("pycocoevalcap.tokenizer.ptbtokenizer", "eval", "caption metrics").PUNCTUATIONS)
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need one hypothesis per reference, got {len(hypotheses)} and {len(references)}")
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
+
+    def words(text: str) -> list[str]:
+        return [" ".join(w for w in re.findall(r"\w+|[^\w\s]", text.lower()) if w not in punctuation)]
     shifted = list(references[1:]) + list(references[:1])
-    result = {}
+    res = {i: words(h) for i, h in enumerate(hypotheses)}
+    meteor, result = None, {}
+    if shutil.which("java") is None:
+        result["meteor_skipped"] = "METEOR needs Java: no java on PATH"
+    else:
+        try:
+            meteor = modules["meteor"].Meteor()
+        except OSError as exc:
+            result["meteor_skipped"] = f"METEOR needs Java, which did not start ({exc})"
     for name, refs in (("", references), ("mismatched_", shifted)):
-        result[f"{name}bleu4"] = sacrebleu.corpus_bleu(list(hypotheses), [list(refs)]).score
-        result[f"{name}rougeL"] = sum(scorer.score(r, h)["rougeL"].fmeasure
-                                      for h, r in zip(hypotheses, refs)) / len(refs)
+        gts = {i: words(r) for i, r in enumerate(refs)}
+        bleu, _ = modules["bleu"].Bleu(4).compute_score(gts, res, verbose=0)
+        result[f"{name}bleu3"], result[f"{name}bleu4"] = 100 * bleu[2], 100 * bleu[3]
+        if meteor is not None:
+            result[f"{name}meteor"] = 100 * meteor.compute_score(gts, res)[0]
+        result[f"{name}rougeL"] = 100 * modules["rouge"].Rouge().compute_score(gts, res)[0]
+        result[f"{name}cider"] = float(modules["cider"].Cider().compute_score(gts, res)[0])
+    del meteor  # its __del__ ends the Java process
     return result
 
 
