@@ -229,6 +229,83 @@ def _add_real_data_commands(sub) -> None:
     yc2.set_defaults(func=_import_youcook2)
 
 
+def _run_and_data(args: argparse.Namespace):
+    """(checkpoint, data): --data, else the data the run was trained on."""
+    from videobert.tasks import checkpoint_folders, load_checkpoint
+
+    run, _ = checkpoint_folders(args.ckpt)
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    data = args.data or info.get("args", {}).get("data", "synthetic")
+    return load_checkpoint(args.ckpt, data=data), data
+
+
+@_reported
+def _generate(args: argparse.Namespace) -> int:
+    from videobert.generation import draw, generate, split_sentences, token_tiles
+    from videobert.tasks import device_of
+
+    checkpoint, data = _run_and_data(args)
+    tile, known = token_tiles(data, checkpoint.config.num_visual_tokens)
+    result = generate(checkpoint, split_sentences(args.text), args.length, device_of(args.device), known)
+    out = Path(args.out) if args.out else checkpoint.path.parents[1] / "generate.png"
+    rows = [("\n".join(_wrapped(r["sentence"])), r["sequence"]) for r in result]
+    draw(rows, tile, out, f"text to video: {checkpoint.path}")
+    print(json.dumps({"generated": result, "picture": str(out)}, indent=2))
+    return 0
+
+
+@_reported
+def _forecast(args: argparse.Namespace) -> int:
+    from videobert.generation import draw, forecast, token_tiles, video_tokens
+    from videobert.tasks import device_of
+
+    checkpoint, data = _run_and_data(args)
+    try:
+        scales = [int(s) for s in args.scales.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated clip strides, got {args.scales!r}") from None
+    tokens = video_tokens(data, args.video, checkpoint.config.num_visual_tokens)
+    tile, known = token_tiles(data, checkpoint.config.num_visual_tokens)
+    result = forecast(checkpoint, tokens, args.clip, scales, args.context, device=device_of(args.device),
+                      allowed=known)
+    out = Path(args.out) if args.out else checkpoint.path.parents[1] / "forecast.png"
+    rows = [(f"clips to {args.clip}\n(stride 1)", result[0]["context"])]
+    rows += [(f"+{r['seconds_ahead']:g} s\n(stride {r['scale']})", r["top"]) for r in result]
+    draw(rows, tile, out,
+         f"forecast after clip {args.clip} of {args.video}: top {len(result[0]['top'])} per time scale")
+    print(json.dumps({"forecast": result, "picture": str(out)}, indent=2))
+    return 0
+
+
+def _wrapped(text: str, width: int = 28) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _add_generation_commands(sub) -> None:
+    """`generate` and `forecast`: the paper's text-to-video and forecasting, with pictures."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ckpt", required=True, help="a pretraining run folder (its newest checkpoint) or a step "
+                                                      "folder")
+    common.add_argument("--data", help="'synthetic' or the data folder whose token pictures to show (default: the "
+                                       "run's)")
+    common.add_argument("--out", help="the PNG to write (default: generate.png / forecast.png in the run folder)")
+    common.add_argument("--device", default="auto")
+    gen = sub.add_parser("generate", parents=[common], help="text to video: per sentence the most likely visual "
+                                                            "token and a short sequence, drawn as a PNG")
+    gen.add_argument("--text", required=True, help="one or more sentences, e.g. \"season the steak. flip it.\"")
+    gen.add_argument("--length", type=int, default=4, help="visual tokens drawn per sentence")
+    gen.set_defaults(func=_generate)
+    fc = sub.add_parser("forecast", parents=[common], help="the top 3 next visual tokens after a video's clip T at "
+                                                           "several time scales, drawn as a PNG")
+    fc.add_argument("--video", required=True, help="a video id of the data (synthetic: synthetic-<seed>-<index>)")
+    fc.add_argument("--clip", type=int, required=True, help="the last clip seen (T)")
+    fc.add_argument("--scales", default="1,2,3", help="clip strides: the forecast is 1.5 s x stride ahead")
+    fc.add_argument("--context", type=int, default=4, help="clips seen, T and those before it at the stride")
+    fc.set_defaults(func=_forecast)
+
+
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a step folder")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data folder with tasks/<split>.jsonl")
@@ -295,7 +372,8 @@ def main(argv=None) -> int:
     fin = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: classify, multiple-choice or caption")
     finetune.add_arguments(fin)
     fin.set_defaults(func=finetune.main)
-    cap = sub.add_parser("caption", help="caption a split with a captioning fine-tune: BLEU-4 and ROUGE-L")
+    cap = sub.add_parser("caption", help="caption a split with a captioning fine-tune: BLEU-3/4, METEOR, ROUGE-L, "
+                                         "CIDEr (pycocoevalcap)")
     _task_arguments(cap)
     cap.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     cap.add_argument("--out", help="write the captions (JSON lines) here")
@@ -317,6 +395,7 @@ def main(argv=None) -> int:
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_tokenize_video)
     _add_real_data_commands(sub)
+    _add_generation_commands(sub)
     bench = sub.add_parser("bench", help="run the benchmarks (bench/*.py; results in bench/results/<gpu>/<date>/)")
     bench.add_argument("name", choices=BENCHMARKS + ("all",))
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on, e.g. --quick")

@@ -414,6 +414,14 @@ class VideoBERTForPretraining(PreTrainedMixin, nn.Module):
         weight = self.bert.embeddings.word_embeddings.weight[vocab]
         return F.linear(h.float(), weight.float(), self.mlm_bias[vocab].float())
 
+    def visual_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, num_visual_tokens) fp32 visual-token logits of the masked-token head at N encoder states (for a few
+        positions: text-to-video generation, forecasting)."""
+        h = self.mlm_hidden(hidden)
+        vocab = slice(self.config.visual_offset, self.config.vocab_size)
+        weight = self.bert.embeddings.word_embeddings.weight[vocab]
+        return F.linear(h.float(), weight.float(), self.mlm_bias[vocab].float())
+
     def match_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         """(S, 2) video-text matching logits from S samples' [CLS] states (class 1: they belong together)."""
         return self.vtm_head(torch.tanh(self.bert.pooler(cls_hidden)))
