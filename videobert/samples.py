@@ -4,7 +4,7 @@ packed batches.
 Per sentence (or a random run of 1 to `max_concat` neighbouring sentences): a joint sample
 `[CLS] text [>] video [SEP]` with the clips of its time span (subsampled with a random stride 1 to
 `max_stride`), matched or, with probability `negative_prob`, paired with a span of another video (VTM label
-0); or a text-only or video-only sample (VTM ignored), in the `mix` proportions. Masking: 15% of word pieces
+0; always a different video: with one video per batch, the next batch's); or a text-only or video-only sample (VTM ignored), in the `mix` proportions. Masking: 15% of word pieces
 and visual tokens, 80/10/10. Batch b of a shard is built from a fixed run of that shard's videos with a
 generator seeded by (seed, epoch, b), so any position can be resumed without replaying the ones before it.
 """
@@ -41,10 +41,10 @@ class SampleOptions:
             raise ValueError("need 0 <= negative_prob <= 1, max_concat >= 1, max_stride >= 1, max_tokens >= 4")
 
 
-def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
-                  options: SampleOptions, rng: random.Random) -> list[tuple]:
+def build_samples(video: Video, other: Optional[Video], encode_text: Callable[[str], list[int]],
+                  config: VideoBERTConfig, options: SampleOptions, rng: random.Random) -> list[tuple]:
     """(input_ids, token_type_ids, vtm_label, clip features or None) of every sample drawn from `video`;
-    `other` supplies negatives. A video without sentences gives video-only samples: consecutive windows of its
+    `other`, a different video, supplies negatives (none without it). A video without sentences gives video-only samples: consecutive windows of its
     clips, each as long as a sample's budget allows."""
     if not video.sentences:
         width = options.max_tokens - 3
@@ -62,7 +62,7 @@ def build_samples(video: Video, other: Video, encode_text: Callable[[str], list[
         source = video
         if kind == "joint":
             label = 1
-            if rng.random() < options.negative_prob and other.visual_tokens:
+            if rng.random() < options.negative_prob and other is not None and other.visual_tokens:
                 label, source = 0, other
                 shift = rng.uniform(0, max(0.0, len(other.visual_tokens) * CLIP_SECONDS - (end - start)))
                 start, end = shift, shift + (end - start)
@@ -109,13 +109,14 @@ class BatchStats:
 
 def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
                options: SampleOptions, row_length: int, seed: Sequence[int],
-               packed: bool = True) -> tuple[PackedBatch, BatchStats]:
+               packed: bool = True, spare: Optional[Video] = None) -> tuple[PackedBatch, BatchStats]:
     """Every sample of `videos` in rows of `row_length` (no sample split, none dropped), masked: packed
-    first-fit, or one sample per row (the padded layout, for comparisons)."""
+    first-fit, or one sample per row (the padded layout, for comparisons). Negatives pair a video with the next
+    one of the batch; a batch of one video takes them from `spare` (another batch's video), or has none."""
     rng = random.Random("/".join(map(str, seed)))
     samples = []
     for index, video in enumerate(videos):
-        other = videos[(index + 1) % len(videos)] if len(videos) > 1 else video
+        other = videos[(index + 1) % len(videos)] if len(videos) > 1 else spare
         samples += build_samples(video, other, encode_text, config, options, rng)
     if not samples:
         raise ValueError("the videos of this batch yield no samples (no sentences and no clips)")
@@ -242,7 +243,11 @@ class PretrainingStream(ShardedBatches):
         """Every sample of run `unit`, packed and masked."""
         start = unit * self.videos_per_batch
         videos = self.videos(start, start + self.videos_per_batch)
-        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length, seed, self.packed)
+        spare = None
+        if len(videos) == 1 and self.num_videos > 1:  # negatives from another batch's video, never this one
+            spare = self.videos((start + 1) % self.num_videos, (start + 1) % self.num_videos + 1)[0]
+        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length, seed, self.packed,
+                          spare)
 
 
 class BatchDataset(torch.utils.data.IterableDataset):

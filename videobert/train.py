@@ -89,6 +89,7 @@ class TrainArgs(LoopArgs):
     sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
     max_concat: int = 3  # sentences joined into one sample at most
     max_stride: int = 5  # clips subsampled with a random stride up to this
+    negative_rate: float = 0.5  # share of joint samples paired with another video's clips (matching label 0)
     init_from_bert: Optional[str] = None
 
 
@@ -118,7 +119,7 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
     except ValueError:
         raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
     options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
-                            max_tokens=min(args.row_length, 128))
+                            max_tokens=min(args.row_length, 128), negative_prob=args.negative_rate)
     num_eval = args.eval_videos or (64 if args.data == "synthetic" else 0)
     if args.eval_videos and args.eval_videos < args.videos_per_batch:
         raise ValueError(f"eval_videos ({args.eval_videos}) must be at least videos_per_batch "
@@ -616,6 +617,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     last: dict = {}
     batches = iter(stream)
     window_tokens, window_start = 0, time.perf_counter()
+    skipped = 0  # steps skipped since the last logged row
     progress = _Progress(args.steps, step, rank == 0 and sys.stderr.isatty())
 
     def say(message: str) -> None:
@@ -641,6 +643,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     totals = graphed(batch)
                 if per_token is None:
                     per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
+            learnable = torch.zeros((), device=device)
             for micro in range(args.grad_accum if graphed is None else 0):
                 with nvtx_range("data"):
                     batch, stats = next(batches)
@@ -653,15 +656,24 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     (output["loss"] / args.grad_accum).backward()
                 for key, value in _metrics(output).items():
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
+                # Masked tokens and matching labels: a batch with none of either has nothing to learn.
+                counts = [v.to(device).float() for k, v in output.items() if k.endswith("_count")]
+                learnable = learnable + (sum(counts) if counts else 1.0)  # a job without counts always learns
                 if per_token is None:
                     per_token = flops_per_token(config, model, allowed_pairs(batch.segment_ids) / stats.tokens)
             if graphed is None:
                 # One synchronisation per step (besides the heads' counts of masked positions): the summed loss
-                # is finite iff every micro-batch's was.
-                flag = torch.isfinite(totals["loss"]).float().reshape(1)
+                # is finite iff every micro-batch's was; a rank with something to learn makes every rank step.
+                flag = torch.stack([torch.isfinite(totals["loss"]).float(), -(learnable > 0).float()])
                 if world > 1:
                     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                if not bool(flag.item()):
+                finite, nothing_to_learn = flag.tolist()
+                if nothing_to_learn == 0:  # no update, and logged without losses or accuracies
+                    optimizer.zero_grad(set_to_none=True)
+                    say(f"step {step + 1}: skipped (the batch has no masked token and no matching label)")
+                    skipped += 1
+                    totals = {}
+                elif not finite:
                     optimizer.zero_grad(set_to_none=True)
                     if args.on_nan == "skip":
                         say(f"step {step + 1}: non-finite loss, step skipped")
@@ -669,10 +681,11 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                         continue
                     raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); "
                                        "stopping without a checkpoint (use --on-nan skip to skip such steps)")
-                with nvtx_range("optimizer"):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if totals:
+                    with nvtx_range("optimizer"):
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(step)
             if profile and step == profile[1] and torch.cuda.is_available():
@@ -690,6 +703,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
                        "lr": float(optimizer.param_groups[0]["lr"]),
                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
+                if skipped:
+                    row["skipped_steps"], skipped = skipped, 0
                 if device.type == "cuda":
                     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
                     if peak:
@@ -697,8 +712,9 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                 row.update(evaluated)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
-                progress.loss = row["loss"]
-                say(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
+                if "loss" in row:  # a skipped step's row has none
+                    progress.loss = row["loss"]
+                    say(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
                 last = row
                 window_tokens, window_start = 0, time.perf_counter()
             if final or step % (args.eval_every or args.steps) == 0:
