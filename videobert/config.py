@@ -41,6 +41,8 @@ class VideoBERTConfig:
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
     vtm_weight: float = 1.0
+    nce_weight: float = 0.0  # in-batch InfoNCE between pooled text-only and video-only encodings (CBT, UniVL)
+    nce_temperature: float = 0.07
     backend: str = "auto"  # backend of every fused op in the model
 
     def __post_init__(self) -> None:

@@ -36,6 +36,8 @@ class PackedBatch:
     vtm_labels: torch.Tensor
     video_features: Optional[torch.Tensor] = None  # (B, L, F), read at [FEAT] positions (continuous mode)
     head_positions: Optional[HeadPositions] = None  # static-shape head indices (`static_batch`)
+    # (P, 2): per matched pair, the [CLS] indices of its text-only and its video-only sample (contrastive objective)
+    nce_pairs: Optional[torch.Tensor] = None
 
     def to(self, device) -> "PackedBatch":
         """The same batch on `device` (`to_device`)."""
@@ -43,7 +45,7 @@ class PackedBatch:
                                                   self.mlm_labels, self.vtm_labels, self.video_features))
         positions = None if self.head_positions is None else HeadPositions(
             *(to_device(t, device) for t in self.head_positions))
-        return PackedBatch(*tensors, head_positions=positions)
+        return PackedBatch(*tensors, head_positions=positions, nce_pairs=to_device(self.nce_pairs, device))
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""
@@ -51,6 +53,8 @@ class PackedBatch:
                       mlm_labels=self.mlm_labels, vtm_labels=self.vtm_labels)
         if self.video_features is not None:
             inputs["video_features"] = self.video_features
+        if self.nce_pairs is not None:
+            inputs["nce_pairs"] = self.nce_pairs
         if self.head_positions is not None:
             inputs["head_positions"] = self.head_positions
         return inputs
@@ -72,6 +76,9 @@ def static_batch(batch: PackedBatch, config: VideoBERTConfig, row_multiple: int 
     multiple of `row_multiple` with padding rows, and `head_positions`, the heads' gather indices (masked text,
     masked visual, [CLS] tokens) each padded to a multiple of `capacity_multiple` (the matching labels padded
     with -100 to the [CLS] capacity). Few distinct shapes, so few graphs; the losses are those of `batch`."""
+    if batch.nce_pairs is not None:
+        raise ValueError("static batches (--cuda-graphs, reduce-overhead compiles) do not carry the contrastive "
+                         "objective's pairs: use --nce-weight 0 with them")
     B, L = batch.input_ids.shape
     pad = _round_up(B, row_multiple) - B
 

@@ -339,7 +339,8 @@ class VideoBERTForPretraining(PreTrainedMixin, nn.Module):
                 segment_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
                 vtm_labels: Optional[torch.Tensor] = None, modality_ids: Optional[torch.Tensor] = None,
                 modality_rules: Optional[torch.Tensor] = None, video_features: Optional[torch.Tensor] = None,
-                head_positions: Optional[HeadPositions] = None) -> PretrainingOutput:
+                head_positions: Optional[HeadPositions] = None, nce_pairs: Optional[torch.Tensor] = None
+                ) -> PretrainingOutput:
         """Losses and accuracies (a PretrainingOutput: a dict whose keys are attributes too). The encoder's
         arguments are BertModel's (positional: input_ids, attention_mask, token_type_ids, position_ids); the rest
         are keyword-only. With labels and no `head_positions`, one host sync (the numbers of masked and [CLS]
@@ -350,6 +351,8 @@ class VideoBERTForPretraining(PreTrainedMixin, nn.Module):
         vtm_labels: 1 matched / 0 mismatched / -100 ignored for each sample, in the order of the samples'
         [CLS] tokens in the flattened (B * L) rows: (S,) for the S samples, or with `head_positions` padded with
         -100 to its [CLS] capacity.
+        nce_pairs (P, 2): [CLS] indices (in that order) of matched pairs' text-only and video-only samples: with
+        config.nce_weight > 0, in-batch InfoNCE between their pooled encodings, both directions ("nce").
         """
         cfg = self.config
         if mlm_labels is not None and mlm_labels.shape != input_ids.shape:
@@ -399,8 +402,27 @@ class VideoBERTForPretraining(PreTrainedMixin, nn.Module):
                                         backend=cfg.backend)
             total = total + cfg.vtm_weight * res.loss
             _record(out, "vtm", res, (vtm_labels != IGNORE_INDEX).sum())
+        if nce_pairs is not None and cfg.nce_weight > 0:
+            if mlm_labels is None and vtm_labels is None and head_positions is None:
+                cls_pos = (input_ids.flatten() == cfg.cls_token_id).nonzero().flatten()
+            total = total + cfg.nce_weight * self._nce(out, flat[cls_pos], nce_pairs)
         out["loss"] = total
         return out
+
+    def _nce(self, out: dict, cls_hidden: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """In-batch InfoNCE of the pairs' pooled, normalised text and video encodings (each text against every
+        video of the batch and back); records nce_loss, nce_acc (the right partner ranked first) and nce_count."""
+        pooled = F.normalize(torch.tanh(self.bert.pooler(cls_hidden[pairs.flatten()])).float(), dim=-1)
+        text, video = pooled[0::2], pooled[1::2]
+        logits = text @ video.T / self.config.nce_temperature
+        target = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2 if target.numel() \
+            else logits.sum()
+        count = torch.tensor(target.numel())
+        out["nce_loss"] = loss
+        out["nce_acc"] = (logits.argmax(-1) == target).float().sum() / count.clamp_min(1)
+        out["nce_count"] = count
+        return loss
 
     def mlm_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) encoder states -> the masked-token head's input to the tied decoder (dense, GELU, LayerNorm)."""

@@ -33,6 +33,7 @@ class SampleOptions:
     mask_prob: float = 0.15
     max_tokens: int = 128  # a sample's budget, specials included; longer text/video is cut
     continuous: bool = False  # clips go in as [FEAT] positions with their feature vectors (text MLM and VTM only)
+    nce: bool = False  # each matched pair also as a text-only and a video-only sample (the contrastive objective)
 
     def __post_init__(self) -> None:
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
@@ -118,6 +119,16 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
     for index, video in enumerate(videos):
         other = videos[(index + 1) % len(videos)] if len(videos) > 1 else spare
         samples += build_samples(video, other, encode_text, config, options, rng)
+    pairs = []
+    if options.nce:  # the matched pairs' text and video apart, each with its own [CLS]
+        for ids, types, label, features in list(samples):
+            if label == 1:
+                cut = int((ids == config.join_token_id).nonzero()[0]) + 1
+                pairs.append((len(samples), len(samples) + 1))
+                samples.append((torch.cat([ids[:cut], ids[-1:]]), torch.cat([types[:cut], types[-1:]]), IGNORE_INDEX,
+                                None if features is None else features[:0]))
+                samples.append((torch.cat([ids[:1], ids[cut - 1:]]), torch.cat([types[:1], types[cut - 1:]]),
+                                IGNORE_INDEX, features))
     if not samples:
         raise ValueError("the videos of this batch yield no samples (no sentences and no clips)")
     rows = plan_rows([sample[0].numel() for sample in samples], row_length, packed)
@@ -127,6 +138,9 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
     masked, labels = mask_tokens(config, input_ids, token_types, options.mask_prob, gen)
     # VTM labels go in [CLS] order, which is row-major over the packed rows.
     vtm = torch.tensor([samples[i][2] for row in rows for i in row], dtype=torch.long)
+    cls_order = {i: position for position, i in enumerate(i for row in rows for i in row)}
+    nce_pairs = (torch.tensor([(cls_order[t], cls_order[v]) for t, v in pairs], dtype=torch.long).reshape(-1, 2)
+                 if options.nce else None)
     video_features = None
     if options.continuous:
         dim = next(s[3].shape[-1] for s in samples if s[3] is not None and s[3].numel())
@@ -140,7 +154,7 @@ def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]],
                 start += ids.numel()
     tokens = int((segment_ids >= 0).sum())
     stats = BatchStats(len(samples), input_ids.shape[0], tokens, tokens / max(1, input_ids.numel()))
-    return PackedBatch(masked, token_types, segment_ids, labels, vtm, video_features), stats
+    return PackedBatch(masked, token_types, segment_ids, labels, vtm, video_features, nce_pairs=nce_pairs), stats
 
 
 class ShardedBatches:

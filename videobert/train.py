@@ -84,6 +84,7 @@ class TrainArgs(LoopArgs):
     text_mlm_weight: float = 1.0
     visual_mlm_weight: float = 1.0
     vtm_weight: float = 1.0
+    nce_weight: float = 0.0  # the contrastive video-text objective (in-batch InfoNCE); 0: off
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
@@ -119,7 +120,8 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
     except ValueError:
         raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
     options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
-                            max_tokens=min(args.row_length, 128), negative_prob=args.negative_rate)
+                            max_tokens=min(args.row_length, 128), negative_prob=args.negative_rate,
+                            nce=args.nce_weight > 0)
     num_eval = args.eval_videos or (64 if args.data == "synthetic" else 0)
     if args.eval_videos and args.eval_videos < args.videos_per_batch:
         raise ValueError(f"eval_videos ({args.eval_videos}) must be at least videos_per_batch "
@@ -153,7 +155,7 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         train_videos = folder.videos
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
     fields = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
-                  vtm_weight=args.vtm_weight, hidden_dropout=args.hidden_dropout,
+                  vtm_weight=args.vtm_weight, nce_weight=args.nce_weight, hidden_dropout=args.hidden_dropout,
                   attention_dropout=args.attention_dropout, **tokenizer.config_overrides())
     if bert_dir is not None:
         transformers = require("transformers", "hf", "--init-from-bert")
@@ -341,14 +343,14 @@ def evaluate(model, stream: PretrainingStream, device) -> dict:
         batch, _ = stream.batch(0, index)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model(**batch.to(device).model_inputs())
-        for name in OBJECTIVES:
+        for name in (n for n in OBJECTIVES + ("nce",) if f"{n}_count" in out):
             count = float(out[f"{name}_count"])
             sums[f"{name}_acc"] = sums.get(f"{name}_acc", 0.0) + float(out[f"{name}_acc"]) * count
             sums[f"{name}_n"] = sums.get(f"{name}_n", 0.0) + count
         sums["loss"] = sums.get("loss", 0.0) + float(out["loss"])
     model.train()
     result = {"eval_loss": sums["loss"] / max(1, stream.batches_per_epoch)}
-    for name in OBJECTIVES:
+    for name in (n for n in OBJECTIVES + ("nce",) if f"{n}_n" in sums):
         result[f"eval_{name}_acc"] = sums[f"{name}_acc"] / max(1.0, sums[f"{name}_n"])
     return result
 
@@ -409,6 +411,7 @@ def pretraining_job(args: TrainArgs, out: Path, rank: int, world: int) -> Job:
 
     def summary(row: dict) -> str:
         return (f"text {row['text_mlm_acc']:.3f}  visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}"
+                + (f"  nce {row['nce_acc']:.3f}" if "nce_acc" in row else "")
                 + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
     return Job(config, make_model(args, config), stream, lambda model, device: evaluate(model, held_out, device),
                summary, {"args": asdict(args), "config": config.to_dict()},
