@@ -81,7 +81,7 @@ def _reported(command):
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (ValueError, FileNotFoundError, KeyError) as exc:
+        except (ValueError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     return run

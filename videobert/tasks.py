@@ -28,13 +28,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from videobert.checkpoint import latest_checkpoint, load_model_state, verify_checkpoint
 from videobert.config import VideoBERTConfig
 from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, Video, synthetic_video
 from videobert.data import encode_sample, pack_tensors, plan_rows
 from videobert.model import VideoBERTForPretraining
 from videobert.real_data import DataError, VideoFolder
 from videobert.text_tokenizer import TextTokenizer
-from videobert.train import latest_checkpoint
 
 SPLITS = ("train", "validation", "test")
 SYNTHETIC_SPLIT_SEEDS = {"train": 2_000_003, "validation": 3_000_017, "test": 4_000_037}
@@ -192,8 +192,11 @@ def load_checkpoint(ckpt: Union[str, Path], build: Optional[Callable[[VideoBERTC
     if not (run / "run.json").is_file() or not (run / "vocab.txt").is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: {run} lacks run.json or vocab.txt (written by videobert pretrain "
                                 "and videobert finetune)")
-    info = json.loads((run / "run.json").read_text())
-    config = VideoBERTConfig.from_dict(info["config"])
+    try:
+        info = json.loads((run / "run.json").read_text())
+        config = VideoBERTConfig.from_dict(info["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{run / 'run.json'} is damaged ({type(exc).__name__}: {exc})") from None
     if config.video_feature_dim is not None:
         raise ValueError(f"--ckpt {ckpt}: continuous-feature checkpoints are not supported by these tasks")
     tokenizer = TextTokenizer.from_vocab(run / "vocab.txt")
@@ -205,11 +208,8 @@ def load_checkpoint(ckpt: Union[str, Path], build: Optional[Callable[[VideoBERTC
                              f"not the checkpoint's {run / 'vocab.txt'} ({tokenizer.vocab_size}); use the "
                              "vocabulary the model was pretrained with")
     model = build(config, info) if build is not None else VideoBERTForPretraining(config)
-    state = load_file(step / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"--ckpt {step}: the checkpoint lacks {len(missing)} tensors this model needs, e.g. "
-                         f"{missing[:3]} (a checkpoint of another task?)")
+    verify_checkpoint(step)
+    load_model_state(model, load_file(step / "model.safetensors"), step / "model.safetensors")
     return Checkpoint(model.eval(), config, tokenizer, info, step)
 
 
@@ -224,7 +224,13 @@ def sample_budget(checkpoint: Checkpoint) -> int:
 def device_of(name: str = "auto") -> torch.device:
     """The device `name` says ("auto": the GPU when there is one)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name}: not a device (expected auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

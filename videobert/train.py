@@ -15,6 +15,7 @@ MFU counts 6 x (non-embedding parameters) + 12 x layers x hidden x (mean attende
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -29,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from videobert._optional import require
+from videobert.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint, step_folders
 from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs, static_batch
 from videobert.model import VideoBERTForPretraining, VideoBERTModel
-from videobert.ops import get_dropout_states, manual_seed, set_dropout_states
+from videobert.ops import manual_seed
 from videobert.profiling import nvtx_range
 from videobert.real_data import VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
@@ -202,104 +204,6 @@ def flops_per_token(config: VideoBERTConfig, model: torch.nn.Module, mean_keys: 
     return 6.0 * dense + 12.0 * config.num_layers * config.hidden_size * mean_keys
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-
-def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
-    # A captured step's learning rate is a 0-d tensor: stored as its number (the loop restores the tensor).
-    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
-    tensors, meta = {}, {"param_groups": groups, "state": {}}
-    for index, entry in state["state"].items():
-        meta["state"][str(index)] = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                meta["state"][str(index)][key] = value
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    # Parameters are keyed by index (a plain optimizer) or by name (FSDP's full state dict; names hold dots).
-    def key(index: str):
-        return int(index) if index.isdigit() else index
-
-    state = {key(i): dict(entry) for i, entry in meta["state"].items()}
-    for name, value in tensors.items():
-        index, field = name.rsplit(".", 1)
-        state.setdefault(key(index), {})[field] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with whole tensors; with FSDP a collective that every rank must call."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: dict, stream: PretrainingStream,
-                    keep: int) -> Path:
-    """Write OUT/checkpoints/step-N (state dicts from `full_state`) atomically (temporary folder, then rename)
-    and keep the newest `keep`."""
-    from safetensors.torch import save_file
-
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer_state)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        # The fused ops' dropout generators live on the GPUs (see videobert.ops.get_dropout_states).
-        rng.update({f"dropout.{name}": state for name, state in get_dropout_states().items()})
-    save_file({**{f"opt.{k}": v for k, v in tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
-              tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "data": stream.state_dict()}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, stream: PretrainingStream, sharded: bool = False) -> int:
-    """Restore a checkpoint written by `save_checkpoint` (no unpickling); returns its step. With FSDP
-    (`sharded`) every rank reads the whole checkpoint and keeps its shards."""
-    from safetensors.torch import load_file
-
-    model_state = load_file(path / "model.safetensors")
-    state = load_file(path / "state.safetensors")
-    info = json.loads((path / "state.json").read_text())
-    optimizer_state = _unflatten_optimizer({k[4:]: v for k, v in state.items() if k.startswith("opt.")},
-                                           info["optimizer"])
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(state["rng.cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
-                                      if f"rng.cuda{i}" in state])
-        set_dropout_states({k[len("rng.dropout."):]: v for k, v in state.items() if k.startswith("rng.dropout.")})
-    stream.load_state_dict(info["data"])
-    return int(info["step"])
-
-
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    """The newest complete checkpoint under OUT/checkpoints, if any."""
-    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
-
-
 # ------------------------------------------------------------------------------------------- the loop
 
 class _Progress:
@@ -385,12 +289,18 @@ def plot_curves(out: Path) -> Optional[Path]:
     return out / "curves.png"
 
 
-class _Signals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (to checkpoint and exit cleanly)."""
+class _Interrupted(Exception):
+    """Raised by a first signal inside `_Signals.abortable()` (the held-out evaluation) to cut it short."""
 
-    def __init__(self):
+
+class _Signals:
+    """SIGINT/SIGTERM handling: the first signal is announced at once (`say`) and becomes a flag the loop checks
+    after each step (checkpoint, no evaluation, exit), and cuts an evaluation in progress short; a second signal
+    exits at once (status 128 + signal, no checkpoint: the previous ones stay intact)."""
+
+    def __init__(self, say: Callable[[str], None]):
         self.received: Optional[int] = None
-        self._previous = {}
+        self._say, self._previous, self._abortable = say, {}, False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -398,7 +308,27 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            self._say(f"{name} again: exiting now, without a checkpoint")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.received = signum
+        self._say(f"{name}: checkpointing after this step, then exiting ({name} again exits at once)")
+        if self._abortable:
+            raise _Interrupted
+
+    @contextlib.contextmanager
+    def abortable(self):
+        """A block that a first signal ends early (its partial result discarded by the caller)."""
+        self._abortable = True
+        try:
+            yield
+        except _Interrupted:
+            pass
+        finally:
+            self._abortable = False
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -597,16 +527,19 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                                   lr=torch.tensor(args.lr, device=device) if args.cuda_graphs else args.lr,
                                   fused=device.type == "cuda" and not sharded, capturable=args.cuda_graphs)
     step = 0
-    checkpoint = latest_checkpoint(out) if args.resume else None
+    checkpoint = latest_checkpoint(out, report=log if rank == 0 else None) if args.resume else None
+    if args.resume and checkpoint is None and step_folders(out / "checkpoints"):
+        raise ValueError(f"--resume: no intact checkpoint in {out / 'checkpoints'} (see the reasons above); "
+                         "--overwrite starts the run over")
     if checkpoint is not None:
         _check_resume_flags(out, job.info)
         step = load_checkpoint(checkpoint, model, optimizer, stream, sharded)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", step)
+            log(f"resumed from {checkpoint} at step {step}")
         if args.cuda_graphs:  # captured steps read the learning rate from a tensor
             for group in optimizer.param_groups:
                 group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
-        log(f"resumed from {checkpoint} at step {step}")
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
         (out / "run.json").write_text(json.dumps(job.info, indent=2))
@@ -626,7 +559,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     def say(message: str) -> None:
         progress.clear()
         log(message)
-    with _Signals() as signals:
+    with _Signals(say) as signals:
         while step < args.steps:
             if profile and step == profile[0] and torch.cuda.is_available():
                 torch.cuda.profiler.start()
@@ -699,8 +632,13 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                 raise RuntimeError(f"step {step}: the loss is not finite ({float(totals['loss'])}); stopping without "
                                    "a checkpoint (with --cuda-graphs the loss is read when logged)")
             evaluated = {}
-            if logged and (step % args.eval_every == 0 or final) and (rank == 0 or sharded):
-                evaluated = job.evaluate(model, device)  # with FSDP every rank takes part in the forwards
+            if logged and (step % args.eval_every == 0 or final) and (rank == 0 or sharded) and not signals.received:
+                if sharded:  # every rank takes part in the forwards: an evaluation is never cut short on one
+                    evaluated = job.evaluate(model, device)
+                else:
+                    with signals.abortable():
+                        evaluated = job.evaluate(model, device)
+                    model.train()  # a cut-short evaluation leaves eval mode on
             if rank == 0 and logged:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
@@ -720,13 +658,13 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     say(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
                 last = row
                 window_tokens, window_start = 0, time.perf_counter()
-            if final or step % (args.eval_every or args.steps) == 0:
+            if final or signals.received is not None or step % (args.eval_every or args.steps) == 0:
                 if rank == 0 or sharded:  # gathering FSDP shards is a collective
                     model_state, optimizer_state = full_state(model, optimizer, sharded)
                 if rank == 0:
                     save_checkpoint(out, step, model_state, optimizer_state, stream, args.keep)
             if signals.received is not None:
-                say(f"signal {signals.received}: checkpoint written at step {step}; exiting")
+                say(f"{signal.Signals(signals.received).name}: checkpoint written at step {step}; exiting")
                 last["interrupted"] = signals.received
                 break
     progress.clear()
@@ -761,7 +699,7 @@ def run_command(args: argparse.Namespace, fields: type, run: Callable) -> int:
     non-finite loss or bad input (the message on stderr)."""
     try:
         last = run(fields(**{k: getattr(args, k) for k in asdict(fields())}))
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 128 + last["interrupted"] if "interrupted" in last else 0
