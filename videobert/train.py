@@ -41,6 +41,8 @@ from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
 OBJECTIVES = ("text_mlm", "visual_mlm", "vtm")
+FEATURE_MODES = ("tokens", "continuous")  # --features: clips as visual tokens, or as their feature vectors
+SYNTHETIC_FEATURE_DIM = 64  # clip features of the synthetic corpus with --features continuous
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GPU name
 
 
@@ -77,6 +79,8 @@ class TrainArgs(LoopArgs):
 
     preset: str = "tiny"
     data: str = "synthetic"
+    # "continuous": clips enter as their feature vectors (DATA/features/<id>.npy; synthetic: token_features)
+    features: str = "tokens"
     videos_per_batch: int = 8
     row_length: int = 128
     num_videos: int = 4000
@@ -117,13 +121,16 @@ class Job:
 
 def build(args: TrainArgs, out: Path, rank: int, world: int):
     """(model config, tokenizer, train stream, eval stream) for the run's data."""
+    if args.features not in FEATURE_MODES:
+        raise ValueError(f"--features must be one of {', '.join(FEATURE_MODES)}, got {args.features!r}")
+    continuous = args.features == "continuous"
     try:
         mix = tuple(float(x) for x in args.sample_mix.split(","))
     except ValueError:
         raise ValueError(f"sample_mix must be three comma-separated numbers, got {args.sample_mix!r}") from None
     options = SampleOptions(mix=mix, max_concat=args.max_concat, max_stride=args.max_stride,
                             max_tokens=min(args.row_length, 128), negative_prob=args.negative_rate,
-                            nce=args.nce_weight > 0)
+                            nce=args.nce_weight > 0, continuous=continuous)
     num_eval = args.eval_videos or (64 if args.data == "synthetic" else 0)
     if args.eval_videos and args.eval_videos < args.videos_per_batch:
         raise ValueError(f"eval_videos ({args.eval_videos}) must be at least videos_per_batch "
@@ -145,10 +152,19 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
     if rank == 0:  # the run folder carries its vocabulary, so a checkpoint is usable on its own
         tokenizer.save(out)
     if args.data == "synthetic":
-        train_videos, eval_videos = synthetic_videos(args.seed), synthetic_videos(args.seed + 1_000_003)
+        feature_dim = SYNTHETIC_FEATURE_DIM if continuous else None
+        train_videos = synthetic_videos(args.seed, feature_dim=feature_dim)
+        eval_videos = synthetic_videos(args.seed + 1_000_003, feature_dim=feature_dim)
         num_train = args.num_videos
     else:
         folder = VideoFolder(args.data)
+        folder.with_features = continuous
+        feature_dim = None
+        if continuous:  # the first video's dimension; every other file is checked against it
+            if not (folder.root / "features").is_dir():
+                raise ValueError(f"--features continuous: {folder.root / 'features'} does not exist (one (clips, F) "
+                                 ".npy of clip features per video)")
+            feature_dim = folder.features(folder.ids[0]).shape[1]
         num_eval, message = held_out_videos(len(folder), args.eval_videos, args.eval_share, args.videos_per_batch,
                                             world, args.data)
         if rank == 0:
@@ -158,7 +174,11 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
     fields = dict(text_mlm_weight=args.text_mlm_weight, visual_mlm_weight=args.visual_mlm_weight,
                   vtm_weight=args.vtm_weight, nce_weight=args.nce_weight, hidden_dropout=args.hidden_dropout,
-                  attention_dropout=args.attention_dropout, **tokenizer.config_overrides())
+                  attention_dropout=args.attention_dropout, video_feature_dim=feature_dim,
+                  **tokenizer.config_overrides())
+    if continuous and rank == 0:
+        print("--features continuous: clips enter as their feature vectors; the objectives are text MLM and video-text "
+              "matching (and the contrastive one with --nce-weight): visual MLM predicts visual tokens, so it is off")
     if bert_dir is not None:
         transformers = require("transformers", "hf", "--init-from-bert")
         config = VideoBERTConfig.from_bert_config(transformers.BertConfig.from_pretrained(bert_dir), **fields)
@@ -340,7 +360,9 @@ def pretraining_job(args: TrainArgs, out: Path, rank: int, world: int) -> Job:
     config, _, stream, held_out = build(args, out, rank, world)
 
     def summary(row: dict) -> str:
-        return (f"text {row['text_mlm_acc']:.3f}  visual {row['visual_mlm_acc']:.3f}  vtm {row['vtm_acc']:.3f}"
+        return (f"text {row['text_mlm_acc']:.3f}"
+                + (f"  visual {row['visual_mlm_acc']:.3f}" if args.features == "tokens" else "")
+                + f"  vtm {row['vtm_acc']:.3f}"
                 + (f"  nce {row['nce_acc']:.3f}" if "nce_acc" in row else "")
                 + (f"  eval vtm {row['eval_vtm_acc']:.3f}" if "eval_vtm_acc" in row else ""))
     return Job(config, make_model(args, config), stream, lambda model, device: evaluate(model, held_out, device),
