@@ -200,7 +200,7 @@ def test_custom_op_passes_opcheck():
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = _segment_attention_op(q, k, v, seg, mod, rules, 0.1, 0.35, rng, "torch")
     torch.library.opcheck(_segment_attention_backward_op,
-                          (torch.randn_like(out), q, k, v, out, lse, seg, mod, rules, 0.1, 0.35, rng, "torch"))
+                          (torch.randn_like(out), q, k, v, out, lse, seg, mod, rules, 0.1, 0.35, rng, False, "torch"))
 
 
 def test_torch_compile_fullgraph():

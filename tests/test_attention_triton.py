@@ -24,10 +24,11 @@ RULES = [None, JOINT, LATE_FUSION, PREFIX_LM, ALL_CAUSAL]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
-def run_both(q, k, v, seg, mod, rules, dropout_p=0.0, rng=None):
+def run_both(q, k, v, seg, mod, rules, dropout_p=0.0, rng=None, deterministic=False):
     """Triton output and grads, and the float64 reference's on the same (rounded) inputs and upstream grad."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = segment_attention(*leaves, seg, mod, rules, dropout_p=dropout_p, rng=rng, backend="triton")
+    out = segment_attention(*leaves, seg, mod, rules, dropout_p=dropout_p, rng=rng, backend="triton",
+                            deterministic=deterministic)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -69,8 +70,8 @@ def test_head_dims(D):
     check(run_both(q, k, v, seg, mod, rules), torch.float16, f"D={D}")
 
 
-@pytest.mark.parametrize("blocks", [{"fwd": (16, 64), "dkdv": (64, 16), "dq": (16, 32)},
-                                    {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 16)}])
+@pytest.mark.parametrize("blocks", [{"fwd": (16, 64), "bwd": (64, 16), "dkdv": (64, 16), "dq": (16, 32)},
+                                    {"fwd": (64, 32), "bwd": (32, 64), "dkdv": (32, 64), "dq": (64, 16)}])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fixed block sizes apply to the interpreter only")
 def test_other_block_sizes(blocks, monkeypatch):
     monkeypatch.setattr(sa, "INTERPRET_CONFIG", blocks)
@@ -79,11 +80,47 @@ def test_other_block_sizes(blocks, monkeypatch):
     check(run_both(q, k, v, seg, mod, rules), torch.float32, str(blocks))
 
 
-def test_dropout_uses_the_reference_mask():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_uses_the_reference_mask(deterministic):
     gen = torch.Generator().manual_seed(3)
     q, k, v, seg, mod, rules = make_inputs(2, 100, 2, 32, torch.float32, DEVICE, gen, "packed", PREFIX_LM)
     rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64)
-    check(run_both(q, k, v, seg, mod, rules, dropout_p=0.2, rng=rng), torch.float32, "dropout")
+    check(run_both(q, k, v, seg, mod, rules, dropout_p=0.2, rng=rng, deterministic=deterministic), torch.float32,
+          f"dropout deterministic={deterministic}")
+
+
+# The kept two-kernel backward on the cases the atomic one is tested on above: odd lengths, length 1, padding
+# and empty samples, unsorted ids, rows without keys, every rules pattern, fp32 and fp16.
+@pytest.mark.parametrize("rules, layout, L, dtype", [
+    (None, "packed", 1, torch.float32), (JOINT, "unsorted", 77, torch.float16),
+    (LATE_FUSION, "padding", 129, torch.float32), (PREFIX_LM, "all_padding", 17, torch.float32),
+    (ALL_CAUSAL, "packed", 150, torch.float16)])
+def test_deterministic_backward_matches_reference(rules, layout, L, dtype):
+    gen = torch.Generator().manual_seed(L)
+    q, k, v, seg, mod, rules_t = make_inputs(2, L, 2, 32, dtype, DEVICE, gen, layout, rules)
+    check(run_both(q, k, v, seg, mod, rules_t, deterministic=True), dtype, f"deterministic {layout} L={L}")
+
+
+def test_backward_paths_and_the_flag(monkeypatch):
+    """The default backward is the atomic one-kernel backward, `deterministic=True` the dK/dV and dQ kernels (also
+    through segment_attention_varlen, whose flag is flash-attn's); the two agree; the flag must be a bool."""
+    launched = []
+    real = sa._launch
+    monkeypatch.setattr(sa, "_launch", lambda tuned, kind, *args: launched.append(kind) or real(tuned, kind, *args))
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, cu_seqlens, _ = varlen_inputs([9, 0, 40, 1], 2, 16, torch.float32, DEVICE, gen)
+    dout = torch.randn_like(q)
+    grads = {}
+    for deterministic in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = segment_attention_varlen(*leaves, cu_seqlens, backend="triton", deterministic=deterministic)
+        grads[deterministic] = torch.autograd.grad(out, leaves, dout)
+    assert launched == ["fwd", "bwd", "fwd", "dkdv", "dq"]
+    for name, atomic, kept in zip(("dq", "dk", "dv"), grads[False], grads[True]):
+        assert_close(atomic, kept, torch.float32, name)
+    with pytest.raises(ValueError, match="deterministic must be a bool"):
+        segment_attention(q[None], k[None], v[None], torch.zeros(1, q.shape[0], dtype=torch.long, device=DEVICE),
+                          backend="triton", deterministic=1)
 
 
 def test_rows_without_keys_and_degenerate_shapes():
@@ -323,12 +360,13 @@ def test_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("block_d", [16, 32, 64, 128])
 def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major, block_d):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (arch_major, 0))
-    for table in (sa.FWD_TABLE, sa.DKDV_TABLE, sa.DQ_TABLE):
+    for table in (sa.FWD_TABLE, sa.BWD_TABLE, sa.DKDV_TABLE, sa.DQ_TABLE):
         configs = sa._configs(table)
         for length, dropout in itertools.product((32, 512, 4096), (False, True)):
             kept = sa._pruner(table)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d,
                                      HAS_DROPOUT=dropout)
-            assert kept
+            # launches the atomic backward does not serve take the deterministic kernels
+            assert kept or (table is sa.BWD_TABLE and not sa.atomic_backward_serves(block_d, arch_major, dropout))
             served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major, dropout)}
             for c in kept:
                 assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served
@@ -353,10 +391,10 @@ def test_autotuned_launch_matches_reference(monkeypatch):
 
 def test_reset_autotuning_forgets_tuned_configs():
     """A new workload at the same shapes is tuned afresh (the key cannot see the id layout)."""
-    for tuned in (sa._fwd_tuned, sa._dkdv_tuned, sa._dq_tuned):
+    for tuned in sa.TUNED.values():
         tuned.cache[("stale",)] = object()
     sa.reset_autotuning()
-    assert not any(t.cache for t in (sa._fwd_tuned, sa._dkdv_tuned, sa._dq_tuned))
+    assert not any(t.cache for t in sa.TUNED.values())
 
 
 @pytest.mark.parametrize("rules", [None, PREFIX_LM])

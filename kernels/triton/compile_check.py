@@ -125,16 +125,18 @@ def as_launched(signature: dict, *multiples_of_16: str) -> dict:
 
 
 def attention_signature(kind: str, dtype: str) -> dict:
-    """Argument types of an attention kernel ("fwd", "dkdv", "dq") as a launch with int32 ids specialises them:
-    (B, L, H, D) tensors or views of a fused QKV projection have strides that are multiples of D (32, 64, 128),
-    and training rows are a multiple of 16 long."""
-    tensors = {"fwd": ["Q", "K", "V", "Out"], "dkdv": ["Q", "K", "V", "DO"], "dq": ["Q", "K", "V", "DO"]}[kind]
-    sig = {name: f"*{dtype}" for name in tensors}
+    """Argument types of an attention kernel ("fwd", "bwd", "dkdv", "dq") as a launch with int32 ids specialises
+    them: (B, L, H, D) tensors or views of a fused QKV projection have strides that are multiples of D (32, 64,
+    128), and training rows are a multiple of 16 long."""
+    sig = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out" if kind == "fwd" else "DO")}
     if kind == "fwd":
         sig["Lse"] = "*fp32"
     else:
         sig.update({"Lse": "*fp32", "Delta": "*fp32"})
-        sig.update({name: f"*{dtype}" for name in (["DK", "DV"] if kind == "dkdv" else ["DQ"])})
+        grads = {"bwd": ["DK", "DV"], "dkdv": ["DK", "DV", "DQ"], "dq": ["DQ"]}[kind]
+        sig.update({name: f"*{dtype}" for name in grads})
+        if kind == "bwd":
+            sig["DQ"] = "*fp32"  # the atomic backward's accumulator
     sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
     strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
     strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
@@ -147,18 +149,24 @@ def attention_signature(kind: str, dtype: str) -> dict:
     return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
 
 
-def attention_constexprs(block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
+def attention_constexprs(kind: str, block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
     """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
-                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
+                  DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    if kind in ("bwd", "dkdv"):  # one kernel: the atomic backward is the dK/dV kernel adding dQ
+        consts["ATOMIC_DQ"] = kind == "bwd"
+    return consts
+
+
+KINDS = ("fwd", "bwd", "dkdv", "dq")
 
 
 def attention_kernel(kind: str):
     """The jit function and shipped table of an attention kernel."""
     from videobert._kernels.triton import segment_attention as sa
 
-    kernels = {"fwd": sa._segment_attention_fwd_kernel, "dkdv": sa._segment_attention_bwd_dkdv_kernel,
-               "dq": sa._segment_attention_bwd_dq_kernel}
+    kernels = {"fwd": sa._segment_attention_fwd_kernel, "bwd": sa._segment_attention_bwd_dkdv_kernel,
+               "dkdv": sa._segment_attention_bwd_dkdv_kernel, "dq": sa._segment_attention_bwd_dq_kernel}
     return kernels[kind], sa.TABLES[kind]
 
 
@@ -167,7 +175,8 @@ def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: 
     """Compile an attention kernel with config (BLOCK_M, BLOCK_N, warps, stages) as launched."""
     block_m, block_n, warps, stages = config
     return compile_report(attention_kernel(kind)[0], attention_signature(kind, dtype),
-                          attention_constexprs(block_m, block_n, head_dim, rules, dropout), arch, warps, stages)
+                          attention_constexprs(kind, block_m, block_n, head_dim, rules, dropout), arch, warps,
+                          stages)
 
 
 def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> Counter:
@@ -175,7 +184,7 @@ def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> 
     SASS of an attention kernel compiled with `config` as launched (bf16, no rules, no dropout)."""
     block_m, block_n, warps, stages = config
     compiled = compile_kernel(attention_kernel(kind)[0], attention_signature(kind, "bf16"),
-                              attention_constexprs(block_m, block_n, head_dim, False, False), arch, warps, stages)
+                              attention_constexprs(kind, block_m, block_n, head_dim, False, False), arch, warps, stages)
     return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG)\b", _cubin_tool(compiled, arch, "nvdisasm", "-c")))
 
 
@@ -238,14 +247,14 @@ def main(argv=None) -> int:
     """Print the attention table entries that configs earn (the shipped tables' configs by default)."""
     parser = argparse.ArgumentParser(description="Compile attention configs for sm_80 and sm_90 as launched and "
                                                  "print the table entries they earn (no GPU needed).")
-    parser.add_argument("--kind", choices=("fwd", "dkdv", "dq"), action="append", help="default: all three")
+    parser.add_argument("--kind", choices=KINDS, action="append", help="default: all four")
     parser.add_argument("--config", action="append", type=_config_arg, metavar="M,N,WARPS,STAGES",
                         help="configs to try instead of the shipped ones (repeatable)")
     parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for kind in args.kind or ("fwd", "dkdv", "dq"):
+        for kind in args.kind or KINDS:
             configs = args.config or [entry[0] for entry in attention_kernel(kind)[1]]
             print(f"{kind}: {[table_entry(kind, config, pool) for config in configs]}", flush=True)
     return 0

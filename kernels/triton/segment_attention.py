@@ -35,7 +35,7 @@ _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 _LOG2E = tl.constexpr(LOG2E)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
-INTERPRET_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+INTERPRET_CONFIG = {"fwd": (32, 16), "bwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
 
 
 # ---------------------------------------------------------------------------------------------- jit helpers
@@ -273,9 +273,11 @@ def _segment_attention_fwd_kernel(
 
 
 @triton.jit
-def _segment_attention_bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_ol, stride_oh, stride_db, stride_dl,
-                                             stride_dh, H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                             BLOCK_M: tl.constexpr):
+def _segment_attention_bwd_preprocess_kernel(Out, DO, Delta, DQ, stride_ob, stride_ol, stride_oh, stride_db,
+                                             stride_dl, stride_dh, H, L, HEAD_DIM: tl.constexpr,
+                                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """delta = rowsum(dO * O) of a block of rows; with ZERO_DQ also zeroes their rows of the fp32 dQ accumulator
+    (contiguous (B, L, H, HEAD_DIM)), which saves the atomic backward a memset launch."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,15 +286,28 @@ def _segment_attention_bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_o
     do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + pid_bh.to(tl.int64) * L + pos_m, delta, mask=pos_m < L)
+    if ZERO_DQ:
+        rows = (b.to(tl.int64) * L + pos_m) * H + h
+        tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                 mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k, rules_code,
-               Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset, pid_n, pid_bh, threshold,
-               drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
+    """Y = X * scale in Y's dtype, over n contiguous elements (the atomic backward's dQ accumulator; Y may be X)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(Y + offs, (x * scale).to(Y.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
+               rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed, offset, pid_n, pid_bh,
+               threshold, drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows)."""
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows); with
+    ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows at dq_base."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
     do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM, not MASKED)
@@ -317,19 +332,30 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n,
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:  # the fifth GEMM, transposed so that its M side is the head dim (wgmma takes BLOCK_M = 32)
+        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
+        ptrs = dq_base + pos_m[None, :] * stride_gl + offs_d[:, None]
+        if MASKED or HEAD_DIM != offs_d.shape[0]:
+            tl.atomic_add(ptrs, dq_t, mask=(pos_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
+        else:  # interior tiles lie inside the row
+            tl.atomic_add(ptrs, dq_t, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _segment_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, Lse, Delta, DK, DV, Seg, Mod, Win, Rules,
+        Q, K, V, DO, Lse, Delta, DK, DV, DQ, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
         B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr):
+    """dK and dV of a key block; with ATOMIC_DQ (FlashAttention-2's backward) also its dQ terms, added into the
+    zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
+    kernels together do 7 (each recomputes S and P)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
@@ -345,21 +371,23 @@ def _segment_attention_bwd_dkdv_kernel(
     v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_db + h * stride_dh
+    dq_base = DQ + b * stride_gb + h * stride_gh
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked query tiles (see the forward)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
-                                mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset,
-                                pid_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
-                                HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d,
+                                seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl,
+                                scale_log2, seed, offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM,
+                                NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
+                                ATOMIC_DQ)
     for index in range(0, masked):
         start_m = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_M)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
-                            rules_code, Seg, Mod, row, L, stride_ql, stride_dl, scale_log2, seed, offset, pid_n,
-                            pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT,
-                            DOT_PRECISION, BLOCK_M, BLOCK_N, True)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
+                            mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed,
+                            offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
+                            HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ)
 
     mask = (pos_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
     g_off = b * stride_gb + h * stride_gh + pos_n[:, None] * stride_gl + offs_d[None, :]
@@ -451,7 +479,8 @@ def _segment_attention_bwd_dq_kernel(
 # the 8-bit dropout masks (16 decisions per Philox call) take more registers at 4 warps on sm_90: the (64, 64) and
 # (64, 128) forward tiles and the (16, 64, 4, 4) dK/dV tile serve fewer head dims with dropout there.
 FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
-             ((64, 64, 4, 3), (32, 64), (32,), ((), (64, 128))), ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
+             ((64, 64, 4, 3), (32, 64), (32,), ((), (64, 128))),
+             ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
              ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
              ((32, 64, 4, 3), (64, 128), ()), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
              ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (), ((32,), (32, 64)))]
@@ -459,6 +488,15 @@ DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), 
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
               ((32, 32, 4, 4), (32, 64, 128), ()), ((16, 64, 4, 4), (32, 64), (32, 64), ((128,), (128,))),
               ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
+# The atomic backward holds dK and dV beside the dQ tile and its atomics: it serves fewer head dims than the
+# dK/dV kernel, and launches it does not serve take the deterministic kernels (`atomic_backward_serves`: D = 32
+# on sm_9x, D = 128 with dropout on sm_8x). Its dQ GEMM runs transposed (M = the head dim), so 16- and 32-row
+# query tiles use wgmma at D >= 64; at D = 32 that GEMM is mma.sync on sm_90 (Triton 3.9 sweep).
+BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64, 128)),
+             ((16, 64, 8, 2), (32, 64), (64, 128), ((128,), ())), ((16, 64, 4, 3), (32, 64), (64,), ((128,), (128,))),
+             ((32, 128, 8, 3), (32,), (64,), ((64,), ())), ((32, 64, 8, 2), (32,), (64,), ((64,), (128,))),
+             ((64, 64, 8, 2), (32,), (), ((), (64,))), ((64, 128, 8, 2), (), (), ((32,), (64,))),
+             ((32, 64, 4, 3), (32,), (), ((64,), (64,)))]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64), ((64,), (128,))),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
             ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
@@ -486,6 +524,11 @@ def candidates(table, block_d: int, l_bucket: int, arch_major: int, dropout: boo
     return fitting or shipped[-1:]
 
 
+def atomic_backward_serves(block_d: int, arch_major: int, dropout: bool) -> bool:
+    """Whether the atomic one-kernel backward ships a config for this padded head dim, GPU and dropout."""
+    return any(serves(entry, block_d, arch_major, dropout) for entry in BWD_TABLE)
+
+
 def _pruner(table):
     def prune(configs, named_args, **kwargs):
         """Keep the configs `candidates` names for this launch."""
@@ -503,29 +546,37 @@ def autotune_enabled() -> bool:
     return os.environ.get("VIDEOBERT_AUTOTUNE", "1") != "0"
 
 
-TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
+TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
 _AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
-# The kernels write their outputs whole, so rerunning them while tuning is harmless.
-_fwd_tuned, _dkdv_tuned, _dq_tuned = (
-    triton.autotune(_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(table)})(fn)
-    for fn, table in ((_segment_attention_fwd_kernel, FWD_TABLE), (_segment_attention_bwd_dkdv_kernel, DKDV_TABLE),
-                      (_segment_attention_bwd_dq_kernel, DQ_TABLE)))
+
+
+def _tuned(fn, kind, **options):
+    return triton.autotune(_configs(TABLES[kind]), key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(TABLES[kind])}, **options)(fn)
+
+
+# Tuning reruns a kernel: the others write their outputs whole, the atomic backward adds into a dQ accumulator,
+# which is zeroed before every run then.
+TUNED = {"fwd": _tuned(_segment_attention_fwd_kernel, "fwd"),
+         "bwd": _tuned(_segment_attention_bwd_dkdv_kernel, "bwd", reset_to_zero=["DQ"]),
+         "dkdv": _tuned(_segment_attention_bwd_dkdv_kernel, "dkdv"),
+         "dq": _tuned(_segment_attention_bwd_dq_kernel, "dq")}
 
 
 def reset_autotuning() -> None:
     """Forget the configs tuned so far. The tuning key holds shapes and flags, not the id layout (reading it
     would need a host sync), so a new workload at the same shapes (e.g. one sample per row after packed rows)
     calls this to be tuned on its own data."""
-    for tuned in (_fwd_tuned, _dkdv_tuned, _dq_tuned):
+    for tuned in TUNED.values():
         tuned.cache.clear()
 
 
 def tuned_configs() -> str:
-    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3; dkdv ...; dq ..."), for benchmark
-    tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes each table's first entry, or no CUDA launch yet)."""
+    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3; bwd ...; dkdv ...; dq ..."), for
+    benchmark tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes each table's first entry, or no CUDA
+    launch yet)."""
     chosen = [f"{kind} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-              for kind, tuned in (("fwd", _fwd_tuned), ("dkdv", _dkdv_tuned), ("dq", _dq_tuned))
-              for c in tuned.cache.values()]
+              for kind, tuned in TUNED.items() for c in tuned.cache.values()]
     return "; ".join(dict.fromkeys(chosen)) or "untuned"
 
 
@@ -641,31 +692,45 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
                                                         rng)
     scalars = dict(scalars, scale_log2=softmax_scale * LOG2E)
     args = [q, k, v, out, lse, seg, mod, windows, rules, *_strides(q, k, v, out)]
-    _launch(_fwd_tuned, "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
+    _launch(TUNED["fwd"], "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
     return out, lse
 
 
 def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p,
-                          softmax_scale, rng):
-    """Backward launcher: (dq, dk, dv) contiguous in q's dtype."""
+                          softmax_scale, rng, deterministic):
+    """Backward launcher: (dq, dk, dv) contiguous in q's dtype. One kernel per key block adds dQ into an fp32
+    buffer with atomics (summation order varies from run to run); `deterministic`, and launches the atomic
+    kernel has no spill-free config for, run a dK/dV kernel and a dQ kernel instead (bit-reproducible, two more
+    GEMMs per tile pair)."""
     B, L, H, D = q.shape
-    dq, dk, dv = (torch.empty((B, L, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    if dq.numel() == 0:
-        return dq, dk, dv
+    dk, dv = (torch.empty((B, L, H, D), device=q.device, dtype=q.dtype) for _ in range(2))
+    if dk.numel() == 0:
+        return torch.empty_like(dk), dk, dv
     seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
                                                         rng)
+    if q.is_cuda and not atomic_backward_serves(consts["BLOCK_D"], torch.cuda.get_device_capability(q.device)[0],
+                                                consts["HAS_DROPOUT"]):
+        deterministic = True
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+    dq = torch.empty((B, L, H, D), device=q.device, dtype=q.dtype if deterministic else torch.float32)
     block = 64 if q.is_cuda else 32
     _segment_attention_bwd_preprocess_kernel[(cdiv(L, block), B * H)](
-        out, dout, delta, *_strides(out, dout), H, L, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block)
+        out, dout, delta, dq, *_strides(out, dout), H, L, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block,
+        ZERO_DQ=not deterministic)
     scalars = dict(scalars, scale=softmax_scale, scale_log2=softmax_scale * LOG2E)
     strides = _strides(q, k, v, dout)
-    _launch(_dkdv_tuned, "dkdv", "BLOCK_N",
-            [q, k, v, dout, lse, delta, dk, dv, seg, mod, windows, rules, *strides, *_strides(dk)],
-            scalars, consts, q.is_cuda)
-    _launch(_dq_tuned, "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, *strides,
-                                         *_strides(dq)], scalars, consts, q.is_cuda)
-    return dq, dk, dv
+    kind = "dkdv" if deterministic else "bwd"
+    _launch(TUNED[kind], kind, "BLOCK_N", [q, k, v, dout, lse, delta, dk, dv, dq, seg, mod, windows, rules,
+                                           *strides, *_strides(dk)], scalars, dict(consts, ATOMIC_DQ=not deterministic),
+            q.is_cuda)
+    if deterministic:
+        _launch(TUNED["dq"], "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, *strides,
+                                               *_strides(dq)], scalars, consts, q.is_cuda)
+        return dq, dk, dv
+    grad = dq if q.dtype == torch.float32 else torch.empty_like(dk)
+    block = 1024
+    _scale_cast_kernel[(cdiv(dq.numel(), block),)](dq, grad, dq.numel(), softmax_scale, BLOCK=block)
+    return grad, dk, dv
 
 
 def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 0, num_modalities: int = 0,

@@ -25,7 +25,9 @@ def _torch_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, so
                                            softmax_scale, *rng_pair(rng))
 
 
-def _torch_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
+def _torch_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng,
+               deterministic):
+    # The reference is deterministic either way.
     return reference.segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules,
                                            dropout_p, softmax_scale, *rng_pair(rng))
 
@@ -37,14 +39,16 @@ _backend.register(OP, "torch", _backend.Impl(_torch_fwd, _torch_bwd))
 def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                           modality_ids: Optional[torch.Tensor], modality_rules: Optional[torch.Tensor],
                           dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (out (B, L, H, D), lse (B, H, L) fp32, +inf on rows with no allowed key)."""
+                          backend: str, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out (B, L, H, D), lse (B, H, L) fp32, +inf on rows with no allowed key); `deterministic` is for
+    the backward (saved with the context)."""
     return _backend.run(OP, backend, "fwd", q, k, v, segment_ids, modality_ids, modality_rules,
                                                     dropout_p, softmax_scale, rng)
 
 
 @_segment_attention_op.register_fake
-def _(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+def _(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend,
+      deterministic=False):
     B, L, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, L), dtype=reference.compute_dtype(q.dtype))
 
@@ -54,33 +58,37 @@ def _segment_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch
                                    out: torch.Tensor, lse: torch.Tensor, segment_ids: torch.Tensor,
                                    modality_ids: Optional[torch.Tensor], modality_rules: Optional[torch.Tensor],
                                    dropout_p: float, softmax_scale: float, rng: Optional[torch.Tensor],
+                                   deterministic: bool,
                                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (dq, dk, dv) from the saved out and lse; the dropout mask is regenerated from rng."""
+    """Backward: (dq, dk, dv) from the saved out and lse; the dropout mask is regenerated from rng; bit-reproducible
+    with `deterministic`."""
     return _backend.run(OP, backend, "bwd", dout, q, k, v, out, lse, segment_ids, modality_ids,
-                                                    modality_rules, dropout_p, softmax_scale, rng)
+                        modality_rules, dropout_p, softmax_scale, rng, deterministic)
 
 
 @_segment_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+def _(dout, q, k, v, out, lse, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, deterministic,
+      backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend = inputs
+    q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, segment_ids, modality_ids, modality_rules, rng)
     ctx.dropout_p, ctx.softmax_scale, ctx.backend = dropout_p, softmax_scale, backend
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, dout, dlse, backward_op=_segment_attention_backward_op):
     q, k, v, out, lse, segment_ids, modality_ids, modality_rules, rng = ctx.saved_tensors
     dq, dk, dv = backward_op(dout.contiguous(), q, k, v, out, lse, segment_ids, modality_ids, modality_rules,
-                             ctx.dropout_p, ctx.softmax_scale, rng, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                             ctx.dropout_p, ctx.softmax_scale, rng, ctx.deterministic, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _segment_attention_op.register_autograd(_backward, setup_context=_setup_context)
-_eager = _backend.eager_autograd(OP, _setup_context, _backward, non_differentiable=(1,))
+_eager = _backend.eager_autograd(OP, _setup_context, _backward, non_differentiable=(1,), backward_flags=1)
 
 
 def _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p) -> None:
@@ -114,20 +122,26 @@ def _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p) -> 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                       modality_ids: Optional[torch.Tensor] = None, modality_rules: Optional[torch.Tensor] = None,
                       *, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-                      rng: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                      rng: Optional[torch.Tensor] = None, backend: str = "auto",
+                      deterministic: bool = False) -> torch.Tensor:
     """Masked attention on (B, L, H, D) q/k/v; query i sees key j iff segment_ids match, are >= 0 and the
     modality rule (0 blocked, 1 full, 2 causal j <= i) allows it. Rows with no allowed key give zeros.
 
     `rng` is an optional int64 tensor (seed, offset), on the CPU or q's device, fixing the dropout mask; drawn
-    when omitted (on a GPU from a generator state kept on the device: no host read, graph-safe). Returns
-    (B, L, H, D) in q's dtype.
+    when omitted (on a GPU from a generator state kept on the device: no host read, graph-safe). The Triton
+    backward adds dq up with atomics, in an order that varies between runs; `deterministic=True` makes gradients
+    bit-reproducible (a slower backward). Returns (B, L, H, D) in q's dtype.
     """
-    return _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend)[0]
+    return _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend,
+                      deterministic)[0]
 
 
-def _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend):
+def _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng, backend,
+               deterministic):
     """(out (B, L, H, D), lse (B, H, L) fp32, detached) of `segment_attention`."""
     _validate(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     D = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
@@ -139,13 +153,12 @@ def _attention(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, so
                                 num_modalities=0 if modality_rules is None else modality_rules.shape[0])
     op = _segment_attention_op if torch.compiler.is_compiling() else _eager
     out, lse = op(q, k, v, segment_ids, modality_ids, modality_rules, float(dropout_p), float(softmax_scale),
-                  make_rng(dropout_p, rng, q.device), resolved)
+                  make_rng(dropout_p, rng, q.device), resolved, deterministic)
     return out, lse.detach()
 
 
 # flash_attn_varlen_func arguments with no counterpart here, and the value that means "not used".
-_FLASH_ONLY = {"window_size": (-1, -1), "softcap": 0.0, "alibi_slopes": None, "deterministic": False,
-               "block_table": None}
+_FLASH_ONLY = {"window_size": (-1, -1), "softcap": 0.0, "alibi_slopes": None, "block_table": None}
 
 
 def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -154,15 +167,16 @@ def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              softmax_scale: Optional[float] = None, causal: bool = False,
                              return_attn_probs: bool = False, *, modality_ids: Optional[torch.Tensor] = None,
                              modality_rules: Optional[torch.Tensor] = None, rng: Optional[torch.Tensor] = None,
-                             backend: str = "auto", **flash_only):
+                             backend: str = "auto", deterministic: bool = False, **flash_only):
     """`segment_attention` over samples packed without padding, called as flash-attn's `flash_attn_varlen_func`:
     q, k, v (T, H, D) holding the samples back to back, `cu_seqlens_q` (S + 1,) their cumulative lengths from 0 to
     T (empty samples allowed); self-attention within each sample, so `cu_seqlens_k` (if given) must be the same
     tensor or equal; `max_seqlen_*` are accepted (not needed); `causal` restricts each token to the keys at or
     before it in its sample; `modality_ids` (T,) and `modality_rules` as in `segment_attention` (not with
-    `causal`). Returns (T, H, D), or with `return_attn_probs` (out, softmax_lse (H, T) fp32, None) as flash-attn
-    does. What flash-attn has and this does not (different key/value head counts, windows, softcap, ALiBi, paged
-    keys) raises ValueError.
+    `causal`); `deterministic` as flash-attn's and `segment_attention`'s (bit-reproducible gradients). Returns
+    (T, H, D), or with `return_attn_probs` (out, softmax_lse (H, T) fp32, None) as flash-attn does. What
+    flash-attn has and this does not (different key/value head counts, windows, softcap, ALiBi, paged keys) raises
+    ValueError.
     """
     check_tensor("q", q, ndim=3)
     T, H, _ = q.shape
@@ -209,5 +223,5 @@ def segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     positions = torch.arange(T, device=q.device, dtype=cu_seqlens_q.dtype)
     segment_ids = torch.searchsorted(cu_seqlens_q, positions, right=True)[None] - 1
     out, lse = _attention(q[None], k[None], v[None], segment_ids, modality_ids, modality_rules, dropout_p,
-                          softmax_scale, rng, backend)
+                          softmax_scale, rng, backend, deterministic)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
