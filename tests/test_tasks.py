@@ -51,20 +51,20 @@ def test_synthetic_segments_carry_every_task_field():
 def test_packed_inference_equals_one_sample_per_forward():
     """Samples packed several to a row give each sample's own states (and come back in sample order)."""
     from videobert import VideoBERTConfig, VideoBERTModel
-    from videobert.data import encode_sample
+    from videobert.tasks import video_sample
 
     torch.manual_seed(0)
     config = VideoBERTConfig.tiny(num_visual_tokens=50, text_vocab_size=200)
     model = VideoBERTModel(config).eval()
     gen = torch.Generator().manual_seed(1)
-    samples = [encode_sample(config, torch.randint(5, 200, (int(n),), generator=gen).tolist(),
-                             torch.randint(0, 50, (int(m),), generator=gen).tolist())
+    samples = [video_sample(config, torch.randint(5, 200, (int(n),), generator=gen).tolist(),
+                            torch.randint(0, 50, (int(m),), generator=gen).tolist())
                for n, m in torch.randint(0, 20, (9, 2), generator=gen)]
     got = list(encode_samples(model, samples, row_length=64, device=torch.device("cpu"), tokens_per_batch=70))
     assert [i for i, _ in got] == list(range(len(samples)))
     with torch.no_grad():
-        for (ids, types), (_, hidden) in zip(samples, got):
-            alone = model(ids[None], token_type_ids=types[None]).last_hidden_state[0]
+        for sample, (_, hidden) in zip(samples, got):
+            alone = model(sample["input_ids"][None], token_type_ids=sample["token_type_ids"][None]).last_hidden_state[0]
             torch.testing.assert_close(hidden, alone, rtol=1e-4, atol=1e-5)
 
 

@@ -143,15 +143,16 @@ def _embed(args: argparse.Namespace) -> int:
     from videobert.tasks import SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings
 
     checkpoint = load_checkpoint(args.ckpt, data=args.data)
+    dim = checkpoint.config.video_feature_dim  # a continuous-feature checkpoint reads the clips' features
     if args.data == "synthetic":
-        from videobert.corpus import synthetic_video
+        from videobert.samples import synthetic_videos
 
-        source = (synthetic_video(SYNTHETIC_SPLIT_SEEDS[args.split], i, checkpoint.config.num_visual_tokens)
-                  for i in range(args.videos))
+        videos = synthetic_videos(SYNTHETIC_SPLIT_SEEDS[args.split], checkpoint.config.num_visual_tokens, dim)
+        source = (videos(i, i + 1)[0] for i in range(args.videos))
     else:
         from videobert.real_data import VideoFolder
 
-        folder = VideoFolder(args.data)
+        folder = VideoFolder(args.data, dim, with_features=dim is not None)
         source = (folder.video(i) for i in range(len(folder)))
     count = 0
     for emb in embed_videos(checkpoint, source, device_of(args.device)):
@@ -230,13 +231,17 @@ def _add_real_data_commands(sub) -> None:
 
 
 def _run_and_data(args: argparse.Namespace):
-    """(checkpoint, data): --data, else the data the run was trained on."""
+    """(checkpoint, data): --data, else the data the run was trained on; ValueError for a continuous-feature
+    checkpoint (these commands predict visual tokens)."""
+    from videobert.generation import require_visual_tokens
     from videobert.tasks import checkpoint_folders, load_checkpoint
 
     run, _ = checkpoint_folders(args.ckpt)
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     data = args.data or info.get("args", {}).get("data", "synthetic")
-    return load_checkpoint(args.ckpt, data=data), data
+    checkpoint = load_checkpoint(args.ckpt, data=data)
+    require_visual_tokens(checkpoint, args.command)
+    return checkpoint, data
 
 
 @_reported

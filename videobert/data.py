@@ -173,15 +173,19 @@ def plan_rows(lengths: Sequence[int], row_length: int, packed: bool = True) -> l
 
 def pack_tensors(samples: Sequence[dict[str, torch.Tensor]], row_length: int, fill: dict[str, int],
                  rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Per-token fields of samples (each a dict of equal-length 1-D tensors, the keys of `fill`) laid out in
-    rows of `row_length` as `rows` says (sample indices per row), the rest filled with `fill`'s values; adds
-    "segment_ids" (the sample's place in its row, -1 on padding). Returns (rows, row_length) tensors."""
-    out = {name: torch.full((len(rows), row_length), value, dtype=torch.long) for name, value in fill.items()}
+    """Per-token fields of samples (each a dict of tensors whose first dimension is the token, the keys of `fill`)
+    laid out in rows of `row_length` as `rows` says (sample indices per row), the rest filled with `fill`'s values;
+    adds "segment_ids" (the sample's place in its row, -1 on padding). Returns (rows, row_length, ...) tensors of
+    the samples' dtypes (long without samples)."""
+    def blank(name: str, value) -> torch.Tensor:
+        like = samples[rows[0][0]][name] if rows and rows[0] else torch.zeros(0, dtype=torch.long)
+        return torch.full((len(rows), row_length, *like.shape[1:]), value, dtype=like.dtype)
+    out = {name: blank(name, value) for name, value in fill.items()}
     out["segment_ids"] = torch.full((len(rows), row_length), -1, dtype=torch.long)
     for r, members in enumerate(rows):
         start = 0
         for segment, index in enumerate(members):
-            n = next(iter(samples[index].values())).numel()
+            n = next(iter(samples[index].values())).shape[0]
             for name in fill:
                 out[name][r, start:start + n] = samples[index][name]
             out["segment_ids"][r, start:start + n] = segment

@@ -12,7 +12,8 @@ Tasks, on the segments of `videobert.tasks` (synthetic splits or a data folder's
   a fixed offset (max_caption_tokens + 2), so nothing the video sees depends on the caption, and decoding one
   word piece at a time (greedy or beam search) reproduces the training-time prediction exactly.
 Validation metrics are logged during training; at the end the final checkpoint predicts the test split
-(OUT/test_predictions.jsonl, OUT/test_metrics.json).
+(OUT/test_predictions.jsonl, OUT/test_metrics.json). A continuous-feature checkpoint takes the clips' features
+where the others take visual tokens (see `videobert.tasks`).
 """
 from __future__ import annotations
 
@@ -22,19 +23,19 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from videobert._optional import require
 from videobert.config import VideoBERTConfig
-from videobert.data import encode_sample, pack_tensors, plan_rows, to_device
+from videobert.data import pack_tensors, plan_rows, to_device
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _pooler_moved, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
 from videobert.tasks import (Checkpoint, Segment, clip_budget, device_of, encode_samples, load_checkpoint,
-                             load_segments, sample_budget, text_budget, write_atomic)
+                             load_segments, sample_budget, text_budget, video_sample, write_atomic)
 from videobert.train import Job, LoopArgs, run_command, run_loop
 from videobert.train import add_arguments as train_flags
 
@@ -80,11 +81,13 @@ class VideoBERTForTask(nn.Module):
         self._register_load_state_dict_pre_hook(_pooler_moved)
 
     def forward(self, input_ids, token_type_ids, segment_ids, labels=None, question_index=None,
-                choice_index=None) -> dict[str, torch.Tensor]:
+                choice_index=None, video_features=None) -> dict[str, torch.Tensor]:
         """`logits` per sample in [CLS] order (classify: (S, classes)) or per question (multiple-choice:
         (Q, most candidates), -inf where a question has fewer); with `labels` (S,) or (Q,) also loss,
-        task_loss, task_acc, task_count. question_index / choice_index (S,): each candidate's question and place."""
-        hidden = self.bert(input_ids, token_type_ids=token_type_ids, segment_ids=segment_ids).last_hidden_state
+        task_loss, task_acc, task_count. question_index / choice_index (S,): each candidate's question and place;
+        video_features (B, L, F): the clips' vectors at [FEAT] positions (continuous-feature models)."""
+        hidden = self.bert(input_ids, token_type_ids=token_type_ids, segment_ids=segment_ids,
+                           video_features=video_features).last_hidden_state
         hidden = hidden.flatten(0, 1)
         cls = (input_ids.flatten() == self.config.cls_token_id).nonzero().squeeze(1)
         logits = self.head(self.dropout(torch.tanh(self.bert.pooler(hidden[cls])))).float()
@@ -142,15 +145,15 @@ class TaskBatch:
                     **self.extra)
 
 
-def caption_sample(config: VideoBERTConfig, pieces: Sequence[int], clips: Sequence[int], max_caption_tokens: int,
-                   with_labels: bool) -> dict[str, torch.Tensor]:
-    """`[CLS] pieces [>] clips [SEP]` as the prefix LM sees it: input_ids, token_type_ids, position_ids (text
-    0.., video from max_caption_tokens + 2) and, `with_labels`, mlm_labels (the next piece at [CLS] and each
-    piece, [SEP] after the last)."""
-    ids, types = encode_sample(config, pieces, clips)
-    n = len(pieces)
-    positions = torch.cat([torch.arange(n + 2), max_caption_tokens + 2 + torch.arange(ids.numel() - n - 2)])
-    sample = {"input_ids": ids, "token_type_ids": types, "position_ids": positions}
+def caption_sample(config: VideoBERTConfig, pieces: Sequence[int], clips: Union[Sequence[int], torch.Tensor],
+                   max_caption_tokens: int, with_labels: bool) -> dict[str, torch.Tensor]:
+    """`[CLS] pieces [>] clips [SEP]` as the prefix LM sees it (`video_sample`: clips are visual tokens or clip
+    features) with position_ids (text 0.., video from max_caption_tokens + 2) and, `with_labels`, mlm_labels (the
+    next piece at [CLS] and each piece, [SEP] after the last)."""
+    sample = video_sample(config, pieces, clips)
+    ids, n = sample["input_ids"], len(pieces)
+    video = max_caption_tokens + 2 + torch.arange(ids.numel() - n - 2)
+    sample["position_ids"] = torch.cat([torch.arange(n + 2), video])
     if with_labels:
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:n + 1] = torch.tensor([*pieces, config.sep_token_id])
@@ -172,22 +175,20 @@ class TaskData:
     def caption_input(self, segment: Segment, pieces: Sequence[int], with_labels: bool) -> dict[str, torch.Tensor]:
         """The prefix-LM sample of a segment's clips after caption `pieces` (training: the whole caption with
         labels; decoding: a hypothesis so far), the clips cut to leave room for the longest caption."""
-        clips = segment.clips[:clip_budget(self.budget, self.max_caption_tokens)]
+        clips = segment.video[:clip_budget(self.budget, self.max_caption_tokens)]
         return caption_sample(self.config, pieces, clips, self.max_caption_tokens, with_labels)
 
     def samples(self, segment: Segment) -> list[dict[str, torch.Tensor]]:
         """The model samples of one segment (one, or one per candidate answer)."""
         cfg = self.config
         if self.task == "classify":
-            ids, types = encode_sample(cfg, [], segment.clips[:clip_budget(self.budget, 0)])
-            return [{"input_ids": ids, "token_type_ids": types}]
+            return [video_sample(cfg, [], segment.video[:clip_budget(self.budget, 0)])]
         if self.task == "multiple-choice":
             out = []
             question = self.encode_text(segment.question)
             for answer in segment.answers:
                 text = (question + self.encode_text(answer))[:text_budget(self.budget)]
-                ids, types = encode_sample(cfg, text, segment.clips[:clip_budget(self.budget, len(text))])
-                out.append({"input_ids": ids, "token_type_ids": types})
+                out.append(video_sample(cfg, text, segment.video[:clip_budget(self.budget, len(text))]))
             return out
         return [self.caption_input(segment, self.encode_text(segment.text)[:self.max_caption_tokens], True)]
 
@@ -212,6 +213,8 @@ class TaskData:
         fill = {"input_ids": self.config.pad_token_id, "token_type_ids": 0}
         if self.task == "caption":
             fill.update(position_ids=0, mlm_labels=IGNORE_INDEX)
+        if "video_features" in samples[0]:
+            fill["video_features"] = 0
         packed = pack_tensors(samples, self.row_length, fill, rows)
         order = [i for row in rows for i in row]  # [CLS] order is row-major
         extra = {k: v for k, v in packed.items() if k not in ("input_ids", "token_type_ids", "segment_ids")}
@@ -332,10 +335,7 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
         owners = [(s, h) for s in range(len(segments)) for h in range(len(live[s]))]
         if not owners:
             break
-        samples = []
-        for s, h in owners:
-            x = data.caption_input(segments[s], live[s][h][0], with_labels=False)
-            samples.append((x["input_ids"], x["token_type_ids"], x["position_ids"]))
+        samples = [data.caption_input(segments[s], live[s][h][0], with_labels=False) for s, h in owners]
         states = torch.stack([hidden[length] for _, hidden in
                               encode_samples(model.bert, samples, data.row_length, device,
                                              modality_rules=PREFIX_LM_RULES)])

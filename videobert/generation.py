@@ -34,7 +34,8 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip(" .!?")]
 
 
-def _require_tokens(checkpoint: Checkpoint, what: str) -> None:
+def require_visual_tokens(checkpoint: Checkpoint, what: str) -> None:
+    """ValueError when `checkpoint` is a continuous-feature one: `what` (a command) predicts visual tokens."""
     if checkpoint.config.video_feature_dim is not None:
         raise ValueError(f"{what} predicts visual tokens: {checkpoint.path} is a continuous-feature checkpoint, "
                          "whose masked-token head was not trained on visual tokens")
@@ -50,7 +51,7 @@ def _masked_visual(checkpoint: Checkpoint, samples: list[tuple[torch.Tensor, tor
     for ids, types in samples:
         ids = ids.clone()
         ids[-2] = config.mask_token_id
-        masked.append((ids, types))
+        masked.append({"input_ids": ids, "token_type_ids": types})
     states = torch.stack([h[-2] for _, h in encode_samples(model.bert, masked, 256, device)])
     logits = model.visual_logits(states.to(device)).float().cpu()
     if allowed is not None:
@@ -65,7 +66,7 @@ def generate(checkpoint: Checkpoint, sentences: Sequence[str], length: int = 4,
     """Per sentence: {"sentence", "token" (the argmax visual token after `[CLS] sentence [>]`), "sequence" (`length`
     tokens, each the argmax at a mask after the sentence and the tokens before it)}; among the `allowed` tokens
     when given."""
-    _require_tokens(checkpoint, "generate")
+    require_visual_tokens(checkpoint, "generate")
     if not sentences or length < 1:
         raise ValueError("generate needs at least one sentence and length >= 1")
     config, budget = checkpoint.config, sample_budget(checkpoint)
@@ -89,7 +90,7 @@ def forecast(checkpoint: Checkpoint, tokens: Sequence[int], clip: int, scales: S
     """Per time scale s: {"scale", "seconds_ahead", "context" (the clips' tokens, oldest first), "top" (the `top`
     most likely visual tokens 1.5 s x s after clip `clip`, among the `allowed` ones when given), "logp"};
     `tokens` are the video's visual tokens."""
-    _require_tokens(checkpoint, "forecast")
+    require_visual_tokens(checkpoint, "forecast")
     if not 0 <= clip < len(tokens):
         raise ValueError(f"--clip {clip}: the video has clips 0 to {len(tokens) - 1}")
     if not scales or min(scales) < 1 or context < 1:

@@ -13,7 +13,9 @@ splits are separate seeds) or from a real data folder (layout in `videobert.real
      "label": "...",                                # fine-tuning: video classification
      "question": "...", "answers": ["...", ...], "answer": 0}   # fine-tuning: multiple-choice QA
 
-A task reads only its own fields; a line that lacks one is an error naming the file and line.
+A task reads only its own fields; a line that lacks one is an error naming the file and line. For a checkpoint
+pretrained with `--features continuous` (config.video_feature_dim set), every task feeds the clips' feature vectors
+(features/<id>.npy; synthetic: `token_features`) where the others feed visual tokens.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from torch import nn
 
 from videobert.checkpoint import latest_checkpoint, load_model_state, verify_checkpoint
 from videobert.config import VideoBERTConfig
-from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, Video, synthetic_video
+from videobert.corpus import ACTIONS, CLIP_SECONDS, OBJECTS, Video
 from videobert.data import encode_sample, pack_tensors, plan_rows
 from videobert.model import VideoBERTForPretraining
 from videobert.real_data import DataError, VideoFolder
+from videobert.samples import synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -48,7 +51,8 @@ SYNTHETIC_QUESTION = "what is the person doing"
 
 @dataclass
 class Segment:
-    """A labelled stretch of one video: its visual tokens, its sentence and the labels its task file gives."""
+    """A labelled stretch of one video: its visual tokens (and, for a continuous-feature checkpoint, the clips'
+    features), its sentence and the labels its task file gives."""
 
     video_id: str
     start: float
@@ -62,17 +66,26 @@ class Segment:
     answers: Optional[list[str]] = None
     answer: Optional[int] = None
     source: str = ""  # where it came from (file:line), for error messages
+    features: Optional[torch.Tensor] = None  # (clips, F), continuous-feature checkpoints only
+
+    @property
+    def video(self) -> Union[list[int], torch.Tensor]:
+        """The clips as the model takes them: the (clips, F) features when loaded with them, else visual tokens."""
+        return self.clips if self.features is None else self.features
 
 
-def synthetic_segments(split: str, num_videos: int, num_visual_tokens: int = 20736) -> list[Segment]:
+def synthetic_segments(split: str, num_videos: int, num_visual_tokens: int = 20736,
+                       feature_dim: Optional[int] = None) -> list[Segment]:
     """Every step of `num_videos` synthetic videos of `split` (its own seed) with its ground truth: verb and noun,
     the caption as text, the action as class label, and a four-way multiple-choice question whose answers are
-    "<action> the <object>" phrases (the true one at a random place)."""
+    "<action> the <object>" phrases (the true one at a random place); with `feature_dim`, the clip features the
+    continuous mode pretrains on (`synthetic_videos`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     out = []
+    videos = synthetic_videos(SYNTHETIC_SPLIT_SEEDS[split], num_visual_tokens, feature_dim)
     for index in range(num_videos):
-        video = synthetic_video(SYNTHETIC_SPLIT_SEEDS[split], index, num_visual_tokens)
+        video = videos(index, index + 1)[0]
         for k, step in enumerate(video.steps):
             rng = random.Random(f"choices/{video.video_id}/{k}")
             truth = f"{step.action} the {step.object}"
@@ -85,19 +98,21 @@ def synthetic_segments(split: str, num_videos: int, num_visual_tokens: int = 207
             out.append(Segment(video.video_id, step.first_clip * CLIP_SECONDS, (step.last_clip + 1) * CLIP_SECONDS,
                                video.visual_tokens[step.first_clip:step.last_clip + 1], step.caption, step.action,
                                step.object, step.action, SYNTHETIC_QUESTION, answers, position,
-                               f"synthetic {split} video {index} step {k}"))
+                               f"synthetic {split} video {index} step {k}",
+                               None if video.features is None else video.features[step.first_clip:step.last_clip + 1]))
     return out
 
 
-def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
-    """The segments of `root/tasks/<split>.jsonl` with the visual tokens of their clips (see the module doc)."""
+def folder_segments(root: Union[str, Path], split: str, feature_dim: Optional[int] = None) -> list[Segment]:
+    """The segments of `root/tasks/<split>.jsonl` with the visual tokens of their clips (see the module doc) and,
+    with `feature_dim`, their features (features/<id>.npy, of that dimension)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    folder = VideoFolder(root)
+    folder = VideoFolder(root, feature_dim, with_features=feature_dim is not None)
     path = folder.root / "tasks" / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: task file does not exist (one JSON segment per line; see videobert.tasks)")
-    known, videos = set(folder.ids), {}
+    known, videos = {video_id: index for index, video_id in enumerate(folder.ids)}, {}
     out = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -114,8 +129,9 @@ def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
         if not 0 <= start < end:
             raise DataError(f"{where}: needs 0 <= start < end, got start={start}, end={end}")
         if video_id not in videos:
-            videos[video_id] = Video(video_id, folder.tokens(video_id), [])
-        clips = videos[video_id].clips_between(start, end)
+            videos[video_id] = folder.video(known[video_id])
+        span = videos[video_id].clip_range(start, end)
+        clips = videos[video_id].visual_tokens[span.start:span.stop]
         if not clips:
             raise DataError(f"{where}: [{start}, {end}) s lies past the video's "
                             f"{len(videos[video_id].visual_tokens)} clips")
@@ -133,7 +149,11 @@ def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise DataError(f"{where}: {name} must be a non-empty string")
             text_fields[name] = value.strip() if value is not None else None
-        out.append(Segment(video_id, start, end, clips, answers=answers, answer=answer, source=where, **text_fields))
+        features = videos[video_id].features
+        out.append(Segment(video_id, start, end, clips, answers=answers, answer=answer, source=where,
+                           # a copy: a view would keep the whole video's features alive
+                           features=None if features is None else features[span.start:span.stop].clone(),
+                           **text_fields))
     if not out:
         raise DataError(f"{path}: no segments")
     return out
@@ -141,9 +161,10 @@ def folder_segments(root: Union[str, Path], split: str) -> list[Segment]:
 
 def load_segments(data: str, split: str, task: str, config: VideoBERTConfig, num_videos: int = 64) -> list[Segment]:
     """`split`'s segments of `data` ("synthetic", with `num_videos` videos, or a data folder), checked to carry
-    what `task` reads and visual tokens inside `config`'s vocabulary."""
-    segments = (synthetic_segments(split, num_videos, config.num_visual_tokens) if data == "synthetic"
-                else folder_segments(data, split))
+    what `task` reads and visual tokens inside `config`'s vocabulary; with clip features when the config has a
+    video_feature_dim."""
+    segments = (synthetic_segments(split, num_videos, config.num_visual_tokens, config.video_feature_dim)
+                if data == "synthetic" else folder_segments(data, split, config.video_feature_dim))
     for segment in segments:
         for name in TASK_FIELDS[task]:
             if getattr(segment, name) is None:
@@ -197,8 +218,6 @@ def load_checkpoint(ckpt: Union[str, Path], build: Optional[Callable[[VideoBERTC
         config = VideoBERTConfig.from_dict(info["config"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{run / 'run.json'} is damaged ({type(exc).__name__}: {exc})") from None
-    if config.video_feature_dim is not None:
-        raise ValueError(f"--ckpt {ckpt}: continuous-feature checkpoints are not supported by these tasks")
     tokenizer = TextTokenizer.from_vocab(run / "vocab.txt")
     tokenizer.check_config(config)
     if data not in (None, "synthetic") and (Path(data) / "vocab.txt").is_file():
@@ -235,16 +254,17 @@ def device_of(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def encode_samples(encoder: nn.Module, samples: Sequence[tuple], row_length: int, device: torch.device,
-                   tokens_per_batch: int = 16384, modality_rules: Optional[torch.Tensor] = None
+def encode_samples(encoder: nn.Module, samples: Sequence[dict[str, torch.Tensor]], row_length: int,
+                   device: torch.device, tokens_per_batch: int = 16384, modality_rules: Optional[torch.Tensor] = None
                    ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Final encoder states of many samples, (input_ids, token_type_ids[, position_ids]) each, run packed
-    several to a row of `row_length`, about `tokens_per_batch` tokens per forward; yields (index, (len, hidden)
-    fp32 CPU tensor) in sample order. Position ids default to 0, 1, ... per sample."""
+    """Final encoder states of many samples (per-token tensors input_ids, token_type_ids and optionally
+    position_ids and video_features, as `video_sample` makes), run packed several to a row of `row_length`, about
+    `tokens_per_batch` tokens per forward; yields (index, (len, hidden) fp32 CPU tensor) in sample order. Position
+    ids default to 0, 1, ... per sample; all samples carry video_features or none does."""
     chunk: list[int] = []
     size = 0
     for index, sample in enumerate(samples):
-        n = sample[0].numel()
+        n = sample["input_ids"].numel()
         if n > row_length:
             raise ValueError(f"sample {index} has {n} tokens, more than row_length ({row_length})")
         if chunk and size + n > tokens_per_batch:
@@ -257,11 +277,12 @@ def encode_samples(encoder: nn.Module, samples: Sequence[tuple], row_length: int
 
 
 def _encode_chunk(encoder, samples, chunk, row_length, device, modality_rules):
-    rows = plan_rows([samples[i][0].numel() for i in chunk], row_length)
-    fields = [{"input_ids": samples[i][0], "token_type_ids": samples[i][1],
-               "position_ids": samples[i][2] if len(samples[i]) > 2 else torch.arange(samples[i][0].numel())}
-              for i in chunk]
-    packed = pack_tensors(fields, row_length, {"input_ids": 0, "token_type_ids": 0, "position_ids": 0}, rows)
+    rows = plan_rows([samples[i]["input_ids"].numel() for i in chunk], row_length)
+    fields = [{"position_ids": torch.arange(samples[i]["input_ids"].numel()), **samples[i]} for i in chunk]
+    fill = {"input_ids": 0, "token_type_ids": 0, "position_ids": 0}
+    if "video_features" in fields[0]:
+        fill["video_features"] = 0
+    packed = pack_tensors(fields, row_length, fill, rows)
     rules = None if modality_rules is None else modality_rules.to(device)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         hidden = encoder(**{k: v.to(device) for k, v in packed.items()}, modality_rules=rules).last_hidden_state
@@ -285,6 +306,22 @@ def text_budget(budget: int) -> int:
 def clip_budget(budget: int, text_len: int) -> int:
     """Clips that fit a sample of `budget` tokens next to `text_len` word pieces ([CLS], [>], [SEP] included)."""
     return max(0, budget - 3 - text_len)
+
+
+def video_sample(config: VideoBERTConfig, text_ids: Sequence[int], video: Union[Sequence[int], torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """`[CLS] text [>] video [SEP]` as per-token tensors input_ids and token_type_ids: `video` is visual tokens, or
+    a (clips, F) tensor of clip features (a continuous-feature model: [FEAT] positions, and video_features
+    holding each one's vector, zeros elsewhere)."""
+    if not torch.is_tensor(video):
+        ids, types = encode_sample(config, text_ids, video)
+        return {"input_ids": ids, "token_type_ids": types}
+    if config.video_feature_dim is None:
+        raise ValueError("clip features given to a model without video_feature_dim (a visual-token checkpoint)")
+    ids, types = encode_sample(config, text_ids, [0] * len(video), as_features=True)
+    features = torch.zeros(ids.numel(), video.shape[-1])
+    features[ids == config.feature_token_id] = video.float()
+    return {"input_ids": ids, "token_type_ids": types, "video_features": features}
 
 
 # ------------------------------------------------------------------------------------------- zero-shot
@@ -332,9 +369,8 @@ def zero_shot(checkpoint: Checkpoint, segments: Sequence[Segment], verbs: Sequen
             verb_k, noun_k = (k, 1) if slot == "verb" else (1, k)
             text = (parts[0] + [config.mask_token_id] * verb_k + parts[1] + [config.mask_token_id] * noun_k
                     + parts[2])
-            ids, types = encode_sample(config, text, segment.clips[:clip_budget(budget, len(text))])
             first = 1 + len(parts[0]) if slot == "verb" else 1 + len(parts[0]) + verb_k + len(parts[1])
-            samples.append((ids, types))
+            samples.append(video_sample(config, text, segment.video[:clip_budget(budget, len(text))]))
             layout.append((slot, k, list(range(first, first + k))))
     scores = {"verb": torch.full((len(segments), len(verbs)), float("-inf")),
               "noun": torch.full((len(segments), len(nouns)), float("-inf"))}
@@ -376,7 +412,7 @@ def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
     texts = [tok.encode(s.text)[:text_budget(budget)] for s in segments]
-    samples = [encode_sample(config, texts[i], segments[j].clips[:clip_budget(budget, len(texts[i]))])
+    samples = [video_sample(config, texts[i], segments[j].video[:clip_budget(budget, len(texts[i]))])
                for i in range(n) for j in range(n)]
     cls = torch.stack([hidden[0] for _, hidden in encode_samples(model.bert, samples, row_length, device)])
     with torch.no_grad():
@@ -429,20 +465,25 @@ def embed_videos(checkpoint: Checkpoint, videos: Iterable[Video], device: torch.
                  row_length: int = 256) -> Iterator[VideoEmbeddings]:
     """Per video: its clips in consecutive video-only windows
     `[CLS] [>] clips [SEP]` of the checkpoint's sample budget (each clip's contextual state; each window's
-    [CLS]), and each sentence with the clips it spans (the joint sample's [CLS]); one video at a time."""
+    [CLS]), and each sentence with the clips it spans (the joint sample's [CLS]); one video at a time. A
+    continuous-feature checkpoint reads the videos' clip features (ValueError naming a video without)."""
     model, config, tok = checkpoint.model.to(device), checkpoint.config, checkpoint.tokenizer
     budget = sample_budget(checkpoint)
     width = clip_budget(budget, 0)
     for video in videos:
-        tokens, sentences = video.visual_tokens, video.sentences
+        clips = video.visual_tokens if config.video_feature_dim is None else video.features
+        if clips is None:
+            raise ValueError(f"video {video.video_id} has no clip features; {checkpoint.path} is a "
+                             "continuous-feature checkpoint")
+        sentences = video.sentences
         samples, spans = [], []
-        for first in range(0, len(tokens), width):
-            samples.append(encode_sample(config, [], tokens[first:first + width]))
-            spans.append((first, len(tokens[first:first + width])))
+        for first in range(0, len(clips), width):
+            samples.append(video_sample(config, [], clips[first:first + width]))
+            spans.append((first, len(clips[first:first + width])))
         for sentence in sentences:
             ids = tok.encode(sentence.text)[:text_budget(budget)]
-            clips = video.clips_between(sentence.start, sentence.end)
-            samples.append(encode_sample(config, ids, clips[:clip_budget(budget, len(ids))]))
+            span = video.clip_range(sentence.start, sentence.end)
+            samples.append(video_sample(config, ids, clips[span.start:span.stop][:clip_budget(budget, len(ids))]))
         states = [h for _, h in encode_samples(model.bert, samples, row_length, device)]
         windows = states[:len(spans)]
         hidden = config.hidden_size
