@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from videobert import __version__
 from videobert._optional import MissingDependency
 from videobert.config import PRESETS
+from videobert.flags import COUNT, NATURAL, NON_NEGATIVE, Parser, Range, parse_args
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -202,22 +204,22 @@ def _add_real_data_commands(sub) -> None:
                          description="Decode at 20 fps, cut 30-frame (1.5 s) clips, write one (clips, F) .npy per "
                                      "video and one thumbnail per clip. A final clip with fewer than half its frames "
                                      "(under 0.75 s) is dropped; a longer one repeats its last frame.")
-    ext.add_argument("video_dir")
+    ext.add_argument("video_dir", help="folder of videos (any format PyAV decodes)")
     ext.add_argument("--out", required=True, help="feature folder (DATA/features)")
     ext.add_argument("--backbone", default="s3d", help="'s3d' (torchvision) or package.module:factory")
     ext.add_argument("--weights", help="local state-dict file of the backbone (S3D: torchvision's s3d-d76dad2f.pth); "
                                        "default for s3d: torch hub's cache, downloaded when online")
-    ext.add_argument("--size", type=int, default=224, help="crop size for a backbone without its own preprocessing")
+    ext.add_argument("--size", type=COUNT, default=224, help="crop size for a backbone without its own preprocessing")
     ext.add_argument("--thumbnails", help="thumbnail folder (default: thumbnails/ beside --out)")
-    ext.add_argument("--thumbnail-size", type=int, default=64, help="pixels per side (0: no thumbnails)")
-    ext.add_argument("--batch-size", type=int, default=8)
-    ext.add_argument("--device", default="auto")
+    ext.add_argument("--thumbnail-size", type=NATURAL, default=64, help="pixels per side (0: no thumbnails)")
+    ext.add_argument("--batch-size", type=COUNT, default=8, help="clips per backbone forward")
+    ext.add_argument("--device", default="auto", help=DEVICE_HELP)
     ext.set_defaults(func=_extract_features)
     voc = sub.add_parser("build-vocab", help="write DATA/vocab.txt: WordPiece trained on the folder's sentences, or "
                                              "a BERT vocabulary copied")
-    voc.add_argument("data")
+    voc.add_argument("data", help="the data folder (its text/ sentences; vocab.txt is written there)")
     how = voc.add_mutually_exclusive_group()
-    how.add_argument("--size", type=int, default=8000, help="word pieces at most (specials and characters included)")
+    how.add_argument("--size", type=COUNT, default=8000, help="word pieces at most (specials and characters included)")
     how.add_argument("--from-bert", metavar="DIR", help="copy a Hugging Face BERT folder's vocab.txt (for "
                                                         "pretrain --init-from-bert DIR)")
     voc.set_defaults(func=_build_vocab)
@@ -265,10 +267,7 @@ def _forecast(args: argparse.Namespace) -> int:
     from videobert.tasks import device_of
 
     checkpoint, data = _run_and_data(args)
-    try:
-        scales = [int(s) for s in args.scales.split(",")]
-    except ValueError:
-        raise ValueError(f"--scales must be comma-separated clip strides, got {args.scales!r}") from None
+    scales = args.scales
     tokens = video_tokens(data, args.video, checkpoint.config.num_visual_tokens)
     tile, known = token_tiles(data, checkpoint.config.num_visual_tokens)
     result = forecast(checkpoint, tokens, args.clip, scales, args.context, device=device_of(args.device),
@@ -282,6 +281,14 @@ def _forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strides(text: str) -> list[int]:
+    """--scales: comma-separated clip strides, each an integer >= 1."""
+    try:
+        return [COUNT(s) for s in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+
+
 def _wrapped(text: str, width: int = 28) -> list[str]:
     import textwrap
 
@@ -290,36 +297,38 @@ def _wrapped(text: str, width: int = 28) -> list[str]:
 
 def _add_generation_commands(sub) -> None:
     """`generate` and `forecast`: the paper's text-to-video and forecasting, with pictures."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--ckpt", required=True, help="a pretraining run folder (its newest checkpoint) or a step "
                                                       "folder")
     common.add_argument("--data", help="'synthetic' or the data folder whose token pictures to show (default: the "
                                        "run's)")
     common.add_argument("--out", help="the PNG to write (default: generate.png / forecast.png in the run folder)")
-    common.add_argument("--device", default="auto")
+    common.add_argument("--device", default="auto", help=DEVICE_HELP)
     gen = sub.add_parser("generate", parents=[common], help="text to video: per sentence the most likely visual "
                                                             "token and a short sequence, drawn as a PNG")
     gen.add_argument("--text", required=True, help="one or more sentences, e.g. \"season the steak. flip it.\"")
-    gen.add_argument("--length", type=int, default=4, help="visual tokens drawn per sentence")
+    gen.add_argument("--length", type=COUNT, default=4, help="visual tokens drawn per sentence")
     gen.set_defaults(func=_generate)
     fc = sub.add_parser("forecast", parents=[common], help="the top 3 next visual tokens after a video's clip T at "
                                                            "several time scales, drawn as a PNG")
     fc.add_argument("--video", required=True, help="a video id of the data (synthetic: synthetic-<seed>-<index>)")
-    fc.add_argument("--clip", type=int, required=True, help="the last clip seen (T)")
-    fc.add_argument("--scales", default="1,2,3", help="clip strides: the forecast is 1.5 s x stride ahead")
-    fc.add_argument("--context", type=int, default=4, help="clips seen, T and those before it at the stride")
+    fc.add_argument("--clip", type=NATURAL, required=True, help="the last clip seen (T)")
+    fc.add_argument("--scales", type=_strides, default="1,2,3",
+                    help="clip strides: the forecast is 1.5 s x stride ahead")
+    fc.add_argument("--context", type=COUNT, default=4, help="clips seen, T and those before it at the stride")
     fc.set_defaults(func=_forecast)
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a step folder")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data folder with tasks/<split>.jsonl")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--videos", type=int, default=64, help="synthetic data: videos of the split")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="the split to use")
+    parser.add_argument("--videos", type=COUNT, default=64, help="synthetic data: videos of the split")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 BENCHMARKS = ("attention", "layer_norm", "mlm_loss", "train", "tune")
+DEVICE_HELP = "'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -339,18 +348,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if status else 0
 
 
-def main(argv=None) -> int:
-    """Entry point of the `videobert` command."""
-    parser = argparse.ArgumentParser(prog="videobert", description=__doc__)
+def build_parser() -> Parser:
+    """The `videobert` parser: every subcommand and flag, each with its help line and default."""
+    parser = Parser(prog="videobert", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"videobert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and which backend of each op is available").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="train the encoder on one packed batch of random samples")
-    demo.add_argument("--preset", default="tiny", choices=PRESETS)
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--samples", type=int, default=16)
-    demo.add_argument("--row-length", type=int, default=128)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", default="tiny", choices=PRESETS, help="model size")
+    demo.add_argument("--steps", type=COUNT, default=20, help="optimizer steps on the one batch")
+    demo.add_argument("--samples", type=COUNT, default=16, help="random samples in the batch")
+    demo.add_argument("--row-length", type=COUNT, default=128, help="tokens per packed row")
+    demo.add_argument("--lr", type=NON_NEGATIVE, default=1e-3, help="AdamW learning rate")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model and the samples")
     demo.set_defaults(func=_demo)
     from videobert import train
 
@@ -371,7 +381,7 @@ def main(argv=None) -> int:
     zs.set_defaults(func=_zero_shot)
     ret = sub.add_parser("retrieve", help="video-text retrieval by the matching head: Recall@1/5/10, median rank")
     _task_arguments(ret)
-    ret.add_argument("--candidates", type=int, default=100, help="the first N segments are the candidate pool")
+    ret.add_argument("--candidates", type=COUNT, default=100, help="the first N segments are the candidate pool")
     ret.add_argument("--out", help="write the (sentences x videos) log-probability matrix here (.npy)")
     ret.set_defaults(func=_retrieve)
     fin = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: classify, multiple-choice or caption")
@@ -380,32 +390,39 @@ def main(argv=None) -> int:
     cap = sub.add_parser("caption", help="caption a split with a captioning fine-tune: BLEU-3/4, METEOR, ROUGE-L, "
                                          "CIDEr (pycocoevalcap)")
     _task_arguments(cap)
-    cap.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    cap.add_argument("--beam", type=COUNT, default=1, help="beam width (1: greedy)")
     cap.add_argument("--out", help="write the captions (JSON lines) here")
     cap.set_defaults(func=_caption)
     emb = sub.add_parser("embed", help="write contextual per-clip, per-window and per-sentence embeddings")
     _task_arguments(emb)
     emb.add_argument("--out", required=True, help="folder for one file (or one .npy per tensor) per video")
-    emb.add_argument("--format", default="safetensors", choices=("safetensors", "npy"))
+    emb.add_argument("--format", default="safetensors", choices=("safetensors", "npy"),
+                     help="one .safetensors file per video, or one .npy per tensor")
     emb.set_defaults(func=_embed)
     tok = sub.add_parser("tokenize-video", help="turn DATA_DIR/features/*.npy into DATA_DIR/tokens/*.npy with "
                                                  "hierarchical k-means (fitted first if needed)")
-    tok.add_argument("data_dir")
+    tok.add_argument("data_dir", help="the data folder (features/ in, tokens/ out)")
     tok.add_argument("--tokenizer", help="tokenizer file (default DATA_DIR/visual_tokenizer.pt)")
     tok.add_argument("--fit", action="store_true", help="fit (and overwrite) the tokenizer even if it exists")
-    tok.add_argument("--max-fit-clips", type=int, default=200_000)
-    tok.add_argument("--levels", type=int, default=4)
-    tok.add_argument("--branching", type=int, default=12)
-    tok.add_argument("--iterations", type=int, default=20)
-    tok.add_argument("--seed", type=int, default=0)
+    tok.add_argument("--max-fit-clips", type=COUNT, default=200_000, help="clips sampled to fit the k-means on")
+    tok.add_argument("--levels", type=COUNT, default=4, help="levels of the k-means tree")
+    tok.add_argument("--branching", type=Range(int, 2), default=12, help="clusters per node (tokens: branching ** "
+                                                                         "levels)")
+    tok.add_argument("--iterations", type=COUNT, default=20, help="k-means iterations per level")
+    tok.add_argument("--seed", type=int, default=0, help="seed of the k-means++ seeding and the sampled clips")
     tok.set_defaults(func=_tokenize_video)
     _add_real_data_commands(sub)
     _add_generation_commands(sub)
     bench = sub.add_parser("bench", help="run the benchmarks (bench/*.py; results in bench/results/<gpu>/<date>/)")
-    bench.add_argument("name", choices=BENCHMARKS + ("all",))
+    bench.add_argument("name", choices=BENCHMARKS + ("all",), help="the benchmark (bench/NAME.py), or all in turn")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on, e.g. --quick")
     bench.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `videobert` command."""
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except MissingDependency as exc:  # an optional package a flag needs: one line saying how to install it

@@ -31,13 +31,13 @@ from torch import nn
 from videobert._optional import require
 from videobert.config import VideoBERTConfig
 from videobert.data import pack_tensors, plan_rows, to_device
+from videobert.flags import COUNT, RATE, add_dataclass_flags, flag, override
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _pooler_moved, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
 from videobert.tasks import (Checkpoint, Segment, clip_budget, device_of, encode_samples, load_checkpoint,
                              load_segments, sample_budget, text_budget, video_sample, write_atomic)
 from videobert.train import Job, LoopArgs, run_command, run_loop
-from videobert.train import add_arguments as train_flags
 
 TASKS = ("classify", "multiple-choice", "caption")
 PREFIX_LM_RULES = torch.tensor([[2, 1], [0, 1]])  # text (0): causal text + all video; video (1): video only
@@ -47,20 +47,20 @@ PREFIX_LM_RULES = torch.tensor([[2, 1], [0, 1]])  # text (0): causal text + all 
 class FinetuneArgs(LoopArgs):
     """A fine-tuning run (saved in OUT/run.json with the task's labels)."""
 
-    task: str = "classify"
-    ckpt: str = ""  # the pretraining run (or step folder) to start from
-    data: str = "synthetic"
-    out: str = "runs/finetune"
-    steps: int = 200
-    lr: float = 5e-4
-    warmup: int = 20
-    eval_every: int = 50
-    batch_size: int = 32  # segments per step
-    row_length: int = 256
-    train_videos: int = 400  # synthetic splits: videos per split
-    eval_videos: int = 40
-    max_caption_tokens: int = 24
-    dropout: float = 0.1  # on the pooled [CLS] before the task head
+    task: str = flag("classify", "what to fine-tune for", choices=TASKS)
+    ckpt: str = flag("", "the pretraining run (its newest checkpoint) or step folder to start from")
+    data: str = flag("synthetic", "'synthetic' or a data folder with tasks/{train,validation,test}.jsonl")
+    out: str = override(LoopArgs, "out", "runs/finetune")
+    steps: int = override(LoopArgs, "steps", 200)
+    lr: float = override(LoopArgs, "lr", 5e-4)
+    warmup: int = override(LoopArgs, "warmup", 20)
+    eval_every: int = override(LoopArgs, "eval_every", 50)
+    batch_size: int = flag(32, "segments per step", COUNT)
+    row_length: int = flag(256, "tokens per packed row", COUNT)
+    train_videos: int = flag(400, "synthetic data: videos of the train split", COUNT)
+    eval_videos: int = flag(40, "synthetic data: videos of the validation and test splits", COUNT)
+    max_caption_tokens: int = flag(24, "caption task: word pieces of a caption at most", COUNT)
+    dropout: float = flag(0.1, "dropout rate on the pooled [CLS] before the task head", RATE)
 
 
 class VideoBERTForTask(nn.Module):
@@ -508,8 +508,8 @@ def finetune(args: FinetuneArgs, log=print) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `videobert finetune` flags, one per FinetuneArgs field."""
-    train_flags(parser, FinetuneArgs, choices={"task": TASKS}, required=("ckpt",))
+    """The `videobert finetune` flags: one per FinetuneArgs field (`videobert.flags`), and --config."""
+    add_dataclass_flags(parser, FinetuneArgs, required=("ckpt",))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from videobert._optional import require
 from videobert.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint, step_folders
 from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs, static_batch
+from videobert.flags import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, RATE, SHARE, add_dataclass_flags, flag, write_config
 from videobert.model import VideoBERTForPretraining, VideoBERTModel
 from videobert.ops import manual_seed
 from videobert.profiling import nvtx_range
@@ -51,53 +52,59 @@ class LoopArgs:
     """What the training loop itself is configured by; pretraining (`TrainArgs`) and fine-tuning
     (`videobert.finetune.FinetuneArgs`) add what their data and model need."""
 
-    out: str = "runs/demo"
-    steps: int = 300
-    seed: int = 0
-    lr: float = 1e-3
-    warmup: int = 30
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    grad_accum: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    keep: int = 2
-    on_nan: str = "stop"  # or "skip"
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode with --compile ("reduce-overhead": Inductor's CUDA graphs)
-    cuda_graphs: bool = False  # whole steps (forward, backward, optimizer) captured per batch shape and replayed
-    gradient_checkpointing: bool = False  # recompute each encoder layer in the backward (less activation memory)
-    fsdp: bool = False  # with several processes: FSDP2 (fully_shard per encoder layer) instead of DDP
-    resume: bool = False
-    overwrite: bool = False  # clear OUT's previous run first (without it, and without --resume, one is refused)
-    profile_steps: Optional[str] = None  # "A:B": cudaProfilerStart/Stop around steps A..B
+    out: str = flag("runs/demo", "the run folder: run.json, config.yaml, metrics.jsonl, curves.png, checkpoints/")
+    steps: int = flag(300, "optimizer steps in all (a resumed run continues to this step)", COUNT)
+    seed: int = flag(0, "seed of the initialisation, the data stream and dropout")
+    lr: float = flag(1e-3, "peak learning rate (AdamW)", NON_NEGATIVE)
+    warmup: int = flag(30, "steps of linear warmup to --lr", NATURAL)
+    weight_decay: float = flag(0.01, "AdamW weight decay (none on biases and LayerNorm weights)", NON_NEGATIVE)
+    clip: float = flag(1.0, "gradient clipping: the largest global gradient norm", POSITIVE)
+    grad_accum: int = flag(1, "micro-batches accumulated per optimizer step", COUNT)
+    log_every: int = flag(10, "steps between metrics lines (metrics.jsonl and the log)", COUNT)
+    eval_every: int = flag(100, "steps between held-out evaluations and checkpoints", COUNT)
+    keep: int = flag(2, "checkpoints kept (the newest)", COUNT)
+    on_nan: str = flag("stop", "a non-finite loss: stop the run (no checkpoint) or skip the step",
+                       choices=("stop", "skip"))
+    compile: bool = flag(False, "torch.compile the model")
+    compile_mode: str = flag("default", "torch.compile mode with --compile (reduce-overhead: Inductor's CUDA graphs)",
+                             choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    cuda_graphs: bool = flag(False, "capture whole steps (forward, backward, optimizer) per batch shape as CUDA "
+                                    "graphs and replay them (one GPU)")
+    gradient_checkpointing: bool = flag(False, "recompute each encoder layer in the backward (less activation "
+                                               "memory)")
+    fsdp: bool = flag(False, "with several processes (torchrun): FSDP2, sharded per encoder layer, instead of DDP")
+    resume: bool = flag(False, "continue the run in --out from its newest intact checkpoint")
+    overwrite: bool = flag(False, "clear --out's previous run first (without it or --resume a used --out is refused)")
+    profile_steps: Optional[str] = flag(None, "A:B: cudaProfilerStart/Stop around steps A to B (for nsys)")
 
 
 @dataclass
 class TrainArgs(LoopArgs):
     """Everything a pretraining run is configured by (saved as OUT/run.json)."""
 
-    preset: str = "tiny"
-    data: str = "synthetic"
-    # "continuous": clips enter as their feature vectors (DATA/features/<id>.npy; synthetic: token_features)
-    features: str = "tokens"
-    videos_per_batch: int = 8
-    row_length: int = 128
-    num_videos: int = 4000
-    eval_videos: int = 0  # 0: 64 synthetic videos, or --eval-share of a data folder's (at least one batch)
-    eval_share: float = 0.1
-    vocab_size: int = 400
-    text_mlm_weight: float = 1.0
-    visual_mlm_weight: float = 1.0
-    vtm_weight: float = 1.0
-    nce_weight: float = 0.0  # the contrastive video-text objective (in-batch InfoNCE); 0: off
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    sample_mix: str = "0.6,0.2,0.2"  # joint, text-only, video-only sample shares
-    max_concat: int = 3  # sentences joined into one sample at most
-    max_stride: int = 5  # clips subsampled with a random stride up to this
-    negative_rate: float = 0.5  # share of joint samples paired with another video's clips (matching label 0)
-    init_from_bert: Optional[str] = None
+    preset: str = flag("tiny", "model size", choices=PRESETS)
+    data: str = flag("synthetic", "'synthetic' (the embedded corpus) or a data folder (see the README's Data)")
+    features: str = flag("tokens", "clips as visual tokens, or as their feature vectors (continuous: DATA/features/"
+                                   "<id>.npy; synthetic: token_features)", choices=FEATURE_MODES)
+    videos_per_batch: int = flag(8, "videos whose samples make one batch", COUNT)
+    row_length: int = flag(128, "tokens per packed row", COUNT)
+    num_videos: int = flag(4000, "synthetic data: training videos", COUNT)
+    eval_videos: int = flag(0, "held-out videos (0: 64 synthetic ones, or --eval-share of a data folder's)", NATURAL)
+    eval_share: float = flag(0.1, "share of a data folder's videos held out when --eval-videos is 0", SHARE)
+    vocab_size: int = flag(400, "synthetic data: word pieces of the WordPiece vocabulary trained on it", COUNT)
+    text_mlm_weight: float = flag(1.0, "weight of the text masked-LM loss", NON_NEGATIVE)
+    visual_mlm_weight: float = flag(1.0, "weight of the visual masked-LM loss", NON_NEGATIVE)
+    vtm_weight: float = flag(1.0, "weight of the video-text matching loss", NON_NEGATIVE)
+    nce_weight: float = flag(0.0, "weight of the contrastive video-text loss (in-batch InfoNCE); 0: off", NON_NEGATIVE)
+    hidden_dropout: float = flag(0.1, "dropout rate of the hidden states", RATE)
+    attention_dropout: float = flag(0.1, "dropout rate of the attention probabilities", RATE)
+    sample_mix: str = flag("0.6,0.2,0.2", "joint, text-only and video-only sample shares")
+    max_concat: int = flag(3, "neighbouring sentences joined into one sample at most", COUNT)
+    max_stride: int = flag(5, "clips subsampled with a random stride up to this", COUNT)
+    negative_rate: float = flag(0.5, "share of joint samples paired with another video's clips (matching label 0)",
+                                SHARE)
+    init_from_bert: Optional[str] = flag(None, "a Hugging Face BERT folder to start from (its sizes and word "
+                                               "pieces; needs the hf extra)")
 
 
 @dataclass
@@ -465,7 +472,7 @@ def _check_graphable(args: LoopArgs, job: Job, device: torch.device, world: int)
 
 
 # A run folder's files that belong to one run (OUT also holds other commands' outputs, which stay).
-_RUN_FILES = ("run.json", "metrics.jsonl", "curves.png", "vocab.txt", "tokenizer_config.json")
+_RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "curves.png", "vocab.txt", "tokenizer_config.json")
 # Flags that may change when a run is resumed: how long, how fast and with which optimiser settings it runs, not
 # what it trains on or as (the data and the model).
 RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
@@ -565,6 +572,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
         (out / "run.json").write_text(json.dumps(job.info, indent=2))
+    if rank == 0:  # this invocation's complete settings: `--config OUT/config.yaml` repeats the run
+        write_config(out / "config.yaml", args)
     runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     runner = torch.compile(runner, mode=args.compile_mode) if args.compile else runner
     graphed = GraphedSteps(model, optimizer, job.make_static, args.clip, device) if args.cuda_graphs else None
@@ -698,22 +707,9 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     return last
 
 
-def add_arguments(parser: argparse.ArgumentParser, fields: type = TrainArgs, choices: Optional[dict] = None,
-                  required: tuple = ()) -> None:
-    """Flags for a run-arguments dataclass, one per field (`--field-name`): booleans as switches, `choices` per
-    field name, `required` ones without a default. `videobert pretrain` takes TrainArgs's."""
-    choices = {"preset": PRESETS, "on_nan": ("stop", "skip"),
-               "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-               **(choices or {})}
-    for name, default in asdict(fields()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
-        elif name in required:
-            parser.add_argument(flag, required=True)
-        else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
-                                choices=choices.get(name))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `videobert pretrain` flags: one per TrainArgs field (`videobert.flags`), and --config."""
+    add_dataclass_flags(parser, TrainArgs)
 
 
 def run_command(args: argparse.Namespace, fields: type, run: Callable) -> int:
