@@ -120,8 +120,8 @@ def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: di
         _sync(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(exc.errno, f"writing checkpoint {final} failed ({exc.strerror or exc}); the previous "
-                                 "checkpoints are kept") from exc
+        raise OSError(f"writing checkpoint {final} failed ({exc.strerror or exc}); the previous checkpoints are "
+                      "kept") from exc
     for _, old in step_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -18,6 +18,7 @@ one) give each line once.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -27,6 +28,7 @@ import torch
 
 from videobert.corpus import Sentence, Video
 
+_LOG = logging.getLogger("videobert")
 _TIME = re.compile(r"(?:(\d+):)?(\d{1,2}):(\d{2})[.,](\d{3})")
 
 
@@ -59,7 +61,10 @@ def read_sentences(path: Union[str, Path]) -> list[Sentence]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: sentence file does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     sentences: list[Sentence] = []
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
@@ -96,16 +101,24 @@ def read_sentences(path: Union[str, Path]) -> list[Sentence]:
     return _check_times(sentences, path)
 
 
-def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
-    """(clips, F) float32 clip features of a .npy file; F must equal `feature_dim` when given."""
+def _load_array(path: Path, what: str) -> np.ndarray:
+    """The array of a .npy file; DataError naming the file when it is missing, truncated or not a plain array."""
     if not path.is_file():
-        raise DataError(f"{path}: feature file does not exist")
+        raise DataError(f"{path}: {what} file does not exist")
     try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{path}: not a numeric .npy array ({exc})") from exc
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise DataError(f"{path}: not a readable numeric .npy array ({type(exc).__name__}: {exc})") from None
+
+
+def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
+    """(clips, F) float32 clip features of a .npy file, all finite; F must equal `feature_dim` when given."""
+    array = _load_array(path, "feature")
     if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{path}: expected a non-empty float (clips, F) array, got {array.dtype} {array.shape}")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        raise DataError(f"{path}: clip {int(np.argmin(finite))} holds NaN or inf features")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise DataError(f"{path}: feature dimension {array.shape[1]}, expected {feature_dim} "
                         "(as the other videos / the visual tokenizer)")
@@ -113,11 +126,16 @@ def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
 
 
 class VideoFolder:
-    """The videos of a data folder (layout in the module docstring), loaded one at a time."""
+    """The videos of a data folder (layout in the module docstring), loaded one at a time and checked when read
+    (a bad file raises DataError naming it). `num_visual_tokens` bounds the visual tokens (the model's visual
+    vocabulary); with `skip_bad`, `videos()` leaves out a video whose files are bad, logging it once."""
 
-    def __init__(self, root: Union[str, Path], feature_dim: Optional[int] = None, with_features: bool = False):
+    def __init__(self, root: Union[str, Path], feature_dim: Optional[int] = None, with_features: bool = False,
+                 num_visual_tokens: Optional[int] = None, skip_bad: bool = False):
         self.root = Path(root)
         self.with_features = with_features  # attach clip features (the continuous-feature mode)
+        self.num_visual_tokens, self.skip_bad = num_visual_tokens, skip_bad
+        self.skipped: dict[str, str] = {}  # video id -> why it was left out
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data folder does not exist")
         source = self.root / "tokens" if (self.root / "tokens").is_dir() else self.root / "features"
@@ -149,11 +167,13 @@ class VideoFolder:
     def tokens(self, video_id: str) -> list[int]:
         """Visual tokens of a video (from tokens/)."""
         path = self.root / "tokens" / f"{video_id}.npy"
-        if not path.is_file():
-            raise DataError(f"{path}: token file does not exist (run `videobert tokenize-video`)")
-        array = np.load(path, allow_pickle=False)
+        array = _load_array(path, "token (run `videobert tokenize-video`)")
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or (array < 0).any():
             raise DataError(f"{path}: expected a 1-D array of non-negative integers, got {array.dtype} {array.shape}")
+        if self.num_visual_tokens is not None and array.size and int(array.max()) >= self.num_visual_tokens:
+            clip = int(np.argmax(array >= self.num_visual_tokens))
+            raise DataError(f"{path}: visual token {int(array[clip])} at clip {clip} is outside the model's visual "
+                            f"vocabulary [0, {self.num_visual_tokens}) (tokenized with another visual tokenizer?)")
         return array.astype(np.int64).tolist()
 
     def video(self, index: int) -> Video:
@@ -172,8 +192,18 @@ class VideoFolder:
         return Video(video_id, self.tokens(video_id), sentences)
 
     def videos(self, start: int, stop: int) -> list[Video]:
-        """Videos [start, stop) (the `videos` callable of `PretrainingStream`)."""
-        return [self.video(i) for i in range(start, min(stop, len(self.ids)))]
+        """Videos [start, stop) (the `videos` callable of `PretrainingStream`), less the bad ones with skip_bad."""
+        if not self.skip_bad:
+            return [self.video(i) for i in range(start, min(stop, len(self.ids)))]
+        found = []
+        for i in range(start, min(stop, len(self.ids))):
+            try:
+                found.append(self.video(i))
+            except DataError as exc:
+                if self.ids[i] not in self.skipped:
+                    _LOG.warning("skipping video %s (--on-bad-data skip): %s", self.ids[i], exc)
+                self.skipped[self.ids[i]] = str(exc)
+        return found
 
 
 def held_out_videos(total: int, requested: int, share: float, per_batch: int, world: int, where: str

@@ -20,6 +20,7 @@ from videobert.config import VideoBERTConfig
 from videobert.corpus import CLIP_SECONDS, Video, synthetic_video, token_features
 from videobert.data import PackedBatch, encode_sample, mask_tokens, pack_samples, plan_rows
 from videobert.model import IGNORE_INDEX
+from videobert.real_data import DataError
 
 
 @dataclass
@@ -106,6 +107,7 @@ class BatchStats:
     rows: int
     tokens: int
     efficiency: float
+    skipped_videos: int = 0  # videos of the batch left out as bad data (--on-bad-data skip)
 
 
 def make_batch(videos: Sequence[Video], encode_text: Callable[[str], list[int]], config: VideoBERTConfig,
@@ -257,11 +259,19 @@ class PretrainingStream(ShardedBatches):
         """Every sample of run `unit`, packed and masked."""
         start = unit * self.videos_per_batch
         videos = self.videos(start, start + self.videos_per_batch)
+        if not videos:
+            raise DataError(f"all {self.videos_per_batch} videos of batch {unit} are bad data (named above)")
         spare = None
         if len(videos) == 1 and self.num_videos > 1:  # negatives from another batch's video, never this one
-            spare = self.videos((start + 1) % self.num_videos, (start + 1) % self.num_videos + 1)[0]
-        return make_batch(videos, self.encode_text, self.config, self.options, self.row_length, seed, self.packed,
-                          spare)
+            for offset in range(self.videos_per_batch, self.num_videos):  # the videos of the other batches
+                other = self.videos((start + offset) % self.num_videos, (start + offset) % self.num_videos + 1)
+                if other:  # none when that video is bad data and skipped
+                    spare = other[0]
+                    break
+        batch, stats = make_batch(videos, self.encode_text, self.config, self.options, self.row_length, seed,
+                                  self.packed, spare)
+        stats.skipped_videos = self.videos_per_batch - len(videos)
+        return batch, stats
 
 
 class BatchDataset(torch.utils.data.IterableDataset):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -28,16 +29,19 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from videobert._optional import require
 from videobert.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint, step_folders
 from videobert.config import PRESETS, VideoBERTConfig
 from videobert.data import allowed_pairs, static_batch
+from videobert.logs import LEVELS, LOGGER, configure_logging
 from videobert.flags import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, RATE, SHARE, add_dataclass_flags, flag, write_config
 from videobert.model import VideoBERTForPretraining, VideoBERTModel
 from videobert.ops import manual_seed
 from videobert.profiling import nvtx_range
-from videobert.real_data import VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
+from videobert.real_data import DataError, VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
 from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
@@ -73,9 +77,13 @@ class LoopArgs:
     gradient_checkpointing: bool = flag(False, "recompute each encoder layer in the backward (less activation "
                                                "memory)")
     fsdp: bool = flag(False, "with several processes (torchrun): FSDP2, sharded per encoder layer, instead of DDP")
+    dist_timeout: int = flag(600, "seconds a collective waits for the other processes before the run stops",
+                             COUNT)
     resume: bool = flag(False, "continue the run in --out from its newest intact checkpoint")
     overwrite: bool = flag(False, "clear --out's previous run first (without it or --resume a used --out is refused)")
     profile_steps: Optional[str] = flag(None, "A:B: cudaProfilerStart/Stop around steps A to B (for nsys)")
+    log_level: str = flag("info", "the least important messages shown (rank 0's; other ranks show warnings and "
+                                  "errors)", choices=LEVELS)
 
 
 @dataclass
@@ -105,6 +113,8 @@ class TrainArgs(LoopArgs):
                                 SHARE)
     init_from_bert: Optional[str] = flag(None, "a Hugging Face BERT folder to start from (its sizes and word "
                                                "pieces; needs the hf extra)")
+    on_bad_data: str = flag("stop", "a bad video file: stop the run (checkpoint first) or skip it (counted in the "
+                                    "log)", choices=("stop", "skip"))
 
 
 @dataclass
@@ -164,7 +174,7 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         eval_videos = synthetic_videos(args.seed + 1_000_003, feature_dim=feature_dim)
         num_train = args.num_videos
     else:
-        folder = VideoFolder(args.data)
+        folder = VideoFolder(args.data, skip_bad=args.on_bad_data == "skip")
         folder.with_features = continuous
         feature_dim = None
         if continuous:  # the first video's dimension; every other file is checked against it
@@ -175,7 +185,7 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
         num_eval, message = held_out_videos(len(folder), args.eval_videos, args.eval_share, args.videos_per_batch,
                                             world, args.data)
         if rank == 0:
-            print(message)
+            LOGGER.info(message)
         num_train = len(folder) - num_eval
         train_videos = folder.videos
         eval_videos = lambda start, stop: folder.videos(num_train + start, num_train + stop)  # noqa: E731
@@ -184,13 +194,16 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
                   attention_dropout=args.attention_dropout, video_feature_dim=feature_dim,
                   **tokenizer.config_overrides())
     if continuous and rank == 0:
-        print("--features continuous: clips enter as their feature vectors; the objectives are text MLM and video-text "
-              "matching (and the contrastive one with --nce-weight): visual MLM predicts visual tokens, so it is off")
+        LOGGER.info("--features continuous: clips enter as their feature vectors; the objectives are text MLM and video-text "
+                    "matching (and the contrastive one with --nce-weight): visual MLM predicts visual tokens, so it is "
+                    "off")
     if bert_dir is not None:
         transformers = require("transformers", "hf", "--init-from-bert")
         config = VideoBERTConfig.from_bert_config(transformers.BertConfig.from_pretrained(bert_dir), **fields)
     else:
         config = VideoBERTConfig.preset(args.preset, **fields)
+    if args.data != "synthetic":
+        folder.num_visual_tokens = config.num_visual_tokens
     common = dict(encode_text=tokenizer.encode, config=config, options=options, row_length=args.row_length,
                   videos_per_batch=args.videos_per_batch, seed=args.seed)
     train = PretrainingStream(train_videos, num_train, rank=rank, world_size=world, **common)
@@ -233,31 +246,45 @@ def flops_per_token(config: VideoBERTConfig, model: torch.nn.Module, mean_keys: 
 
 # ------------------------------------------------------------------------------------------- the loop
 
-class _Progress:
-    """A one-line progress bar on a terminal's stderr (steps, tokens/s, last logged loss, time left); log lines
-    print above it. Nothing when stderr is not a terminal (files, CI) or on ranks other than 0."""
+PLAIN_PROGRESS_SECONDS = 30.0  # between progress lines where stderr is not a terminal
 
-    def __init__(self, total: int, first: int, enabled: bool):
-        self.total, self.first, self.enabled = total, first, enabled
-        self.start, self.tokens, self.loss = time.perf_counter(), 0, None
+
+class _Progress:
+    """A run's progress (steps, the last logged loss, tokens/s, time left) on rank 0 (`show`): a tqdm bar on a
+    terminal's stderr, with log lines printed above it, else a plain line through `log` every `every` seconds
+    (files, CI, nohup). `tokens` and `loss` are kept up to date by the loop."""
+
+    def __init__(self, total: int, first: int, show: bool, terminal: bool, log: Callable[[str], None],
+                 every: Optional[float] = None):
+        self.total, self.first, self.log = total, first, log
+        self.every = PLAIN_PROGRESS_SECONDS if every is None else every
+        self.start = self.shown = time.perf_counter()
+        self.tokens, self.loss = 0, None
+        self.bar = tqdm(total=total, initial=first, unit="step", dynamic_ncols=True) if show and terminal else None
+        self.plain = show and not terminal
+
+    def logging(self):
+        """A context in which the `videobert` logger's lines go above the bar (none without one)."""
+        return logging_redirect_tqdm([LOGGER]) if self.bar is not None else contextlib.nullcontext()
 
     def update(self, step: int) -> None:
-        """Redraw the bar at `step`."""
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        left = elapsed / max(step - self.first, 1) * (self.total - step)
-        filled = 30 * step // max(self.total, 1)
-        loss = f"  loss {self.loss:.4f}" if self.loss is not None else ""
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}{loss}  "
-                         f"{self.tokens / elapsed:.0f} tok/s  {left:.0f} s left\x1b[K")
-        sys.stderr.flush()
+        """Show the run at `step`."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{loss}{rate:.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.plain and (now - self.shown >= self.every or step == self.total):
+            left = (now - self.start) / max(step - self.first, 1) * (self.total - step)
+            self.log(f"progress: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {loss}"
+                     f"{rate:.0f} tok/s, {left:.0f} s left")
+            self.shown = now
 
-    def clear(self) -> None:
-        """Erase the bar (before a log line or at the end)."""
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+    def close(self) -> None:
+        """Take the bar off the terminal."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _metrics(out: dict) -> dict:
@@ -314,6 +341,16 @@ def plot_curves(out: Path) -> Optional[Path]:
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
     return out / "curves.png"
+
+
+def _checked(batches, on_error: Callable[[DataError], None]):
+    """`batches`, with `on_error(exc)` called (it raises) when the next batch cannot be built from bad data."""
+    while True:
+        try:
+            item = next(batches)
+        except DataError as exc:
+            on_error(exc)
+        yield item
 
 
 class _Interrupted(Exception):
@@ -377,7 +414,7 @@ def pretraining_job(args: TrainArgs, out: Path, rank: int, world: int) -> Job:
                make_static=lambda batch: static_batch(batch, config))
 
 
-def train(args: TrainArgs, log=print) -> dict:
+def train(args: TrainArgs, log=LOGGER.info) -> dict:
     """Run (or resume) pretraining; returns the last logged metrics (see `run_loop`)."""
     return run_loop(args, lambda out, rank, world: pretraining_job(args, out, rank, world), log)
 
@@ -477,7 +514,7 @@ _RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "curves.png", "vocab.t
 # what it trains on or as (the data and the model).
 RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
                "compile_mode", "cuda_graphs", "gradient_checkpointing", "profile_steps", "fsdp", "lr", "warmup",
-               "weight_decay", "clip", "grad_accum"}
+               "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data", "dist_timeout"}
 
 
 def _prepare_run_folder(out: Path, args: LoopArgs, rank: int) -> None:
@@ -518,14 +555,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=print) -> dict:
+def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGGER.info) -> dict:
     """Train `make_job(out, rank, world)` as `args` say, or resume it; returns the last logged metrics. Raises
     RuntimeError on a non-finite loss (with on_nan="stop"); returns early with "interrupted" set after a signal
     (a checkpoint is written)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     _prepare_run_folder(out, args, rank)
@@ -582,15 +620,21 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
     profile = tuple(int(x) for x in args.profile_steps.split(":")) if args.profile_steps else None
     per_token = None
     last: dict = {}
-    batches = iter(stream)
+    saved = step  # the step of the newest checkpoint
     window_tokens, window_start = 0, time.perf_counter()
-    skipped = 0  # steps skipped since the last logged row
-    progress = _Progress(args.steps, step, rank == 0 and sys.stderr.isatty())
+    skipped = bad_videos = 0  # steps skipped and bad videos left out since the last logged row
+    progress = _Progress(args.steps, step, rank == 0, sys.stderr.isatty(), log)
 
-    def say(message: str) -> None:
-        progress.clear()
-        log(message)
-    with _Signals(say) as signals:
+    def stop_on_bad_data(exc: DataError):
+        # Before any step on the bad batch: keep what was trained since the last checkpoint.
+        if rank == 0 and step > saved and not sharded:
+            save_checkpoint(out, step, *full_state(model, optimizer, False), stream, args.keep)
+        written = step if rank == 0 and not sharded else saved
+        kept = f"checkpoint at step {written}" if written > 0 else "no checkpoint"
+        raise DataError(f"{exc}; stopped before step {step + 1} ({kept}): fix or remove the file and --resume, or "
+                        "--resume --on-bad-data skip") from None
+    batches = _checked(iter(stream), stop_on_bad_data)
+    with _Signals(log) as signals, progress.logging():
         while step < args.steps:
             if profile and step == profile[0] and torch.cuda.is_available():
                 torch.cuda.profiler.start()
@@ -604,7 +648,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
             if graphed is not None:  # the whole step from a graph; the loss is checked when logged
                 with nvtx_range("data"):
                     batch, stats = next(batches)
-                window_tokens += stats.tokens
+                window_tokens, bad_videos = window_tokens + stats.tokens, bad_videos + stats.skipped_videos
                 progress.tokens += stats.tokens
                 with nvtx_range("step"):
                     totals = graphed(batch)
@@ -615,7 +659,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                 with nvtx_range("data"):
                     batch, stats = next(batches)
                     batch = (batch if static is None else static(batch)).to(device)
-                window_tokens += stats.tokens
+                window_tokens, bad_videos = window_tokens + stats.tokens, bad_videos + stats.skipped_videos
                 progress.tokens += stats.tokens * world
                 with nvtx_range("forward"), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     output = runner(**batch.model_inputs())
@@ -637,13 +681,13 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                 finite, nothing_to_learn = flag.tolist()
                 if nothing_to_learn == 0:  # no update, and logged without losses or accuracies
                     optimizer.zero_grad(set_to_none=True)
-                    say(f"step {step + 1}: skipped (the batch has no masked token and no matching label)")
+                    log(f"step {step + 1}: skipped (the batch has no masked token and no matching label)")
                     skipped += 1
                     totals = {}
                 elif not finite:
                     optimizer.zero_grad(set_to_none=True)
                     if args.on_nan == "skip":
-                        say(f"step {step + 1}: non-finite loss, step skipped")
+                        log(f"step {step + 1}: non-finite loss, step skipped")
                         step += 1
                         continue
                     raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); "
@@ -677,6 +721,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
                 if skipped:
                     row["skipped_steps"], skipped = skipped, 0
+                if bad_videos:  # --on-bad-data skip
+                    row["skipped_videos"], bad_videos = bad_videos, 0
                 if device.type == "cuda":
                     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
                     if peak:
@@ -686,7 +732,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     f.write(json.dumps(row) + "\n")
                 if "loss" in row:  # a skipped step's row has none
                     progress.loss = row["loss"]
-                    say(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
+                    log(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
                 last = row
                 window_tokens, window_start = 0, time.perf_counter()
             if final or signals.received is not None or step % (args.eval_every or args.steps) == 0:
@@ -694,11 +740,12 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=prin
                     model_state, optimizer_state = full_state(model, optimizer, sharded)
                 if rank == 0:
                     save_checkpoint(out, step, model_state, optimizer_state, stream, args.keep)
+                saved = step
             if signals.received is not None:
-                say(f"{signal.Signals(signals.received).name}: checkpoint written at step {step}; exiting")
+                log(f"{signal.Signals(signals.received).name}: checkpoint written at step {step}; exiting")
                 last["interrupted"] = signals.received
                 break
-    progress.clear()
+    progress.close()
     if rank == 0:
         curves = plot_curves(out)
         log(f"metrics in {out / 'metrics.jsonl'}" + (f", curves in {curves}" if curves else ""))
@@ -714,10 +761,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace, fields: type, run: Callable) -> int:
     """Run `run(fields(**flags))` for a command: exit status 0 when done, 128 + signal when interrupted, 1 on a
-    non-finite loss or bad input (the message on stderr)."""
+    non-finite loss or bad input (the message on stderr). Messages go through `videobert.logs` at --log-level."""
+    configure_logging(args.log_level)
     try:
         last = run(fields(**{k: getattr(args, k) for k in asdict(fields())}))
     except (RuntimeError, ValueError, OSError) as exc:
+        if dist.is_initialized() and dist.get_world_size() > 1 and isinstance(exc, (dist.DistError, RuntimeError)):
+            # A collective that failed or timed out: a peer died or stalls; its own message is library-internal.
+            print(f"error: rank {dist.get_rank()}: lost contact with another process (it died, or stalled past "
+                  f"--dist-timeout {args.dist_timeout} s): {str(exc).strip().splitlines()[0][:300]}", file=sys.stderr)
+            return 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 128 + last["interrupted"] if "interrupted" in last else 0
