@@ -252,3 +252,36 @@ def test_a_killed_rank_stops_the_other_within_the_timeout(tmp_path):
         pytest.fail("the surviving rank hung")
     assert proc.returncode != 0 and time.time() - killed < 120
     assert "lost contact with another process" in output or "SIGTERM" in output, output[-3000:]
+
+
+def test_the_command_line_answers_every_broken_input_in_one_line(run4, tmp_path, capsys):
+    """A table of broken inputs: each ends with its exit status (2 for a flag the parser refuses, 1 otherwise) and
+    one line on stderr saying what is wrong."""
+    damaged = _copy(run4, tmp_path)
+    weights = damaged / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    data = _token_folder(tmp_path / "data", bad={1: np.array([5, 99999])})
+    run = ["--videos-per-batch", "2", "--num-videos", "40", "--eval-videos", "4", "--row-length", "64",
+           "--vocab-size", "200", "--steps", "5"]
+    cases = [
+        (["pretrain", "--steps", "0"], 2, "--steps"),
+        (["pretrain", "--steps", "-5"], 2, "--steps"),
+        (["pretrain", "--attention-dropout", "1.5"], 2, "--attention-dropout"),
+        (["retrieve", "--ckpt", str(run4), "--candidates", "-3"], 2, "--candidates"),
+        (["zero-shot", "--ckpt", str(run4), "--videos", "0"], 2, "--videos"),
+        (["embed", "--ckpt", str(run4), "--videos", "-1"], 2, "--videos"),
+        (["pretrain", "--out", str(run4), *run], 1, "holds a previous run"),
+        (["pretrain", "--out", str(_copy(run4, tmp_path / "b")), "--resume", *run[:-1], "6", "--videos-per-batch",
+          "3"], 1, "--videos-per-batch 3 (the run has 2)"),
+        (["zero-shot", "--ckpt", str(weights.parent)], 1, "truncated or replaced"),
+        (["zero-shot", "--ckpt", str(run4), "--device", "cuda:7"], 1, "--device cuda:7"),
+        (["pretrain", "--out", str(tmp_path / "bad"), "--data", str(data), "--videos-per-batch", "2",
+          "--eval-videos", "2", "--row-length", "64", "--steps", "4"], 1, "v01.npy: visual token 99999"),
+    ]
+    for argv, status, message in cases:
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # the parser's refusals
+            code = exc.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == status and len(err) == 1 and message in err[0], (argv, code, err)

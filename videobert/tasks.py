@@ -20,6 +20,7 @@ pretrained with `--features continuous` (config.video_feature_dim set), every ta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import statistics
@@ -195,7 +196,7 @@ def checkpoint_folders(ckpt: Union[str, Path]) -> tuple[Path, Path]:
     if (path / "model.safetensors").is_file():
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run, path
-    step = latest_checkpoint(path)
+    step = latest_checkpoint(path, report=logging.getLogger("videobert").warning)
     if step is None:
         raise FileNotFoundError(f"--ckpt {path}: no checkpoint there (expected a run folder with "
                                 "checkpoints/step-*/model.safetensors, or one such step folder)")
