@@ -59,7 +59,8 @@ def test_version(capsys):
     (["demo", "--samples", "0"], "--samples", "an integer >= 1"),
     (["tokenize-video", "d", "--branching", "1"], "--branching", "an integer >= 2"),
     (["extract-features", "d", "--out", "o", "--thumbnail-size", "-1"], "--thumbnail-size", "an integer >= 0"),
-    (["forecast", "--ckpt", "x", "--video", "v", "--clip", "3", "--scales", "1,0"], "--scales", "comma-separated integers >= 1"),
+    (["forecast", "--ckpt", "x", "--video", "v", "--clip", "3", "--scales", "1,0"], "--scales",
+     "comma-separated integers >= 1"),
 ])
 def test_counts_sizes_and_rates_are_checked_by_the_parser(argv, flag, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -129,3 +130,21 @@ def test_config_round_trip_reproduces_the_run(tmp_path, capsys):
     rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in "ab"]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
+def test_log_level_and_the_rank_filter(capsys, monkeypatch):
+    """Messages go through the `videobert` logger: at --log-level and above, rank 0's, other ranks' warnings only."""
+    from videobert.logs import LOGGER, configure_logging
+
+    monkeypatch.setattr(LOGGER, "handlers", [])
+    configure_logging("warning")
+    LOGGER.info("hidden")
+    LOGGER.warning("shown")
+    monkeypatch.setenv("RANK", "3")
+    configure_logging("info")
+    LOGGER.info("rank 3 info")
+    LOGGER.error("lost the data")
+    assert capsys.readouterr().out == "shown\nrank 3: lost the data\n"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--log-level", "chatty"])
+    assert "argument --log-level: invalid choice: 'chatty'" in capsys.readouterr().err

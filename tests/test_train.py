@@ -198,20 +198,36 @@ def test_sample_flags_reach_the_streams(tmp_path):
         build(TrainArgs(out=str(tmp_path), eval_videos=4, videos_per_batch=8), tmp_path, 0, 1)
 
 
-def test_progress_bar_draws_on_a_terminal_only(capsys):
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
     from videobert.train import _Progress
 
-    bar = _Progress(total=10, first=0, enabled=True)
+    bar = _Progress(total=10, first=0, show=True, terminal=True, log=print)
     bar.tokens, bar.loss = 500, 3.25
     bar.update(5)
-    drawn = capsys.readouterr().err
-    assert "5/10" in drawn and "loss 3.2500" in drawn and "tok/s" in drawn and drawn.startswith("\r[")
-    bar.clear()
-    assert capsys.readouterr().err == "\r\x1b[K"
-    quiet = _Progress(total=10, first=0, enabled=False)  # not a terminal (files, CI) or not rank 0
+    bar.close()
+    drawn = capsys.readouterr()
+    assert "5/10" in drawn.err and "loss 3.2500" in drawn.err and "tok/s" in drawn.err and drawn.out == ""
+    lines = []
+    plain = _Progress(total=10, first=0, show=True, terminal=False, log=lines.append, every=0)
+    plain.update(5)
+    assert len(lines) == 1 and lines[0].startswith("progress: step 5/10 (50%), ") and "s left" in lines[0]
+    quiet = _Progress(total=10, first=0, show=False, terminal=True, log=lines.append)  # ranks other than 0
     quiet.update(5)
-    quiet.clear()
-    assert capsys.readouterr().err == ""
+    quiet.close()
+    assert capsys.readouterr().err == "" and len(lines) == 1
+
+
+def test_a_run_without_a_terminal_prints_periodic_progress_lines(tmp_path, monkeypatch):
+    """Where stderr is not a terminal (CI, nohup), progress comes as plain log lines, one per interval."""
+    import videobert.train as loop
+
+    monkeypatch.setattr(loop, "PLAIN_PROGRESS_SECONDS", 0.0)
+    lines = []
+    train(TrainArgs(steps=3, out=str(tmp_path), **{**SMALL, "log_every": 3}), log=lines.append)
+    progress = [line for line in lines if line.startswith("progress: ")]
+    expected = [f"progress: step {s}/3 ({100 * s / 3:.0f}%)" for s in (1, 2, 3)]
+    assert [line.split(",")[0] for line in progress] == expected
+    assert all("tok/s" in line and "s left" in line for line in progress)
 
 
 def _replaying_capture(fn, pool):

@@ -32,6 +32,7 @@ from videobert._optional import require
 from videobert.config import VideoBERTConfig
 from videobert.data import pack_tensors, plan_rows, to_device
 from videobert.flags import COUNT, RATE, add_dataclass_flags, flag, override
+from videobert.logs import LOGGER
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _pooler_moved, init_weights
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
@@ -497,7 +498,7 @@ def test_predictions(args: FinetuneArgs, device: torch.device) -> dict:
     return result
 
 
-def finetune(args: FinetuneArgs, log=print) -> dict:
+def finetune(args: FinetuneArgs, log=LOGGER.info) -> dict:
     """Fine-tune (or resume), then predict the test split with the final checkpoint (rank 0); returns the last
     logged metrics with the test metrics under "test"."""
     last = run_loop(args, lambda out, rank, world: finetune_job(args, out, rank, world), log)

@@ -194,9 +194,9 @@ def build(args: TrainArgs, out: Path, rank: int, world: int):
                   attention_dropout=args.attention_dropout, video_feature_dim=feature_dim,
                   **tokenizer.config_overrides())
     if continuous and rank == 0:
-        LOGGER.info("--features continuous: clips enter as their feature vectors; the objectives are text MLM and video-text "
-                    "matching (and the contrastive one with --nce-weight): visual MLM predicts visual tokens, so it is "
-                    "off")
+        LOGGER.info("--features continuous: clips enter as their feature vectors; the objectives are text MLM and "
+                    "video-text matching (and the contrastive one with --nce-weight): visual MLM predicts visual "
+                    "tokens, so it is off")
     if bert_dir is not None:
         transformers = require("transformers", "hf", "--init-from-bert")
         config = VideoBERTConfig.from_bert_config(transformers.BertConfig.from_pretrained(bert_dir), **fields)
