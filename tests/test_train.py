@@ -341,3 +341,20 @@ def test_static_pretraining_step_never_synchronises():
         model(**batch.model_inputs())["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cosine_schedule_is_saved_in_checkpoints_and_resumes_exactly(tmp_path):
+    """--schedule cosine through torch's LambdaLR: the rates logged are warmup then cosine decay, the scheduler's
+    state is in state.json, and a resumed run repeats the uninterrupted one's losses and rates."""
+    from videobert.train import lr_factor
+
+    args = {**SMALL, "warmup": 2, "schedule": "cosine", "eval_every": 2}
+    train(TrainArgs(steps=5, out=str(tmp_path / "a"), **args), log=lambda m: None)
+    train(TrainArgs(steps=2, out=str(tmp_path / "b"), **args), log=lambda m: None)
+    state = json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())
+    assert state["schedule"]["last_epoch"] == 2
+    train(TrainArgs(steps=5, out=str(tmp_path / "b"), resume=True, **args), log=lambda m: None)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["lr"] for r in a] == pytest.approx([1e-3 * lr_factor(s, 2, 5, "cosine") for s in range(5)])
+    assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]
+    assert lr_factor(4, 2, 5, "cosine") < lr_factor(4, 2, 5, "linear") < lr_factor(2, 2, 5, "cosine") == 1.0

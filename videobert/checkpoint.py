@@ -89,10 +89,11 @@ def step_folders(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: dict, stream, keep: int) -> Path:
-    """Write OUT/checkpoints/step-N (state dicts from `full_state`; `stream` has `state_dict()`) atomically and
-    keep the newest `keep`. A failing write (full disk, read-only folder) leaves the previous checkpoints as they
-    were and raises OSError naming the folder."""
+def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: dict, stream, keep: int,
+                    scheduler=None) -> Path:
+    """Write OUT/checkpoints/step-N (state dicts from `full_state`; `stream` and the learning-rate `scheduler` have
+    `state_dict()`) atomically and keep the newest `keep`. A failing write (full disk, read-only folder) leaves the
+    previous checkpoints as they were and raises OSError naming the folder."""
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
@@ -111,8 +112,10 @@ def save_checkpoint(out: Path, step: int, model_state: dict, optimizer_state: di
         save_file({**{f"opt.{k}": v for k, v in tensors.items()}, **{f"rng.{k}": v for k, v in rng.items()}},
                   tmp / "state.safetensors")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _FILES}
+        schedule = {"schedule": scheduler.state_dict()} if scheduler is not None else {}
+        # default=float: a scheduler's rates are tensors when the optimizer's are (CUDA graphs).
         (tmp / "state.json").write_text(json.dumps({"step": step, "files": files, "optimizer": meta,
-                                                    "data": stream.state_dict()}))
+                                                    "data": stream.state_dict(), **schedule}, default=float))
         for name in (*_FILES, "state.json"):
             _sync(tmp / name)
         shutil.rmtree(final, ignore_errors=True)
@@ -189,9 +192,10 @@ def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
                               + " tensors (run.json edited, or a checkpoint of another model?)")
 
 
-def load_checkpoint(path: Path, model, optimizer, stream, sharded: bool = False) -> int:
+def load_checkpoint(path: Path, model, optimizer, stream, sharded: bool = False, scheduler=None) -> int:
     """Restore a checkpoint written by `save_checkpoint` after verifying it (CheckpointError names what does not
-    fit); returns its step. With FSDP (`sharded`) every rank reads the whole checkpoint and keeps its shards."""
+    fit); returns its step. A checkpoint written without a scheduler's state puts `scheduler` at its step. With
+    FSDP (`sharded`) every rank reads the whole checkpoint and keeps its shards."""
     from safetensors.torch import load_file
 
     info = verify_checkpoint(path)
@@ -216,4 +220,8 @@ def load_checkpoint(path: Path, model, optimizer, stream, sharded: bool = False)
                                       if f"rng.cuda{i}" in state])
         set_dropout_states({k[len("rng.dropout."):]: v for k, v in state.items() if k.startswith("rng.dropout.")})
     stream.load_state_dict(info["data"])
+    if scheduler is not None and "schedule" in info:
+        scheduler.load_state_dict(info["schedule"])
+    elif scheduler is not None:
+        scheduler.last_epoch = int(info["step"])
     return int(info["step"])

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -46,6 +48,7 @@ from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
 OBJECTIVES = ("text_mlm", "visual_mlm", "vtm")
+SCHEDULES = ("linear", "cosine")  # --schedule: the decay after the warmup (lr_factor)
 FEATURE_MODES = ("tokens", "continuous")  # --features: clips as visual tokens, or as their feature vectors
 SYNTHETIC_FEATURE_DIM = 64  # clip features of the synthetic corpus with --features continuous
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GPU name
@@ -61,6 +64,7 @@ class LoopArgs:
     seed: int = flag(0, "seed of the initialisation, the data stream and dropout")
     lr: float = flag(1e-3, "peak learning rate (AdamW)", NON_NEGATIVE)
     warmup: int = flag(30, "steps of linear warmup to --lr", NATURAL)
+    schedule: str = flag("linear", "learning-rate decay after the warmup, to 0 at --steps", choices=SCHEDULES)
     weight_decay: float = flag(0.01, "AdamW weight decay (none on biases and LayerNorm weights)", NON_NEGATIVE)
     clip: float = flag(1.0, "gradient clipping: the largest global gradient norm", POSITIVE)
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step", COUNT)
@@ -230,10 +234,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+def lr_factor(step: int, warmup: int, total: int, kind: str = "linear") -> float:
+    """The learning rate of step `step` (from 0) over the peak: linear warmup over `warmup` steps, then linear or
+    cosine decay to 0 at `total` (`kind`)."""
     if step < warmup:
         return (step + 1) / warmup
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -514,7 +521,7 @@ _RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "curves.png", "vocab.t
 # what it trains on or as (the data and the model).
 RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
                "compile_mode", "cuda_graphs", "gradient_checkpointing", "profile_steps", "fsdp", "lr", "warmup",
-               "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data", "dist_timeout"}
+               "schedule", "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data", "dist_timeout"}
 
 
 def _prepare_run_folder(out: Path, args: LoopArgs, rank: int) -> None:
@@ -593,6 +600,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay),
                                   lr=torch.tensor(args.lr, device=device) if args.cuda_graphs else args.lr,
                                   fused=device.type == "cuda" and not sharded, capturable=args.cuda_graphs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup=args.warmup, total=args.steps, kind=args.schedule))
     step = 0
     checkpoint = latest_checkpoint(out, report=log if rank == 0 else None) if args.resume else None
     if args.resume and checkpoint is None and step_folders(out / "checkpoints"):
@@ -600,13 +609,17 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                          "--overwrite starts the run over")
     if checkpoint is not None:
         _check_resume_flags(out, job.info)
-        step = load_checkpoint(checkpoint, model, optimizer, stream, sharded)
+        step = load_checkpoint(checkpoint, model, optimizer, stream, sharded, scheduler)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", step)
             log(f"resumed from {checkpoint} at step {step}")
         if args.cuda_graphs:  # captured steps read the learning rate from a tensor
             for group in optimizer.param_groups:
                 group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
+        # --lr, --warmup, --schedule and --steps may differ from the run's: this step's rate as they now say.
+        scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+        scheduler.last_epoch -= 1
+        scheduler.step()
     elif rank == 0:
         (out / "metrics.jsonl").write_text("")
         (out / "run.json").write_text(json.dumps(job.info, indent=2))
@@ -628,7 +641,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
     def stop_on_bad_data(exc: DataError):
         # Before any step on the bad batch: keep what was trained since the last checkpoint.
         if rank == 0 and step > saved and not sharded:
-            save_checkpoint(out, step, *full_state(model, optimizer, False), stream, args.keep)
+            save_checkpoint(out, step, *full_state(model, optimizer, False), stream, args.keep, scheduler)
         written = step if rank == 0 and not sharded else saved
         kept = f"checkpoint at step {written}" if written > 0 else "no checkpoint"
         raise DataError(f"{exc}; stopped before step {step + 1} ({kept}): fix or remove the file and --resume, or "
@@ -638,12 +651,6 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
         while step < args.steps:
             if profile and step == profile[0] and torch.cuda.is_available():
                 torch.cuda.profiler.start()
-            for group in optimizer.param_groups:
-                lr = args.lr * lr_factor(step, args.warmup, args.steps)
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
             totals: dict[str, torch.Tensor] = {}
             if graphed is not None:  # the whole step from a graph; the loss is checked when logged
                 with nvtx_range("data"):
@@ -689,6 +696,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                     if args.on_nan == "skip":
                         log(f"step {step + 1}: non-finite loss, step skipped")
                         step += 1
+                        scheduler.step()
                         continue
                     raise RuntimeError(f"step {step + 1}: the loss is not finite ({float(totals['loss'])}); "
                                        "stopping without a checkpoint (use --on-nan skip to skip such steps)")
@@ -698,6 +706,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
             step += 1
+            scheduler.step()
             progress.update(step)
             if profile and step == profile[1] and torch.cuda.is_available():
                 torch.cuda.profiler.stop()
@@ -717,7 +726,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
             if rank == 0 and logged:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, **{k: float(v) for k, v in totals.items()},
-                       "lr": float(optimizer.param_groups[0]["lr"]),
+                       "lr": args.lr * scheduler.lr_lambdas[0](step - 1),  # the rate of the step just taken
                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
                 if skipped:
                     row["skipped_steps"], skipped = skipped, 0
@@ -739,7 +748,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                 if rank == 0 or sharded:  # gathering FSDP shards is a collective
                     model_state, optimizer_state = full_state(model, optimizer, sharded)
                 if rank == 0:
-                    save_checkpoint(out, step, model_state, optimizer_state, stream, args.keep)
+                    save_checkpoint(out, step, model_state, optimizer_state, stream, args.keep, scheduler)
                 saved = step
             if signals.received is not None:
                 log(f"{signal.Signals(signals.received).name}: checkpoint written at step {step}; exiting")
