@@ -358,3 +358,14 @@ def test_cosine_schedule_is_saved_in_checkpoints_and_resumes_exactly(tmp_path):
     assert [r["lr"] for r in a] == pytest.approx([1e-3 * lr_factor(s, 2, 5, "cosine") for s in range(5)])
     assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]
     assert lr_factor(4, 2, 5, "cosine") < lr_factor(4, 2, 5, "linear") < lr_factor(2, 2, 5, "cosine") == 1.0
+
+
+def test_dataloader_workers_train_the_same_batches_and_resume_exactly(tmp_path):
+    """--num-workers 2: the batches come from DataLoader processes in stream order; a run resumed with workers (which
+    had built batches past the checkpoint) continues from the checkpoint's position, as the uninterrupted run did."""
+    train(TrainArgs(steps=4, out=str(tmp_path / "a"), **SMALL), log=lambda m: None)
+    workers = {**SMALL, "num_workers": 2, "eval_every": 2}
+    train(TrainArgs(steps=2, out=str(tmp_path / "b"), **workers), log=lambda m: None)
+    assert json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["data"]["position"] == 2
+    train(TrainArgs(steps=4, out=str(tmp_path / "b"), resume=True, **workers), log=lambda m: None)
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]

@@ -25,6 +25,11 @@ def to_device(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
     return t.to(device)
 
 
+def pinned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`t` in pinned host memory (None stays None); `to_device` then copies it to a GPU without pinning again."""
+    return None if t is None else t.pin_memory()
+
+
 @dataclass
 class PackedBatch:
     """Rows of packed samples: every tensor is (B, L) except vtm_labels (one per sample, in [CLS] order)."""
@@ -41,11 +46,17 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         """The same batch on `device` (`to_device`)."""
-        tensors = (to_device(t, device) for t in (self.input_ids, self.token_type_ids, self.segment_ids,
-                                                  self.mlm_labels, self.vtm_labels, self.video_features))
-        positions = None if self.head_positions is None else HeadPositions(
-            *(to_device(t, device) for t in self.head_positions))
-        return PackedBatch(*tensors, head_positions=positions, nce_pairs=to_device(self.nce_pairs, device))
+        return self._map(lambda t: to_device(t, device))
+
+    def pin_memory(self) -> "PackedBatch":
+        """The same batch in pinned host memory: a DataLoader(pin_memory=True) pins it off the training thread."""
+        return self._map(pinned)
+
+    def _map(self, fn) -> "PackedBatch":
+        tensors = (fn(t) for t in (self.input_ids, self.token_type_ids, self.segment_ids, self.mlm_labels,
+                                   self.vtm_labels, self.video_features))
+        positions = None if self.head_positions is None else HeadPositions(*(fn(t) for t in self.head_positions))
+        return PackedBatch(*tensors, head_positions=positions, nce_pairs=fn(self.nce_pairs))
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `VideoBERTForPretraining.forward`."""

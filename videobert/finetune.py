@@ -30,7 +30,7 @@ from torch import nn
 
 from videobert._optional import require
 from videobert.config import VideoBERTConfig
-from videobert.data import pack_tensors, plan_rows, to_device
+from videobert.data import pack_tensors, pinned, plan_rows, to_device
 from videobert.flags import COUNT, RATE, add_dataclass_flags, flag, override
 from videobert.logs import LOGGER
 from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTModel, _pooler_moved, init_weights
@@ -136,9 +136,15 @@ class TaskBatch:
 
     def to(self, device) -> "TaskBatch":
         """The same batch on `device` (`to_device`)."""
-        return TaskBatch(to_device(self.input_ids, device), to_device(self.token_type_ids, device),
-                         to_device(self.segment_ids, device), {k: to_device(v, device) for k, v in self.extra.items()},
-                         self.order)
+        return self._map(lambda t: to_device(t, device))
+
+    def pin_memory(self) -> "TaskBatch":
+        """The same batch in pinned host memory: a DataLoader(pin_memory=True) pins it off the training thread."""
+        return self._map(pinned)
+
+    def _map(self, fn) -> "TaskBatch":
+        return TaskBatch(fn(self.input_ids), fn(self.token_type_ids), fn(self.segment_ids),
+                         {k: fn(v) for k, v in self.extra.items()}, self.order)
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the task model's forward."""

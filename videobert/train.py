@@ -44,7 +44,7 @@ from videobert.model import VideoBERTForPretraining, VideoBERTModel
 from videobert.ops import manual_seed
 from videobert.profiling import nvtx_range
 from videobert.real_data import DataError, VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
-from videobert.samples import PretrainingStream, SampleOptions, synthetic_videos
+from videobert.samples import BatchDataset, PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
 
 OBJECTIVES = ("text_mlm", "visual_mlm", "vtm")
@@ -68,6 +68,7 @@ class LoopArgs:
     weight_decay: float = flag(0.01, "AdamW weight decay (none on biases and LayerNorm weights)", NON_NEGATIVE)
     clip: float = flag(1.0, "gradient clipping: the largest global gradient norm", POSITIVE)
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step", COUNT)
+    num_workers: int = flag(0, "processes building batches (DataLoader workers; 0: the training process)", NATURAL)
     log_every: int = flag(10, "steps between metrics lines (metrics.jsonl and the log)", COUNT)
     eval_every: int = flag(100, "steps between held-out evaluations and checkpoints", COUNT)
     keep: int = flag(2, "checkpoints kept (the newest)", COUNT)
@@ -350,6 +351,21 @@ def plot_curves(out: Path) -> Optional[Path]:
     return out / "curves.png"
 
 
+def _loaded(stream, workers: int, pin: bool):
+    """(batch, stats) from `stream`'s position on, built by `workers` DataLoader processes (0: this one) in stream
+    order, pinned when `pin`; the stream's position (its checkpointed state) follows the batches taken, not the
+    ones the workers built ahead."""
+    if stream.batches_per_epoch == 0:
+        raise ValueError(stream.no_batch_message())
+    # A generator of its own: the loader's seed draw must not move the global one (dropout), or a resumed run
+    # would differ from the uninterrupted one.
+    loader = torch.utils.data.DataLoader(BatchDataset(stream), batch_size=None, num_workers=workers, pin_memory=pin,
+                                         generator=torch.Generator())
+    for epoch, index, batch, stats in loader:
+        stream.epoch, stream.position = epoch, index + 1
+        yield batch, stats
+
+
 def _checked(batches, on_error: Callable[[DataError], None]):
     """`batches`, with `on_error(exc)` called (it raises) when the next batch cannot be built from bad data."""
     while True:
@@ -521,7 +537,8 @@ _RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "curves.png", "vocab.t
 # what it trains on or as (the data and the model).
 RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
                "compile_mode", "cuda_graphs", "gradient_checkpointing", "profile_steps", "fsdp", "lr", "warmup",
-               "schedule", "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data", "dist_timeout"}
+               "schedule", "num_workers", "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data",
+               "dist_timeout"}
 
 
 def _prepare_run_folder(out: Path, args: LoopArgs, rank: int) -> None:
@@ -646,7 +663,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
         kept = f"checkpoint at step {written}" if written > 0 else "no checkpoint"
         raise DataError(f"{exc}; stopped before step {step + 1} ({kept}): fix or remove the file and --resume, or "
                         "--resume --on-bad-data skip") from None
-    batches = _checked(iter(stream), stop_on_bad_data)
+    batches = _checked(_loaded(stream, args.num_workers, device.type == "cuda"), stop_on_bad_data)
     with _Signals(log) as signals, progress.logging():
         while step < args.steps:
             if profile and step == profile[0] and torch.cuda.is_available():
