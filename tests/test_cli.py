@@ -45,7 +45,8 @@ BLOCK = ("import sys\n"
 
 @pytest.mark.parametrize("blocked, argv, extra", [
     ("transformers", ["pretrain", "--init-from-bert", "{tmp}/bert", "--steps", "1", "--out", "{tmp}/run"], "hf"),
-    ("av,torchvision", ["extract-features", "{tmp}", "--out", "{tmp}/features"], "video")])
+    ("av,torchvision", ["extract-features", "{tmp}", "--out", "{tmp}/features"], "video"),
+    ("wandb", ["pretrain", "--report-to", "wandb", "--steps", "1", "--out", "{tmp}/run"], "wandb")])
 def test_missing_optional_package_is_one_error_line(blocked, argv, extra, tmp_path):
     """A flag whose optional package is not installed ends in one `error:` line naming the pip install."""
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -369,3 +369,18 @@ def test_dataloader_workers_train_the_same_batches_and_resume_exactly(tmp_path):
     assert json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["data"]["position"] == 2
     train(TrainArgs(steps=4, out=str(tmp_path / "b"), resume=True, **workers), log=lambda m: None)
     assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'videobert[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(TrainArgs(steps=2, out=str(tmp_path), report_to="tensorboard", **SMALL), log=lambda m: None)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = metrics(tmp_path)
+    for key in ("loss", "vtm_acc", "lr", "tokens_per_s"):
+        assert [e.step for e in events.Scalars(key)] == [1, 2]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval_loss")] == [2]

@@ -46,6 +46,7 @@ from videobert.profiling import nvtx_range
 from videobert.real_data import DataError, VideoFolder, check_bert_vocabulary, folder_tokenizer, held_out_videos
 from videobert.samples import BatchDataset, PretrainingStream, SampleOptions, synthetic_videos
 from videobert.text_tokenizer import TextTokenizer
+from videobert.tracking import REPORTERS, open_reporter
 
 OBJECTIVES = ("text_mlm", "visual_mlm", "vtm")
 SCHEDULES = ("linear", "cosine")  # --schedule: the decay after the warmup (lr_factor)
@@ -68,6 +69,9 @@ class LoopArgs:
     weight_decay: float = flag(0.01, "AdamW weight decay (none on biases and LayerNorm weights)", NON_NEGATIVE)
     clip: float = flag(1.0, "gradient clipping: the largest global gradient norm", POSITIVE)
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step", COUNT)
+    report_to: str = flag("none", "also write the metrics rows to TensorBoard (OUT/tensorboard) or Weights & "
+                                  "Biases (each needs its package: pip install 'videobert[tensorboard]' or '[wandb]')",
+                          choices=REPORTERS)
     num_workers: int = flag(0, "processes building batches (DataLoader workers; 0: the training process)", NATURAL)
     log_every: int = flag(10, "steps between metrics lines (metrics.jsonl and the log)", COUNT)
     eval_every: int = flag(100, "steps between held-out evaluations and checkpoints", COUNT)
@@ -537,7 +541,7 @@ _RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "curves.png", "vocab.t
 # what it trains on or as (the data and the model).
 RESUME_FREE = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "keep", "on_nan", "compile",
                "compile_mode", "cuda_graphs", "gradient_checkpointing", "profile_steps", "fsdp", "lr", "warmup",
-               "schedule", "num_workers", "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data",
+               "schedule", "num_workers", "report_to", "weight_decay", "clip", "grad_accum", "log_level", "on_bad_data",
                "dist_timeout"}
 
 
@@ -642,6 +646,7 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
         (out / "run.json").write_text(json.dumps(job.info, indent=2))
     if rank == 0:  # this invocation's complete settings: `--config OUT/config.yaml` repeats the run
         write_config(out / "config.yaml", args)
+    reporter = open_reporter(args.report_to, out, asdict(args)) if rank == 0 else None
     runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     runner = torch.compile(runner, mode=args.compile_mode) if args.compile else runner
     graphed = GraphedSteps(model, optimizer, job.make_static, args.clip, device) if args.cuda_graphs else None
@@ -756,6 +761,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                 row.update(evaluated)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if reporter is not None:
+                    reporter.log(row)
                 if "loss" in row:  # a skipped step's row has none
                     progress.loss = row["loss"]
                     log(f"step {step:5d}  loss {row['loss']:.4f}  {job.summary(row)}  {row['tokens_per_s']:.0f} tok/s")
@@ -772,6 +779,8 @@ def run_loop(args: LoopArgs, make_job: Callable[[Path, int, int], Job], log=LOGG
                 last["interrupted"] = signals.received
                 break
     progress.close()
+    if reporter is not None:
+        reporter.close()
     if rank == 0:
         curves = plot_curves(out)
         log(f"metrics in {out / 'metrics.jsonl'}" + (f", curves in {curves}" if curves else ""))
