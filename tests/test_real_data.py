@@ -184,7 +184,7 @@ def test_tokenize_video_command_writes_tokens_and_reuses_the_tokenizer(tmp_path)
     args = ["tokenize-video", str(tmp_path), "--levels", "2", "--branching", "2", "--iterations", "5"]
     assert main(args) == 0
     first = {p.name: np.load(p) for p in (tmp_path / "tokens").glob("*.npy")}
-    assert sorted(first) == [f"v{i}.npy" for i in range(5)] and (tmp_path / "visual_tokenizer.pt").exists()
+    assert sorted(first) == [f"v{i}.npy" for i in range(5)] and (tmp_path / "visual_tokenizer.safetensors").exists()
     assert all(a.dtype == np.int64 and a.shape == (12,) and a.max() < 4 for a in first.values())
     assert main(args) == 0  # loads the saved tokenizer: same tokens
     assert all(np.array_equal(np.load(tmp_path / "tokens" / name), a) for name, a in first.items())

@@ -57,12 +57,16 @@ def test_save_load_round_trip_and_errors(tmp_path):
     gen = torch.Generator().manual_seed(3)
     x, _ = planted(gen, groups=2, subgroups=2, per=5)
     tok = HierarchicalKMeans(levels=2, branching=2, iterations=3).fit(x)
-    path = tmp_path / "visual.pt"
+    path = tmp_path / "visual.safetensors"
     tok.save(path)
     loaded = HierarchicalKMeans.load(path)
     assert (loaded.levels, loaded.branching, loaded.feature_dim) == (2, 2, 8)
     assert torch.equal(loaded.encode(x), tok.encode(x))
-    assert [p.name for p in tmp_path.iterdir()] == ["visual.pt"]  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["visual.safetensors"]  # no temporary left behind
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # plain tensors and string metadata: nothing to unpickle
+        assert sorted(f.keys()) == ["centroids.0", "centroids.1"] and f.metadata()["branching"] == "2"
     from videobert.config import VideoBERTConfig
 
     loaded.check_config(VideoBERTConfig.tiny(num_visual_tokens=4))
@@ -73,9 +77,14 @@ def test_save_load_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.pt").write_text("not a tokenizer")
     with pytest.raises(ValueError, match="bad.pt is not a visual tokenizer file"):
         HierarchicalKMeans.load(tmp_path / "bad.pt")
-    torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt is not a visual tokenizer file"):
-        HierarchicalKMeans.load(tmp_path / "other.pt")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="other.safetensors is not a visual tokenizer file"):
+        HierarchicalKMeans.load(tmp_path / "other.safetensors")
+    torch.save({"format": "videobert.visual_tokenizer/1"}, tmp_path / "old.pt")  # an earlier version's pickle
+    with pytest.raises(ValueError, match="old.pt is a visual tokenizer of an earlier videobert .* --fit"):
+        HierarchicalKMeans.load(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="features must have dimension 8"):
         tok.encode(torch.randn(3, 5))
     with pytest.raises(ValueError, match="NaN or infinite"):

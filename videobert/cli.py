@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _tokenize_video(args: argparse.Namespace) -> int:
     from videobert.visual_tokenizer import tokenize_folder
 
-    tokenizer = args.tokenizer or str(Path(args.data_dir) / "visual_tokenizer.pt")
+    tokenizer = args.tokenizer or str(Path(args.data_dir) / "visual_tokenizer.safetensors")
     tokenize_folder(args.data_dir, tokenizer, fit=args.fit, max_fit_clips=args.max_fit_clips, levels=args.levels,
                     branching=args.branching, iterations=args.iterations, seed=args.seed)
     return 0
@@ -402,7 +402,7 @@ def build_parser() -> Parser:
     tok = sub.add_parser("tokenize-video", help="turn DATA_DIR/features/*.npy into DATA_DIR/tokens/*.npy with "
                                                  "hierarchical k-means (fitted first if needed)")
     tok.add_argument("data_dir", help="the data folder (features/ in, tokens/ out)")
-    tok.add_argument("--tokenizer", help="tokenizer file (default DATA_DIR/visual_tokenizer.pt)")
+    tok.add_argument("--tokenizer", help="tokenizer file (default DATA_DIR/visual_tokenizer.safetensors)")
     tok.add_argument("--fit", action="store_true", help="fit (and overwrite) the tokenizer even if it exists")
     tok.add_argument("--max-fit-clips", type=COUNT, default=200_000, help="clips sampled to fit the k-means on")
     tok.add_argument("--levels", type=COUNT, default=4, help="levels of the k-means tree")

@@ -6,7 +6,8 @@ a feature's token is its path through the tree read as a number in base `branchi
 prefix are near in feature space). Engines: faiss' k-means per node for CPU features when faiss is installed,
 else (and for CUDA features) a torch implementation that runs all nodes of a level together in batched ops,
 chunked so memory stays bounded, with k-means++ seeding. Deterministic given the seed (the torch engine
-bit for bit). Saved as one file holding the centroids and the settings.
+bit for bit). Saved as one safetensors file: the centroids of each level and the settings as its metadata
+(nothing is unpickled; the torch.save files of earlier versions are pickles and are refused, saying to refit).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 from videobert._optional import require
 
-FORMAT = "videobert.visual_tokenizer/1"
+FORMAT = "videobert.visual_tokenizer/2"  # /1: a torch.save pickle, no longer read
+SETTINGS = ("levels", "branching", "iterations", "seed")  # the file's metadata besides the format
 TOKEN_CLIPS = "token_clips.json"  # in a data folder: per visual token, the clip nearest its centroid
 
 
@@ -181,16 +183,18 @@ class HierarchicalKMeans:
         return self.centroids[-1].view(self.vocab_size, -1)[tokens.to(self.centroids[-1].device)]
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the settings and centroids to `path` atomically (a temporary file renamed into place)."""
+        """Write the centroids (tensors `centroids.<level>`) and the settings (metadata) to `path` as safetensors,
+        atomically (a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
         self._require_fitted()
         path = Path(path)
-        state = {"format": FORMAT, "levels": self.levels, "branching": self.branching,
-                 "iterations": self.iterations, "seed": self.seed,
-                 "centroids": [c.detach().cpu() for c in self.centroids]}
+        tensors = {f"centroids.{level}": c.detach().cpu().contiguous() for level, c in enumerate(self.centroids)}
+        metadata = {"format": FORMAT, **{name: str(getattr(self, name)) for name in SETTINGS}}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -199,20 +203,28 @@ class HierarchicalKMeans:
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "HierarchicalKMeans":
         """A tokenizer saved by `save`; raises ValueError naming the file when it is not one."""
+        from safetensors import SafetensorError, safe_open
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"visual tokenizer file {path} does not exist")
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":  # a zip: torch.save's format
+                raise ValueError(f"{path} is a visual tokenizer of an earlier videobert (a pickle, which is not read): "
+                                 "fit it again with videobert tokenize-video DATA --fit")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path} is not a visual tokenizer file ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a visual tokenizer file ({exc})") from exc
+        if metadata.get("format") != FORMAT or not all(name in metadata for name in SETTINGS):
             raise ValueError(f"{path} is not a visual tokenizer file (format {FORMAT} expected)")
-        tok = cls(state["levels"], state["branching"], state["iterations"], state["seed"])
-        centroids = state["centroids"]
+        tok = cls(*(int(metadata[name]) for name in SETTINGS))
+        centroids = [tensors.get(f"centroids.{level}") for level in range(len(tensors))]
         k = tok.branching
         if (len(centroids) != tok.levels or
-                any(tuple(c.shape[:2]) != (k ** level, k) for level, c in enumerate(centroids)) or
+                any(c is None or tuple(c.shape[:2]) != (k ** level, k) for level, c in enumerate(centroids)) or
                 len({c.shape[-1] for c in centroids}) != 1):
             raise ValueError(f"{path}: centroid shapes do not match levels={tok.levels}, branching={k}")
         tok.centroids = [c.float().to(device) for c in centroids]
