@@ -376,7 +376,9 @@ def _checked(batches, on_error: Callable[[DataError], None]):
         try:
             item = next(batches)
         except DataError as exc:
-            on_error(exc)
+            # From a DataLoader worker the message carries the worker's traceback: its last line is the error.
+            message = str(exc).strip().splitlines()[-1]
+            on_error(DataError(message.split("DataError: ", 1)[-1]) if "Original Traceback" in str(exc) else exc)
         yield item
 
 
