@@ -148,3 +148,9 @@ def test_log_level_and_the_rank_filter(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["pretrain", "--log-level", "chatty"])
     assert "argument --log-level: invalid choice: 'chatty'" in capsys.readouterr().err
+
+
+def test_info_says_whether_the_cuda_extension_is_built_and_loadable(capsys):
+    assert main(["info"]) == 0
+    status = json.loads(capsys.readouterr().out)["cuda_extension"]
+    assert status == "built and loadable" or "is not built" in status or "does not load" in status, status

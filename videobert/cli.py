@@ -17,12 +17,21 @@ from videobert.config import PRESETS
 from videobert.flags import COUNT, NATURAL, NON_NEGATIVE, Parser, Range, parse_args
 
 
+def _cuda_extension() -> str:
+    """Whether the CUDA library (libvideobert_kernels.so) is built and loads here: "built and loadable" or why not."""
+    try:
+        import videobert._kernels.cuda  # noqa: F401  (its import loads the library)
+    except ImportError as exc:
+        return str(exc)
+    return "built and loadable"
+
+
 def _info(args: argparse.Namespace) -> int:
     from videobert.ops import available_backends
 
     report = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "backends": available_backends()}
+              "cuda_extension": _cuda_extension(), "backends": available_backends()}
     try:
         import triton
         report["triton"] = triton.__version__
@@ -142,7 +151,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 @_reported
 def _embed(args: argparse.Namespace) -> int:
-    from videobert.tasks import SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings
+    from videobert.tasks import SYNTHETIC_SPLIT_SEEDS, device_of, embed_videos, load_checkpoint, save_embeddings, shown
 
     checkpoint = load_checkpoint(args.ckpt, data=args.data)
     dim = checkpoint.config.video_feature_dim  # a continuous-feature checkpoint reads the clips' features
@@ -150,14 +159,16 @@ def _embed(args: argparse.Namespace) -> int:
         from videobert.samples import synthetic_videos
 
         videos = synthetic_videos(SYNTHETIC_SPLIT_SEEDS[args.split], checkpoint.config.num_visual_tokens, dim)
-        source = (videos(i, i + 1)[0] for i in range(args.videos))
+        total = args.videos
+        source = (videos(i, i + 1)[0] for i in range(total))
     else:
         from videobert.real_data import VideoFolder
 
         folder = VideoFolder(args.data, dim, with_features=dim is not None)
-        source = (folder.video(i) for i in range(len(folder)))
+        total = len(folder)
+        source = (folder.video(i) for i in range(total))
     count = 0
-    for emb in embed_videos(checkpoint, source, device_of(args.device)):
+    for emb in shown(embed_videos(checkpoint, source, device_of(args.device)), total, "videos"):
         save_embeddings(emb, args.out, args.format)
         count += 1
     print(f"embeddings of {count} videos in {args.out} ({args.format})")

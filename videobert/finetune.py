@@ -37,7 +37,7 @@ from videobert.model import IGNORE_INDEX, VideoBERTForPretraining, VideoBERTMode
 from videobert.ops import softmax_cross_entropy
 from videobert.samples import BatchStats, ShardedBatches
 from videobert.tasks import (Checkpoint, Segment, clip_budget, device_of, encode_samples, load_checkpoint,
-                             load_segments, sample_budget, text_budget, video_sample, write_atomic)
+                             load_segments, sample_budget, shown, text_budget, video_sample, write_atomic)
 from videobert.train import Job, LoopArgs, run_command, run_loop
 
 TASKS = ("classify", "multiple-choice", "caption")
@@ -338,7 +338,7 @@ def generate_captions(checkpoint: Checkpoint, segments: Sequence[Segment], beam:
     banned = torch.tensor([config.pad_token_id, config.cls_token_id, config.mask_token_id, config.unk_token_id])
     live = [[([], 0.0)] for _ in segments]  # per segment: (pieces, summed log-probability)
     done: list[list[tuple[list[int], float]]] = [[] for _ in segments]
-    for length in range(max_length + 1):
+    for length in shown(range(max_length + 1), max_length + 1, "caption pieces"):
         owners = [(s, h) for s in range(len(segments)) for h in range(len(live[s]))]
         if not owners:
             break

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from videobert.checkpoint import latest_checkpoint, load_model_state, verify_checkpoint
 from videobert.config import VideoBERTConfig
@@ -375,7 +376,7 @@ def zero_shot(checkpoint: Checkpoint, segments: Sequence[Segment], verbs: Sequen
             layout.append((slot, k, list(range(first, first + k))))
     scores = {"verb": torch.full((len(segments), len(verbs)), float("-inf")),
               "noun": torch.full((len(segments), len(nouns)), float("-inf"))}
-    for index, hidden in encode_samples(model.bert, samples, row_length, device):
+    for index, hidden in shown(encode_samples(model.bert, samples, row_length, device), len(samples), "prompts"):
         slot, k, positions = layout[index]
         with torch.no_grad():
             logp = torch.log_softmax(model.text_logits(hidden[positions].to(device)).float().cpu(), dim=-1)
@@ -401,6 +402,11 @@ def zero_shot(checkpoint: Checkpoint, segments: Sequence[Segment], verbs: Sequen
 
 # ------------------------------------------------------------------------------------------- retrieval
 
+def shown(items: Iterable, total: int, what: str) -> Iterable:
+    """`items`, counted on a progress bar on a terminal's stderr as they are taken (nothing elsewhere)."""
+    return tqdm(items, total=total, desc=what, disable=None, leave=False, dynamic_ncols=True)
+
+
 def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch.device = torch.device("cpu"),
               row_length: int = 256) -> dict:
     """Video-text retrieval by the matching head: every (sentence i, video j) pair of the segments is scored by
@@ -415,7 +421,8 @@ def retrieval(checkpoint: Checkpoint, segments: Sequence[Segment], device: torch
     texts = [tok.encode(s.text)[:text_budget(budget)] for s in segments]
     samples = [video_sample(config, texts[i], segments[j].video[:clip_budget(budget, len(texts[i]))])
                for i in range(n) for j in range(n)]
-    cls = torch.stack([hidden[0] for _, hidden in encode_samples(model.bert, samples, row_length, device)])
+    pairs = shown(encode_samples(model.bert, samples, row_length, device), len(samples), "pairs")
+    cls = torch.stack([hidden[0] for _, hidden in pairs])
     with torch.no_grad():
         scores = torch.log_softmax(model.match_logits(cls.to(device)).float(), dim=-1)[:, 1].cpu().view(n, n)
     result: dict = {"candidates": n}
