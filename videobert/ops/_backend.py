@@ -108,6 +108,8 @@ def _implementation(op: str, backend: str) -> Impl:
 
 def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype,
                      constraints: dict) -> Optional[str]:
+    if backend in _PROVIDERS and _load_provider(backend) is None and backend not in _REGISTRY.get(op, {}):
+        return f"the {backend} backend has no {op} kernel"  # before any device reason: no device would help
     if backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1"
