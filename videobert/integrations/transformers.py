@@ -18,26 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from videobert._kernels.reference import RULE_CAUSAL
+from videobert.model import segment_ids_from
 from videobert.ops import add_layer_norm, linear_cross_entropy, segment_attention
 
 ATTENTION = "videobert"
 _SUBLAYER_OUTPUTS = ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput")
-
-
-def segment_ids_from(attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor], batch: int,
-                     length: int, device: torch.device) -> torch.Tensor:
-    """(B, L) int32 sample ids of a transformers batch: a new sample wherever position_ids do not count up by one
-    (packed rows), -1 where attention_mask is 0 (padding); 0 everywhere for a plain batch. On the device, no sync."""
-    if position_ids is None:
-        seg = torch.zeros((batch, length), dtype=torch.int32, device=device)
-    else:
-        pos = position_ids.expand(batch, length)
-        start = torch.ones_like(pos, dtype=torch.bool)
-        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        seg = (start.cumsum(1, dtype=torch.int32) - 1)
-    if attention_mask is not None:
-        seg = torch.where(attention_mask[:, -length:].bool(), seg, -1)
-    return seg
 
 
 # The ids of the last batch, so that every layer of a forward (and its backward) passes the very same tensor and
