@@ -33,7 +33,7 @@ from common import (bench_ms, device_name, device_times, dropout_rates, markdown
 
 from videobert._kernels.reference import attention_allowed  # noqa: E402
 from videobert._kernels.triton.segment_attention import (attention_metadata, reset_autotuning,  # noqa: E402
-                                                         tuned_configs)
+                                                         tuned_configs, work_items)
 from videobert.data import allowed_pairs  # noqa: E402
 from videobert.ops import segment_attention  # noqa: E402
 
@@ -61,11 +61,11 @@ def videobert_rows(B: int, L: int, gen: torch.Generator) -> tuple[torch.Tensor, 
 def providers(seg, layout: str, dropout_p: float, max_autotune: bool = False):
     """name -> (per-batch setup: (label, ms) or None, callable(q, k, v) -> out); each only when it can run here
     (a peer without dropout is left out of the dropout rows, saying so). A setup is what a packed batch costs
-    once, shared by every layer: this kernel's metadata (reused while the same ids come back, so timed calls
-    skip it) and FlexAttention's block mask (built by `create_block_mask(..., _compile=True)`, as its docs
+    once, shared by every layer: this kernel's metadata and work items (reused while the same ids come back, so
+    timed calls skip them) and FlexAttention's block mask (built by `create_block_mask(..., _compile=True)`, as its docs
     advise for per-batch masks)."""
     device = seg.device
-    metadata_ms = bench_ms(lambda: attention_metadata(seg, None, None))[0]
+    metadata_ms = bench_ms(lambda: work_items(attention_metadata(seg, None, None)[0]))[0]
     out = {"videobert": (("metadata", metadata_ms), lambda q, k, v: segment_attention(
         q, k, v, seg, dropout_p=dropout_p, backend="triton"))}
 

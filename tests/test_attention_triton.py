@@ -72,12 +72,16 @@ def test_head_dims(D):
 
 @pytest.mark.parametrize("blocks", [{"fwd": (16, 64), "bwd": (64, 16), "dkdv": (64, 16), "dq": (16, 32)},
                                     {"fwd": (64, 32), "bwd": (32, 64), "dkdv": (32, 64), "dq": (64, 16)}])
+@pytest.mark.parametrize("layout, rules, dropout_p", [("unsorted", PREFIX_LM, 0.0), ("packed", None, 0.1)])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fixed block sizes apply to the interpreter only")
-def test_other_block_sizes(blocks, monkeypatch):
+def test_other_block_sizes(blocks, layout, rules, dropout_p, monkeypatch):
+    """Tiles wider than 16 start off their size's multiples (windows rounded down to 16): packed samples without
+    rules run interior and masked tiles so, with dropout's byte groups at multiples of 16."""
     monkeypatch.setattr(sa, "INTERPRET_CONFIG", blocks)
     gen = torch.Generator().manual_seed(9)
-    q, k, v, seg, mod, rules = make_inputs(2, 150, 2, 32, torch.float32, DEVICE, gen, "unsorted", PREFIX_LM)
-    check(run_both(q, k, v, seg, mod, rules), torch.float32, str(blocks))
+    q, k, v, seg, mod, rules_t = make_inputs(2, 150, 2, 32, torch.float32, DEVICE, gen, layout, rules)
+    rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64) if dropout_p else None
+    check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng), torch.float32, f"{blocks} {layout}")
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -121,6 +125,122 @@ def test_backward_paths_and_the_flag(monkeypatch):
     with pytest.raises(ValueError, match="deterministic must be a bool"):
         segment_attention(q[None], k[None], v[None], torch.zeros(1, q.shape[0], dtype=torch.long, device=DEVICE),
                           backend="triton", deterministic=1)
+
+
+class _LaunchSpy:
+    """Stands in for a tuned kernel on untuned launches (`tuned.fn[grid](...)`): records (kind, USE_TMA) of each
+    launch, then runs the real kernel."""
+
+    def __init__(self, tuned, kind, seen):
+        self.fn, self._real, self._kind, self._seen = self, tuned.fn, kind, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self._seen.append((self._kind, kwargs["USE_TMA"]))
+            return self._real[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """VIDEOBERT_ATTENTION_TMA=1 (the TMA path under the interpreter too) and the list of launches made."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA path needs sm_90 or newer")
+    monkeypatch.setenv("VIDEOBERT_ATTENTION_TMA", "1")
+    monkeypatch.setenv("VIDEOBERT_AUTOTUNE", "0")
+    seen = []
+    for kind, tuned in list(sa.TUNED.items()):
+        monkeypatch.setitem(sa.TUNED, kind, _LaunchSpy(tuned, kind, seen))
+    return seen
+
+
+def takes_tma(kind: str, head_dim: int, dropout: bool) -> bool:
+    """Whether a kernel runs on the TMA path under VIDEOBERT_ATTENTION_TMA=1: every kernel under the interpreter
+    (which runs descriptors on the CPU), on a GPU those with a TMA config for the launch."""
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    return DEVICE == "cpu" or any(sa.serves(e, block_d, 9, dropout) for e in sa.TABLES.get(kind + "_tma", []))
+
+
+# The TMA path (tiles through tensor descriptors) on the cases the pointer path is tested on: odd lengths, length 1,
+# padding, empty samples, unsorted ids, every rules pattern, head dims off a power of two, strided views of a
+# fused projection, dropout, both backwards. The forward loads Q, K, V and stores O through descriptors, the
+# backwards load Q and dO (dK/dV kernels) or K and V (the dQ kernel) through them.
+@pytest.mark.parametrize("rules, layout, L, D, dtype, dropout_p, deterministic", [
+    (None, "packed", 1, 32, torch.float32, 0.0, False), (JOINT, "unsorted", 77, 32, torch.float16, 0.0, False),
+    (LATE_FUSION, "padding", 129, 64, torch.float32, 0.0, False),
+    (PREFIX_LM, "all_padding", 17, 32, torch.float32, 0.0, True),
+    (ALL_CAUSAL, "packed", 150, 40, torch.float16, 0.0, False), (None, "single", 100, 16, torch.float16, 0.0, True),
+    (PREFIX_LM, "packed", 100, 32, torch.float32, 0.2, False), (JOINT, "padding", 70, 32, torch.float32, 0.2, True)])
+def test_tma_path_matches_reference(tma_launches, rules, layout, L, D, dtype, dropout_p, deterministic):
+    gen = torch.Generator().manual_seed(L + D)
+    q, k, v, seg, mod, rules_t = make_inputs(2, L, 2, D, dtype, DEVICE, gen, layout, rules)
+    rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng, deterministic=deterministic), dtype,
+          f"tma {layout} L={L} D={D} rules={rules} dropout={dropout_p} deterministic={deterministic}")
+    kinds = ["fwd", "dkdv", "dq"] if deterministic else ["fwd", "bwd"]
+    assert tma_launches == [(kind, takes_tma(kind, D, dropout_p > 0)) for kind in kinds]
+
+
+def test_tma_path_takes_strided_views_and_falls_back_when_misaligned(tma_launches):
+    """Views of a fused QKV projection suit descriptors (16-byte aligned strides); rows of 8 bytes (D=4 in fp16)
+    or a start off a 16-byte boundary do not, and take the pointer path, with the same results."""
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 50, 3, 2, 32, generator=gen).to(DEVICE)
+    seg = random_layout("packed", 2, 50, gen).to(DEVICE)
+    check(run_both(*qkv.unbind(2), seg, None, None), torch.float32, "tma strided")
+    assert tma_launches == [(kind, takes_tma(kind, 32, False)) for kind in ("fwd", "bwd")]
+    narrow = torch.randn(2, 50, 1, 4, generator=gen, dtype=torch.float16).to(DEVICE)
+    assert sa.tma_mode(narrow) == 0
+    tma_launches.clear()
+    check(run_both(narrow, narrow.clone(), narrow.clone(), seg, None, None), torch.float16, "8-byte rows")
+    assert tma_launches == [("fwd", False), ("bwd", False)]
+    storage = torch.randn(2 * 50 * 2 * 32 + 1, generator=gen).to(DEVICE).requires_grad_()
+    offset = storage[1:].view(2, 50, 2, 32)  # 4 bytes past an aligned start
+    assert sa.tma_mode(offset) == 0
+    tma_launches.clear()
+    out = segment_attention(offset, offset, offset, seg, backend="triton")
+    (grad,) = torch.autograd.grad(out, storage, torch.ones_like(out))
+    ref_storage = storage.detach().double().requires_grad_()
+    ref_q = ref_storage[1:].view(2, 50, 2, 32)
+    ref = segment_attention(ref_q, ref_q, ref_q, seg, backend="torch")
+    assert_close(out, ref, torch.float32, "unaligned start: out")
+    assert_close(grad, torch.autograd.grad(ref, ref_storage, torch.ones_like(ref))[0], torch.float32, "grad")
+    assert tma_launches == [("fwd", False), ("bwd", False)]
+
+
+def test_tma_setting(monkeypatch):
+    """VIDEOBERT_ATTENTION_TMA: auto (the interpreter and sm_8x take pointers), 1, 0; anything else is an error
+    naming the variable."""
+    q = torch.zeros(1, 16, 2, 32, device=DEVICE)
+    for setting, on_cpu in (("auto", 0), ("1", 2), ("0", 0)):
+        monkeypatch.setenv("VIDEOBERT_ATTENTION_TMA", setting)
+        if DEVICE == "cpu":
+            assert sa.tma_mode(q) == on_cpu
+    monkeypatch.setenv("VIDEOBERT_ATTENTION_TMA", "yes")
+    with pytest.raises(ValueError, match="VIDEOBERT_ATTENTION_TMA must be auto, 0 or 1, got 'yes'"):
+        segment_attention(q, q, q, torch.zeros(1, 16, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+def test_descriptor_scratch_allocator_respects_the_callers():
+    """Launches on the TMA path give Triton a scratch allocator when none is set, and keep one the caller set
+    (each check in a fresh context: Triton keeps the allocator in a context variable)."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    from videobert._kernels.triton import launch
+
+    def after_ensure(preset):
+        if preset is not None:
+            triton.set_allocator(preset)
+        launch.ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(after_ensure, None) is launch._scratch
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+    assert contextvars.Context().run(after_ensure, mine) is mine
 
 
 def test_rows_without_keys_and_degenerate_shapes():
@@ -307,6 +427,61 @@ def test_metadata_is_rebuilt_in_cuda_graph_replays():
         assert_close(out, want, torch.float16, f"replay on {layout} ids")
 
 
+def expected_items(canonical: torch.Tensor, block: int) -> list:
+    """The forward's work items of each row, as `work_items` documents them: item starts at every run start and
+    every `block` positions into a run, then L; fixed blocks where that is more than twice as many."""
+    rows = []
+    for row in canonical.tolist():
+        L, starts, run = len(row), [], 0
+        for pos, value in enumerate(row):
+            run = pos if pos == 0 or value != row[pos - 1] else run
+            if (pos - run) % block == 0:
+                starts.append(pos)
+        if len(starts) > 2 * -(-L // block):
+            starts = list(range(0, L, block))
+        rows.append(starts + [L])
+    return rows
+
+
+@pytest.mark.parametrize("L", [1, 63, 129, 300])
+def test_work_items(L):
+    """Items per query block size and row: packed samples and padding runs cut from their starts, a sample longer
+    than the block in several items, a row of interleaved ids (fixed blocks), a row of padding."""
+    gen = torch.Generator().manual_seed(L)
+    seg = random_layout("packed", 4, L, gen)
+    seg[1] = torch.where(torch.rand(L, generator=gen) < 0.3, -1, seg[1])  # padding runs inside the row
+    seg[2] = torch.arange(L) % 3  # interleaved
+    seg[3] = -1
+    canonical = sa.attention_metadata(seg.to(DEVICE), None, None)[0]
+    items = sa.work_items(canonical).cpu()
+    for k, block in enumerate(sa.ITEM_BLOCKS):
+        for b, want in enumerate(expected_items(canonical.cpu(), block)):
+            count = int(items[k, b, 0])
+            assert items[k, b, 1:count + 2].tolist() == want, (block, b)
+            assert count <= 2 * -(-L // block)  # the forward's programs take at most two items each
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_forward_programs_take_several_items(dropout_p):
+    """Samples of 20 and 45 tokens cut into more items than the forward has programs (32-row items: 3 per 65
+    tokens against 2.03 fixed blocks), so programs loop over a second item; exact with and without dropout."""
+    L, lengths = 300, [20, 45] * 5
+    seg = torch.full((2, L), -1)
+    start = 0
+    for index, n in enumerate(lengths):
+        seg[:, start:start + n] = index
+        start += n
+    canonical = sa.attention_metadata(seg.to(DEVICE), None, None)[0]
+    block = sa.INTERPRET_CONFIG["fwd"][0] if DEVICE == "cpu" else 32
+    count = int(sa.work_items(canonical)[sa.ITEM_BLOCKS.index(block), 0, 0])
+    assert -(-L // block) < count <= 2 * -(-L // block)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, L, 2, 32, generator=gen).to(DEVICE) for _ in range(3))
+    rng = torch.tensor([2**33 + 3, 7], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    check(run_both(q, k, v, seg.to(DEVICE), None, None, dropout_p=dropout_p, rng=rng), torch.float32,
+          f"items dropout={dropout_p}")
+
+
 def test_work_scales_with_squared_sample_lengths():
     """Tiles the kernels visit, counted from the windows exactly as the kernels do, for packed rows."""
     gen = torch.Generator().manual_seed(7)
@@ -359,17 +534,27 @@ def test_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("arch_major", [8, 9])
 @pytest.mark.parametrize("block_d", [16, 32, 64, 128])
 def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major, block_d):
+    """The autotuner times only configs shipped for the launch: spill-free for its head dim, GPU and dropout, on
+    the pointer path unless the TMA mode allows descriptors (both paths in mode 1, TMA alone where it serves in
+    mode 2, never on sm_8x)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (arch_major, 0))
-    for table in (sa.FWD_TABLE, sa.BWD_TABLE, sa.DKDV_TABLE, sa.DQ_TABLE):
-        configs = sa._configs(table)
-        for length, dropout in itertools.product((32, 512, 4096), (False, True)):
-            kept = sa._pruner(table)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d,
-                                     HAS_DROPOUT=dropout)
+    for kind in ("fwd", "bwd", "dkdv", "dq"):
+        configs = sa.TUNED[kind].configs
+        for length, dropout, mode in itertools.product((32, 512, 4096), (False, True), (0, 1, 2)):
+            kept = sa._pruner(kind)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d,
+                                    HAS_DROPOUT=dropout, TMA_MODE=mode)
             # launches the atomic backward does not serve take the deterministic kernels
-            assert kept or (table is sa.BWD_TABLE and not sa.atomic_backward_serves(block_d, arch_major, dropout))
-            served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major, dropout)}
+            assert kept or (kind == "bwd" and not sa.atomic_backward_serves(block_d, arch_major, dropout))
+            tma_table = sa.TABLES.get(kind + "_tma", [])
+            tma_serves = mode and any(sa.serves(e, block_d, arch_major, dropout) for e in tma_table)
             for c in kept:
+                table = tma_table if c.kwargs["USE_TMA"] else sa.TABLES[kind]
+                served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major, dropout)}
                 assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served
+            pointer_serves = any(sa.serves(e, block_d, arch_major, dropout) for e in sa.TABLES[kind])
+            expected = {path for path, ok in ((False, pointer_serves and not (tma_serves and mode == 2)),
+                                              (True, tma_serves)) if ok}
+            assert {c.kwargs["USE_TMA"] for c in kept} == expected
 
 
 def test_configs_without_dropout_serve_only_launches_without_it():

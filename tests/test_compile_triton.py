@@ -208,8 +208,15 @@ def test_config_sweep_rejects_bad_arguments(capsys, argv, message):
 
 def test_every_head_dim_and_arch_has_configs():
     """The forward and the deterministic backward serve every launch; the atomic backward (whose launches without
-    a config take the deterministic kernels) serves at least the BERT head dim 64 everywhere, with dropout."""
+    a config take the deterministic kernels) serves at least the BERT head dim 64 everywhere, with dropout; the
+    TMA path serves the forward and the atomic backward at head dim 64 on sm_90, with dropout, and never sm_80
+    (launches it does not serve take the pointer path)."""
+    for kind in ("fwd_tma", "bwd_tma"):
+        assert any(sa.serves(entry, 64, 9) for entry in KERNELS[kind][1]), kind
+        assert not any(sa.serves(entry, d, 8, False) for entry in KERNELS[kind][1] for d in HEAD_DIMS), kind
     for kind, (_, table) in KERNELS.items():
+        if kind.endswith("_tma"):
+            continue
         for head_dim, arch in itertools.product((16,) + HEAD_DIMS, ARCHS):
             served = any(sa.serves(entry, head_dim, arch // 10) for entry in table)
             assert served or (kind == "bwd" and head_dim != 64), (kind, head_dim, arch)
@@ -251,7 +258,7 @@ def attention_loops(kind: str, rules: bool):
     kernel, table = KERNELS[kind]
     (block_m, block_n, warps, stages), *_ = next(e for e in table if sa.serves(e, 64, 9))
     constexprs = attention_constexprs(kind, block_m, block_n, 64, rules, False)
-    return loop_opcodes(kernel, attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
+    return loop_opcodes(kernel, attention_signature(kind, "bf16"), constexprs, 90, warps, stages, innermost=True)
 
 
 def test_attention_interior_tiles_compile_unmasked(monkeypatch):
@@ -267,7 +274,7 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
         assert interior["FSEL"] == 0 < masked["FSEL"], kind
         # The atomic backward's first tile (32x128 over 8 warps) holds 16 scores per thread beside the dQ GEMM and
         # its atomics: the mask is a smaller share of its loop (304 against 356 instructions, Triton 3.9).
-        share = 0.9 if kind == "bwd" else 0.85
+        share = 0.9 if kind.startswith("bwd") else 0.85
         assert sum(interior.values()) < share * sum(masked.values()) and only["FSEL"] > 0, kind
 
 
@@ -278,7 +285,8 @@ def _tensor_ops(case):
 
 def test_shipped_sm90_configs_use_wgmma(monkeypatch):
     """Every attention config shipped for sm_9x runs its GEMMs on wgmma (HGMMA in its SASS, no mma.sync HMMA):
-    a config with a 32-row GEMM side compiles to mma.sync there and must serve sm_8x only."""
+    a config with a 32-row GEMM side compiles to mma.sync there and must serve sm_8x only. Configs of the TMA path
+    load their tiles with bulk tensor copies (UTMALDG in their SASS); those of the pointer path never do."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cases = []
     for kind, (_, table) in KERNELS.items():
@@ -289,8 +297,10 @@ def test_shipped_sm90_configs_use_wgmma(monkeypatch):
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         ops = dict(zip(cases, pool.map(_tensor_ops, cases)))
     slow = [f"{kind} {config} D={d}: {dict(ops[kind, config, d])}" for kind, config, d in cases
-            if not ops[kind, config, d]["HGMMA"] or ops[kind, config, d]["HMMA"]]
+            if not ops[kind, config, d]["HGMMA"] or ops[kind, config, d]["HMMA"]
+            or bool(ops[kind, config, d]["UTMALDG"]) != kind.endswith("_tma")]
     assert not slow, "\n".join(slow)
+    assert {kind for kind, *_ in cases} == set(KINDS)  # the TMA kinds included
 
 
 def _dots_per_loop(kind: str) -> float:

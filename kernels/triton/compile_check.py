@@ -74,24 +74,33 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> list[Counter]:
-    """Compile `fn` for sm_`arch` and count the SASS opcodes of each loop body (the instructions from a label
-    to the branch back to it), in program order: the per-tile cost of a kernel's inner loops, without a GPU."""
+def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                 innermost: bool = False) -> list[Counter]:
+    """Compile `fn` for sm_`arch` and count the SASS opcodes of each loop body (the instructions from a label to
+    the branch back to it; with `innermost` only loops holding no other loop), in the order their bodies end: the
+    per-tile cost of a kernel's inner loops, without a GPU.
+    Code after the kernel's first unconditional EXIT is left out: ptxas puts the retry loops of barrier waits
+    there (TMA kernels), out of line, branching back into the loop they belong to."""
     compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
     sass = _cubin_tool(compiled, arch, "nvdisasm", "-c")
-    labels, opcodes, loops = {}, [], []
+    labels, opcodes, loops, starts = {}, [], [], []
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
         if label:
             labels[label.group(1)] = len(opcodes)
             continue
-        instruction = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", line)
+        instruction = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", line)
         if not instruction:
             continue
-        opcodes.append(instruction.group(1))
+        if instruction.group(2) == "EXIT" and not instruction.group(1):
+            break
+        opcodes.append(instruction.group(2))
         target = re.search(r"BRA[^;]*\.L_x_(\d+)", line)
         if target and labels.get(target.group(1), len(opcodes)) < len(opcodes) - 1:
-            loops.append(Counter(opcodes[labels[target.group(1)]:]))
+            start = labels[target.group(1)]
+            if not (innermost and any(inner >= start for inner in starts)):  # e.g. the forward's item loop
+                loops.append(Counter(opcodes[start:]))
+            starts.append(start)
     return loops
 
 
@@ -124,10 +133,16 @@ def as_launched(signature: dict, *multiples_of_16: str) -> dict:
             for name, kind in signature.items()}
 
 
+def base_kind(kind: str) -> str:
+    """The kernel of an attention kind: "fwd_tma" is the forward's TMA path, "bwd_tma" the atomic backward's."""
+    return kind.removesuffix("_tma")
+
+
 def attention_signature(kind: str, dtype: str) -> dict:
-    """Argument types of an attention kernel ("fwd", "bwd", "dkdv", "dq") as a launch with int32 ids specialises
-    them: (B, L, H, D) tensors or views of a fused QKV projection have strides that are multiples of D (32, 64,
-    128), and training rows are a multiple of 16 long."""
+    """Argument types of an attention kernel (one of KINDS) as a launch with int32 ids specialises them:
+    (B, L, H, D) tensors or views of a fused QKV projection have strides that are multiples of D (32, 64, 128),
+    and training rows are a multiple of 16 long."""
+    kind = base_kind(kind)
     sig = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out" if kind == "fwd" else "DO")}
     if kind == "fwd":
         sig["Lse"] = "*fp32"
@@ -138,36 +153,44 @@ def attention_signature(kind: str, dtype: str) -> dict:
         if kind == "bwd":
             sig["DQ"] = "*fp32"  # the atomic backward's accumulator
     sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
+    if kind == "fwd":
+        sig["Items"] = "*i32"
     strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
-    strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
+    strides += ["ob", "ol", "oh", "items"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
     sig.update({f"stride_{s}": "i32" for s in strides})
     sig.update({"B": "i32", "H": "i32", "L": "i32"})
     if kind != "fwd":
         sig["scale"] = "fp32"
     sig.update({"scale_log2": "fp32", "Rng": "*i64", "threshold": "i32", "drop_scale": "fp32",
-                "L_BUCKET": "i32"})
+                "L_BUCKET": "i32", "TMA_MODE": "i32"})
     return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
 
 
 def attention_constexprs(kind: str, block_m: int, block_n: int, head_dim: int, rules: bool, dropout: bool) -> dict:
     """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
-                  DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+                  DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=kind != base_kind(kind))
+    kind = base_kind(kind)
     if kind in ("bwd", "dkdv"):  # one kernel: the atomic backward is the dK/dV kernel adding dQ
         consts["ATOMIC_DQ"] = kind == "bwd"
     return consts
 
 
-KINDS = ("fwd", "bwd", "dkdv", "dq")
+KINDS = ("fwd", "bwd", "dkdv", "dq", "fwd_tma", "bwd_tma")
 
 
 def attention_kernel(kind: str):
-    """The jit function and shipped table of an attention kernel."""
+    """The jit function and shipped table of an attention kind (one of KINDS)."""
     from videobert._kernels.triton import segment_attention as sa
 
     kernels = {"fwd": sa._segment_attention_fwd_kernel, "bwd": sa._segment_attention_bwd_dkdv_kernel,
                "dkdv": sa._segment_attention_bwd_dkdv_kernel, "dq": sa._segment_attention_bwd_dq_kernel}
-    return kernels[kind], sa.TABLES[kind]
+    return kernels[base_kind(kind)], sa.TABLES[kind]
+
+
+def kind_archs(kind: str) -> tuple:
+    """The archs a kind ships for: the TMA path needs sm_90's tensor memory accelerator."""
+    return (90,) if kind != base_kind(kind) else ARCHS
 
 
 def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: bool, dropout: bool,
@@ -189,9 +212,10 @@ def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> 
 
 
 def uses_wgmma(kind: str, config: tuple, head_dim: int) -> bool:
-    """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left)."""
+    """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left) and, on the TMA
+    path, loads its tiles with bulk tensor copies."""
     ops = attention_tensor_ops(kind, config, head_dim, 90)
-    return ops["HGMMA"] > 0 and ops["HMMA"] == 0
+    return ops["HGMMA"] > 0 and ops["HMMA"] == 0 and (kind == base_kind(kind) or ops["UTMALDG"] > 0)
 
 
 def fits(report: CompileReport, arch: int) -> bool:
@@ -206,12 +230,12 @@ def _fits_case(case) -> bool:
 def table_entry(kind: str, config: tuple, pool) -> tuple:
     """The table entry `config` earns: (config, head dims on sm_8x, on sm_9x[, (more head dims without dropout on
     sm_8x, on sm_9x)]) from compiling every head dim, arch and variant in `pool` (an executor)."""
-    cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in ARCHS
+    cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in kind_archs(kind)
              for rules, dropout in dict.fromkeys(VARIANTS + NO_DROPOUT_VARIANTS)]
     ok = dict(zip(cases, pool.map(_fits_case, cases)))
 
     def dims(arch: int, variants) -> tuple:
-        return tuple(d for d in HEAD_DIMS if all(ok[(kind, config, d, arch, *v)] for v in variants))
+        return tuple(d for d in HEAD_DIMS if all(ok.get((kind, config, d, arch, *v), False) for v in variants))
 
     wgmma = dict(zip(HEAD_DIMS, pool.map(uses_wgmma, *zip(*[(kind, config, d) for d in HEAD_DIMS]))))
 

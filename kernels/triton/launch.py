@@ -1,11 +1,13 @@
 """Host-side helpers shared by the Triton launchers: grid arithmetic, dropout arguments, the precision of fp32 dots,
-and log2(e) (the kernels take exponentials as exp2, one MUFU instruction)."""
+log2(e) (the kernels take exponentials as exp2, one MUFU instruction) and the scratch allocator of on-device
+tensor descriptors."""
 from __future__ import annotations
 
 import functools
 from typing import Optional
 
 import torch
+import triton
 
 from videobert._kernels.reference import attention_dropout_scale, dropout_byte_threshold, dropout_threshold
 
@@ -27,6 +29,16 @@ def next_power_of_2(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def arch_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major (8: A100, 9: H100), cached per device: launchers ask per call."""
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -54,3 +66,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:  # first: reading the TF32 flag costs microseconds
         return "tf32"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global scratch memory for a launch (Triton's allocator protocol), from PyTorch's caching allocator on the
+    current device: stream-ordered, and inside a CUDA graph capture taken from the graph's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Give Triton an allocator for the scratch memory of kernels that build tensor descriptors on the device,
+    unless the caller has set one (Triton keeps it per thread and context: set here on the launching thread)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # a Triton without the private names: set ours, as the public API allows
+        triton.set_allocator(_scratch)
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_scratch)

@@ -7,10 +7,17 @@ per-token windows built on the device from the ids (`attention_metadata`, one la
 in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
 block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
-Windows do not depend on the block size, so block sizes can be autotuned freely. Without rules, tiles that a
+Windows do not depend on the block size, so block sizes can be autotuned freely. The forward's query blocks are
+work items aligned to sample starts (`work_items`): a block then holds one sample's queries, whose window is
+that sample alone. Without rules, tiles that a
 block may attend whole (the block inside one contiguous sample) skip the mask: each kernel loops over that
 unmasked interior, then over the masked edge tiles, as FlashAttention splits off the causal diagonal; this
 saves the compare-and-select per score that the softmax's ALU budget cannot spare.
+
+Two load paths share each kernel: pointer loads (cp.async on sm_80 and sm_90, every GPU) and, with USE_TMA,
+tensor descriptors built on the device per (batch, head) slice (sm_90's TMA: bulk copies into shared memory that
+wgmma reads in place, zero fill past the row end). On sm_90 the autotuner times both and keeps the faster
+(`tma_mode`; VIDEOBERT_ATTENTION_TMA=0 or 1 pins one).
 
 Dropout regenerates the reference's Philox mask (`reference.dropout_keep_bytes`: index key j, counters
 query i and b * H + h), sixteen decisions per Philox call on 8-bit thresholds (the rate rounded to 1/256).
@@ -25,7 +32,8 @@ import triton
 import triton.language as tl
 
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
-from videobert._kernels.triton.launch import LOG2E, cdiv, dot_precision, dropout_args, next_power_of_2
+from videobert._kernels.triton.launch import (LOG2E, arch_major, cdiv, dot_precision, dropout_args,
+                                              ensure_allocator, next_power_of_2)
 from videobert._kernels.triton.rng import dropout_keep_bytes, load_seed
 
 MAX_HEAD_DIM = 128
@@ -33,6 +41,9 @@ MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 _RULE_SLOTS = tl.constexpr(MAX_MODALITIES * MAX_MODALITIES)
 _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 _LOG2E = tl.constexpr(LOG2E)
+# Tiles of a block's loop start at its window's low end rounded down to this, not to the tile size: dropout's byte
+# groups need key tiles at multiples of 16, and the compiler keeps 16-row alignment for its loads.
+_TILE_ALIGN = tl.constexpr(16)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
 INTERPRET_CONFIG = {"fwd": (32, 16), "bwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
@@ -65,6 +76,31 @@ def _load_rows(base, pos, stride_l, offs_d, L, HEAD_DIM: tl.constexpr, IN_ROW: t
 
 
 @triton.jit
+def _rows_source(base, stride_l, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """How a kernel reaches tiles of BLOCK rows of the (L, HEAD_DIM) slice at `base`: with USE_TMA a tensor
+    descriptor (sm_90's bulk tensor copies, TMA: rows past L and columns past HEAD_DIM read as zero and are never
+    written; the launcher checks 16-byte alignment), else the base pointer itself."""
+    if USE_TMA:
+        source = tl.make_tensor_descriptor(base, shape=[L, HEAD_DIM], strides=[stride_l, 1],
+                                           block_shape=[BLOCK, BLOCK_D])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def _load_tile(source, start, stride_l, offs_d, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               IN_ROW: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of a `_rows_source`, zero past either end (IN_ROW: see `_load_rows`)."""
+    if USE_TMA:
+        rows = source.load([start, 0])
+    else:
+        rows = _load_rows(source, start + tl.arange(0, BLOCK), stride_l, offs_d, L, HEAD_DIM, IN_ROW)
+    return rows
+
+
+@triton.jit
 def _load_ids(Seg, Mod, row, pos, L, HAS_RULES: tl.constexpr):
     """Canonical segment ids (0 on padding and past the row end: a zero fill, no select per id after the
     load) and modality ids (0 without rules) of positions `pos`."""
@@ -74,36 +110,43 @@ def _load_ids(Seg, Mod, row, pos, L, HAS_RULES: tl.constexpr):
 
 
 @triton.jit
-def _window(win, row, pos, L, IS_LOW: tl.constexpr):
-    """Union of the per-token windows of a block: (min of lows, max of highs)."""
+def _window(win, row, pos, end, L, IS_LOW: tl.constexpr):
+    """Union of the per-token windows of a block's positions before `end`: (min of lows, max of highs)."""
     if IS_LOW:
-        return tl.min(tl.load(win + row + pos, mask=pos < L, other=L), axis=0)
-    return tl.max(tl.load(win + row + pos, mask=pos < L, other=0), axis=0)
+        return tl.min(tl.load(win + row + pos, mask=pos < end, other=L), axis=0)
+    return tl.max(tl.load(win + row + pos, mask=pos < end, other=0), axis=0)
 
 
 @triton.jit
-def _block_prologue(Seg, Mod, Win, Rules, row, pos, B, L, HAS_RULES: tl.constexpr, NUM_MODALITIES: tl.constexpr):
-    """What every kernel loads first for its own block of positions: their ids (padding and positions past the
-    row end as -1), the rules code, and the union [lo, hi) of their windows (lows at Win, highs in the next
-    plane)."""
-    seg, mod = _load_ids(Seg, Mod, row, pos, L, HAS_RULES)
+def _block_prologue(Seg, Mod, Win, Rules, row, pos, end, B, L, HAS_RULES: tl.constexpr,
+                    NUM_MODALITIES: tl.constexpr):
+    """What every kernel loads first for its own block of positions (those from `end` on, at most L, belong to
+    no one: a work item's tail): their ids (padding and positions from `end` on as -1), the rules code, and the
+    union [lo, hi) of their windows (lows at Win, highs in the next plane)."""
+    seg, mod = _load_ids(Seg, Mod, row, pos, end, HAS_RULES)
     seg = tl.where(seg == 0, -1, seg)  # never equal to a tile's 0: padding needs no test per score
     rules_code = _rules_code(Rules, NUM_MODALITIES) if HAS_RULES else 0
-    return seg, mod, rules_code, _window(Win, row, pos, L, True), _window(Win + B * L, row, pos, L, False)
+    return seg, mod, rules_code, _window(Win, row, pos, end, L, True), _window(Win + B * L, row, pos, end, L, False)
 
 
 @triton.jit
-def _unmasked_span(Dense, row, pos, seg, lo, hi, L, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
+def _unmasked_span(Dense, row, pos, seg, lo, hi, end, L, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
     """How a block's loop over tiles of BLOCK positions covering [lo, hi) splits: (start, mid_lo, mid_hi,
-    masked), where [mid_lo, mid_hi) (multiples of BLOCK) holds the tiles every pair of which is allowed (no
-    rules, and the block's positions all in one contiguous segment; empty otherwise) and `masked` tiles
-    remain, from `start` on, jumping over [mid_lo, mid_hi) (see `_masked_tile_start`)."""
-    start = (lo // BLOCK) * BLOCK
+    masked). Tiles start at `start`, lo rounded down to _TILE_ALIGN (at most 15 positions before the window, where
+    rounding to BLOCK wastes up to BLOCK - 1), and follow every BLOCK positions; [mid_lo, mid_hi) holds the tiles
+    every pair of which is allowed (no rules, and the block's positions before `end` all in one contiguous
+    segment; empty otherwise) and `masked` tiles remain, from `start` on, jumping over [mid_lo, mid_hi) (see
+    `_masked_tile_start`)."""
+    start = (lo // _TILE_ALIGN) * _TILE_ALIGN
     mid_lo, mid_hi = start, start
     if not HAS_RULES:  # with rules the mask stays on: a table of only full rules is the one case it could go
-        contiguous = tl.min(tl.load(Dense + row + pos, mask=pos < L, other=0), axis=0)  # 0 on padding, past L
-        inner_lo, inner_hi = tl.cdiv(lo, BLOCK) * BLOCK, (hi // BLOCK) * BLOCK
-        whole = (contiguous == 1) & (tl.min(seg, axis=0) == tl.max(seg, axis=0)) & (inner_lo < inner_hi)
+        # 0 on padding and past L; an item's tail (from `end` on, before L) does not count
+        contiguous = tl.min(tl.load(Dense + row + pos, mask=pos < end, other=(pos < L).to(tl.int32)), axis=0)
+        seg_max = tl.max(seg, axis=0)
+        inner_lo = start + tl.cdiv(lo - start, BLOCK) * BLOCK
+        inner_hi = start + ((hi - start) // BLOCK) * BLOCK
+        whole = (contiguous == 1) & (tl.min(tl.where(pos < end, seg, seg_max), axis=0) == seg_max) \
+            & (inner_lo < inner_hi)
         mid_lo, mid_hi = tl.where(whole, inner_lo, start), tl.where(whole, inner_hi, start)
     return start, mid_lo, mid_hi, tl.cdiv(hi - start, BLOCK) - (mid_hi - mid_lo) // BLOCK
 
@@ -182,14 +225,53 @@ def _segment_metadata_kernel(Seg, Mod, Rules, Meta, stride_sb, stride_sl, stride
 
 
 @triton.jit
-def _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L, stride_kl,
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _work_items_kernel(Canon, Items, B, L, stride_items, CHUNK: tl.constexpr):
+    """The forward's work items of one row for query blocks of 16 << program_id(1) rows (see `work_items`): runs
+    of equal canonical ids (a packed sample, a padding run) cut into blocks from each run's start; fixed blocks
+    when that makes more than twice as many items as fixed blocks (short runs: interleaved ids)."""
+    b, k = tl.program_id(0), tl.program_id(1)
+    block = 16 << k
+    row = Canon + b.to(tl.int64) * L
+    out = Items + (k * B + b).to(tl.int64) * stride_items
+    run_start = 0  # where the run that the previous chunk ended in started
+    count = 0
+    for c0 in range(0, L, CHUNK):
+        pos = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(row + pos, mask=pos < L, other=0)
+        prev = tl.load(row + pos - 1, mask=(pos > 0) & (pos < L), other=0)
+        run = tl.maximum(tl.associative_scan(tl.where((pos == 0) | (ids != prev), pos, -1), 0, _max_combine),
+                         run_start)
+        first = ((pos - run) % block == 0) & (pos < L)
+        index = count + tl.cumsum(first.to(tl.int32), 0) - 1
+        tl.store(out + 1 + index, pos, mask=first & (index < stride_items - 2))
+        count += tl.sum(first.to(tl.int32), 0)
+        run_start = tl.max(run, 0)
+    fixed = tl.cdiv(L, block)
+    if count > 2 * fixed:
+        tl.debug_barrier()
+        for c0 in range(0, fixed, CHUNK):
+            i = c0 + tl.arange(0, CHUNK)
+            tl.store(out + 1 + i, i * block, mask=i < fixed)
+        count = fixed
+    tl.debug_barrier()
+    tl.store(out, count)
+    tl.store(out + 1 + count, L)
+
+
+@triton.jit
+def _key_tile(q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L, stride_kl,
               stride_vl, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """A query block's view of one key tile (forward and dQ): K, V, the raw scores q k^T and, in masked tiles,
     which pairs are allowed (a constant True in interior tiles, where all are)."""
     pos_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
-    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM, not MASKED)
+    k = _load_tile(k_src, start_n, stride_kl, offs_d, L, HEAD_DIM, BLOCK_N, not MASKED, USE_TMA)  # interior: in row
+    v = _load_tile(v_src, start_n, stride_vl, offs_d, L, HEAD_DIM, BLOCK_N, not MASKED, USE_TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     allowed = True
     if MASKED:
@@ -200,14 +282,15 @@ def _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_cod
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L,
+def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod, row, L,
               stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
               HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """One key tile of the online softmax: the updated (acc, l_i, m_i); m_i is in log2 units (scaled)."""
-    k, v, s, allowed = _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+    k, v, s, allowed = _key_tile(q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
                                  row, L, stride_kl, stride_vl, HEAD_DIM, NUM_MODALITIES, HAS_RULES, DOT_PRECISION,
-                                 BLOCK_N, MASKED)
+                                 BLOCK_N, MASKED, USE_TMA)
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
@@ -220,32 +303,55 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, m
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_DROPOUT:
         keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-        p = tl.where(keep, p * drop_scale, 0.0)
+        p = tl.where(keep, p, 0.0)  # 1 / (1 - rate) is applied to the output once (`_fwd_item`)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _segment_attention_fwd_kernel(
-        Q, K, V, Out, Lse, Seg, Mod, Win, Rules,
+        Q, K, V, Out, Lse, Seg, Mod, Win, Rules, Items,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-        stride_ob, stride_ol, stride_oh,
-        B, H, L, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
+        stride_ob, stride_ol, stride_oh, stride_items,
+        B, H, L, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_TMA: tl.constexpr = False):
+    """Out and the log-sum-exp of the work items (`work_items`: up to BLOCK_M queries from a sample's start) of
+    one (batch, head) that fall to this program: items pid_m, pid_m + programs, ... (there are at most twice as
+    many items as programs). L_BUCKET and TMA_MODE only key the autotuner."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
-    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
+    q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    k_src = _rows_source(K + b * stride_kb + h * stride_kh, stride_kl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _rows_source(V + b * stride_vb + h * stride_vh, stride_vl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    o_base = Out + b * stride_ob + h * stride_oh
+    tl.static_assert((BLOCK_M == 16) | (BLOCK_M == 32) | (BLOCK_M == 64) | (BLOCK_M == 128))  # ITEM_BLOCKS
+    items = Items + (((BLOCK_M >= 32) + (BLOCK_M >= 64) + (BLOCK_M >= 128)) * B + b).to(tl.int64) * stride_items
+    for item in range(pid_m, tl.load(items), tl.num_programs(0)):
+        start_m, end_m = tl.load(items + 1 + item), tl.load(items + 2 + item)
+        _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh, offs_d,
+                  stride_ql, stride_kl, stride_vl, stride_ol, B, L, scale_log2, seed, offset, threshold, drop_scale,
+                  HEAD_DIM, BLOCK_D, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                  USE_TMA)
+
+
+@triton.jit
+def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh, offs_d,
+              stride_ql, stride_kl, stride_vl, stride_ol, B, L, scale_log2, seed, offset, threshold, drop_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    """Out and the log-sum-exp of queries [start_m, end_m) (end_m - start_m <= BLOCK_M)."""
+    pos_m = start_m + tl.arange(0, BLOCK_M)
+    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, end_m, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
-    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, HAS_RULES,
-                                                   BLOCK_N)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, end_m, L,
+                                                   HAS_RULES, BLOCK_N)
+    q = _load_tile(q_src, start_m, stride_ql, offs_d, L, HEAD_DIM, BLOCK_M, False, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -253,23 +359,29 @@ def _segment_attention_fwd_kernel(
     # The unmasked interior, then the masked tiles around it (at most two when the interior is not empty).
     if not HAS_RULES:
         for start_n in range(mid_lo, mid_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q,
                                       rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
                                       pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
-                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False)
+                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False, USE_TMA)
     for index in range(0, masked):
         start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q,
                                   rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
                                   pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT,
-                                  DOT_PRECISION, BLOCK_N, True)
+                                  DOT_PRECISION, BLOCK_N, True, USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
+    out = out.to(o_base.dtype.element_ty)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + pos_m[:, None] * stride_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + pid_bh.to(tl.int64) * L + pos_m, lse, mask=pos_m < L)
+    if USE_TMA and end_m - start_m == BLOCK_M:  # a whole item: one bulk store (a part one must not pass end_m)
+        _rows_source(o_base, stride_ol, L, HEAD_DIM, BLOCK_M, BLOCK_D, True).store([start_m, 0], out)
+    else:
+        tl.store(o_base + pos_m[:, None] * stride_ol + offs_d[None, :], out,
+                 mask=(pos_m[:, None] < end_m) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + pid_bh.to(tl.int64) * L + pos_m, lse, mask=pos_m < end_m)
 
 
 @triton.jit
@@ -301,16 +413,16 @@ def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
                rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed, offset, pid_n, pid_bh,
                threshold, drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows); with
     ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows at dq_base."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM, not MASKED)  # interior tiles: inside the row
-    do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM, not MASKED)
+    q = _load_tile(q_src, start_m, stride_ql, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)  # interior: in row
+    do = _load_tile(do_src, start_m, stride_dl, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)
     if MASKED:  # rows past the row end read id 0, which the mask never allows: a zero fill is enough
         lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=0.0) * _LOG2E
         delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
@@ -328,7 +440,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_
     if HAS_DROPOUT:
         keep_t = tl.trans(dropout_keep_bytes(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
                                              BLOCK_N))
-        dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)  # scaled once
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -349,10 +461,10 @@ def _segment_attention_bwd_dkdv_kernel(
         Q, K, V, DO, Lse, Delta, DK, DV, DQ, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
-        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
+        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr):
+        ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr = False):
     """dK and dV of a key block; with ATOMIC_DQ (FlashAttention-2's backward) also its dQ terms, added into the
     zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
     kernels together do 7 (each recomputes S and P)."""
@@ -363,47 +475,50 @@ def _segment_attention_bwd_dkdv_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, B, L,
+    seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, L, B, L,
                                                        HAS_RULES, NUM_MODALITIES)
-    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, L, HAS_RULES,
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, L, L, HAS_RULES,
                                                    BLOCK_M)
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_db + h * stride_dh
+    q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    do_src = _rows_source(DO + b * stride_db + h * stride_dh, stride_dl, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     dq_base = DQ + b * stride_gb + h * stride_gh
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked query tiles (see the forward)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d,
                                 seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl,
                                 scale_log2, seed, offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM,
                                 NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
-                                ATOMIC_DQ)
+                                ATOMIC_DQ, USE_TMA)
     for index in range(0, masked):
         start_m = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_M)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
                             mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed,
                             offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
-                            HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ)
+                            HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, USE_TMA)
 
     mask = (pos_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
     g_off = b * stride_gb + h * stride_gh + pos_n[:, None] * stride_gl + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    if HAS_DROPOUT:
+        dv = dv * drop_scale
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
              row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
              HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-             HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+             HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             USE_TMA: tl.constexpr):
     """One key tile's contribution to a query block's dq."""
-    k, v, s, allowed = _key_tile(q, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
+    k, v, s, allowed = _key_tile(q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg, Mod,
                                  row, L, stride_kl, stride_vl, HEAD_DIM, NUM_MODALITIES, HAS_RULES, DOT_PRECISION,
-                                 BLOCK_N, MASKED)
+                                 BLOCK_N, MASKED, USE_TMA)
     p = tl.exp2(s * scale_log2 - lse[:, None])
     if MASKED:
         p = tl.where(allowed, p, 0.0)
@@ -420,9 +535,11 @@ def _segment_attention_bwd_dq_kernel(
         Q, K, V, DO, Lse, Delta, DQ, Seg, Mod, Win, Rules,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
-        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET,
+        B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_TMA: tl.constexpr = False):
+    """dQ of a block of BLOCK_M queries (the deterministic backward's second kernel)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
@@ -430,29 +547,29 @@ def _segment_attention_bwd_dq_kernel(
     stats = pid_bh.to(tl.int64) * L
     pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, B, L, HAS_RULES,
+    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, L, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
-    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, HAS_RULES,
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, L, HAS_RULES,
                                                    BLOCK_N)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
     lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_src = _rows_source(K + b * stride_kb + h * stride_kh, stride_kl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _rows_source(V + b * stride_vb + h * stride_vh, stride_vl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked key tiles (see the forward)
         for start_n in range(mid_lo, mid_hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code,
+            dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code,
                           Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold,
                           drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-                          False)
+                          False, USE_TMA)
     for index in range(0, masked):
         start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg,
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q, rules_code, Seg,
                       Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
-                      HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True)
+                      HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True, USE_TMA)
 
     g_ptrs = DQ + b * stride_gb + h * stride_gh + pos_m[:, None] * stride_gl + offs_d[None, :]
     tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
@@ -478,32 +595,50 @@ def _segment_attention_bwd_dq_kernel(
 # no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9);
 # the 8-bit dropout masks (16 decisions per Philox call) take more registers at 4 warps on sm_90: the (64, 64) and
 # (64, 128) forward tiles and the (16, 64, 4, 4) dK/dV tile serve fewer head dims with dropout there.
-FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())),
-             ((64, 64, 4, 3), (32, 64), (32,), ((), (64, 128))),
-             ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())),
-             ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-             ((32, 64, 4, 3), (64, 128), ()), ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))),
-             ((128, 128, 8, 2), (), (32,), ((32, 64), (64, 128))), ((64, 128, 4, 3), (), (), ((32,), (32, 64)))]
+FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())), ((64, 64, 4, 3), (), (32, 64), ((), (128,))),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (128,), (32, 64, 128), ((32,), ())),
+             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), ()),
+             ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))), ((128, 128, 8, 2), (32,), (32,), ((64,), (64,))),
+             ((64, 128, 4, 3), (), (), ((), (32, 64)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-              ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
-              ((32, 32, 4, 4), (32, 64, 128), ()), ((16, 64, 4, 4), (32, 64), (32, 64), ((128,), (128,))),
-              ((64, 64, 8, 3), (128,), (32, 64), ((64,), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
+              ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), ()),
+              ((16, 64, 4, 4), (32, 64), (32, 64), ((128,), (128,))),
+              ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
 # The atomic backward holds dK and dV beside the dQ tile and its atomics: it serves fewer head dims than the
 # dK/dV kernel, and launches it does not serve take the deterministic kernels (`atomic_backward_serves`: D = 32
 # on sm_9x, D = 128 with dropout on sm_8x). Its dQ GEMM runs transposed (M = the head dim), so 16- and 32-row
 # query tiles use wgmma at D >= 64; at D = 32 that GEMM is mma.sync on sm_90 (Triton 3.9 sweep).
-BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64, 128)),
+BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64,), ((), (128,))),
              ((16, 64, 8, 2), (32, 64), (64, 128), ((128,), ())), ((16, 64, 4, 3), (32, 64), (64,), ((128,), (128,))),
              ((32, 128, 8, 3), (32,), (64,), ((64,), ())), ((32, 64, 8, 2), (32,), (64,), ((64,), (128,))),
              ((64, 64, 8, 2), (32,), (), ((), (64,))), ((64, 128, 8, 2), (), (), ((32,), (64,))),
              ((32, 64, 4, 3), (32,), (), ((64,), (64,)))]
-DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (128,), (32, 64), ((64,), (128,))),
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
             ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
-def _configs(table):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for (m, n, w, s), *_ in table]
+# The TMA path (Q, K, V and dO tiles, and the forward's output, through tensor descriptors: bulk copies into shared
+# memory that wgmma reads in place, no address arithmetic or bounds masks per element) ships for sm_9x only: its
+# entries (their sm_8x sets are empty) join the pointer entries of the same kernel, and on sm_9x the autotuner
+# times both (`tma_mode`), so it runs only where it wins; the first entry is the default of VIDEOBERT_ATTENTION_TMA=1
+# untuned. Derived as the tables above (`compile_check --kind fwd_tma --config ...`, Triton 3.6 and 3.9); every
+# entry has bulk tensor loads (UTMALDG) and wgmma in its SASS (tests/test_compile_triton.py). The 128x128 forward
+# tile serves D=64 with dropout on this path (not on the pointer path). The deterministic backward has no TMA
+# entries.
+FWD_TMA_TABLE = [((128, 64, 8, 3), (), (32, 64), ((), (128,))), ((128, 128, 8, 2), (), (32, 64), ((), (128,))),
+                 ((128, 128, 8, 3), (), (32,), ((), (64,))), ((128, 64, 8, 2), (), (32, 64, 128)),
+                 ((128, 64, 8, 4), (), (32, 64), ((), (128,))), ((64, 64, 4, 3), (), (32, 64, 128)),
+                 ((64, 128, 4, 3), (), (), ((), (32, 64)))]
+BWD_TMA_TABLE = [((32, 128, 8, 2), (), (64,)), ((16, 128, 8, 2), (), (64,)), ((16, 64, 8, 2), (), (64, 128)),
+                 ((32, 128, 8, 3), (), (64,)), ((32, 64, 8, 2), (), (64,), ((), (128,))),
+                 ((16, 64, 4, 3), (), (64,), ((), (128,))), ((32, 64, 4, 3), (), (64,)),
+                 ((64, 128, 8, 2), (), (), ((), (64,)))]
+
+
+def _configs(table, tma: bool = False):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": tma}, num_warps=w, num_stages=s)
+            for (m, n, w, s), *_ in table]
 
 
 def serves(entry, block_d: int, arch_major: int, dropout: bool = True) -> bool:
@@ -529,13 +664,25 @@ def atomic_backward_serves(block_d: int, arch_major: int, dropout: bool) -> bool
     return any(serves(entry, block_d, arch_major, dropout) for entry in BWD_TABLE)
 
 
-def _pruner(table):
+def path_candidates(kind: str, block_d: int, l_bucket: int, arch_major: int, dropout: bool, mode: int) -> list:
+    """`candidates` of a kernel for a launch in TMA mode `mode` (`tma_mode`), each with its path:
+    ((BLOCK_M, BLOCK_N, warps, stages), use_tma), the pointer path's first unless mode is 2."""
+    pointer = [(c, False) for c in candidates(TABLES[kind], block_d, l_bucket, arch_major, dropout)] \
+        if mode != 2 else []
+    tma_table = TABLES.get(kind + "_tma", [])
+    tma = [(c, True) for c in candidates(tma_table, block_d, l_bucket, arch_major, dropout)] \
+        if mode and any(serves(e, block_d, arch_major, dropout) for e in tma_table) else []
+    return pointer + tma or [(c, False) for c in candidates(TABLES[kind], block_d, l_bucket, arch_major, dropout)]
+
+
+def _pruner(kind):
     def prune(configs, named_args, **kwargs):
-        """Keep the configs `candidates` names for this launch."""
+        """Keep the configs `path_candidates` names for this launch."""
         args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments separately
-        keep = candidates(table, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0],
-                          args["HAS_DROPOUT"])
-        by_blocks = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        keep = path_candidates(kind, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0],
+                               args["HAS_DROPOUT"], args["TMA_MODE"])
+        by_blocks = {((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["USE_TMA"]): c
+                     for c in configs}
         return [by_blocks[c] for c in keep]
     return prune
 
@@ -546,13 +693,15 @@ def autotune_enabled() -> bool:
     return os.environ.get("VIDEOBERT_AUTOTUNE", "1") != "0"
 
 
-TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
-_AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
+TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE, "fwd_tma": FWD_TMA_TABLE,
+          "bwd_tma": BWD_TMA_TABLE}
+_AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "TMA_MODE", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
 
 
 def _tuned(fn, kind, **options):
-    return triton.autotune(_configs(TABLES[kind]), key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(TABLES[kind])}, **options)(fn)
+    configs = _configs(TABLES[kind]) + _configs(TABLES.get(kind + "_tma", []), tma=True)
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kind)},
+                           **options)(fn)
 
 
 # Tuning reruns a kernel: the others write their outputs whole, the atomic backward adds into a dQ accumulator,
@@ -572,10 +721,11 @@ def reset_autotuning() -> None:
 
 
 def tuned_configs() -> str:
-    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3; bwd ...; dkdv ...; dq ..."), for
+    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3 tma; bwd ...; dkdv ...; dq ..."), for
     benchmark tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes each table's first entry, or no CUDA
     launch yet)."""
     chosen = [f"{kind} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+              f"{' tma' if c.kwargs.get('USE_TMA') else ''}"
               for kind, tuned in TUNED.items() for c in tuned.cache.values()]
     return "; ".join(dict.fromkeys(chosen)) or "untuned"
 
@@ -609,20 +759,42 @@ def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.T
     return meta
 
 
+# Query block sizes (BLOCK_M) that `work_items` cuts items for, one list each: 16 << index.
+ITEM_BLOCKS = (16, 32, 64, 128)
+
+
+def work_items(canonical_ids: torch.Tensor) -> torch.Tensor:
+    """(4, B, W) int32 work items of the forward, from one launch on `attention_metadata`'s canonical ids (B, L):
+    per query block size 16 << k and row, [count, start_0, ..., start_{count-1}, L], item i covering queries
+    [start_i, start_{i+1}). Each run of equal ids (a packed sample, a run of padding) is cut into blocks from its
+    own start, so a block's key window is its sample's span, not the union of the samples a fixed block straddles
+    (VideoBERT-like rows: 1.2x fewer (query, key) pairs computed at 128-row blocks, bench/attention_internals.py);
+    rows where that gives more than twice as many items as fixed blocks (interleaved ids) get fixed blocks. W is
+    2 * ceil(L / 16) + 2, room for the most items of any size."""
+    B, L = canonical_ids.shape
+    width = 2 * cdiv(L, 16) + 2
+    items = torch.empty((len(ITEM_BLOCKS), B, width), dtype=torch.int32, device=canonical_ids.device)
+    if B and L:
+        _work_items_kernel[(B, len(ITEM_BLOCKS))](canonical_ids, items, B, L, width,
+                                                  CHUNK=1024 if canonical_ids.is_cuda else 64)
+    return items
+
+
 # The last ids given to `reused_metadata`, their version counters and metadata planes.
 _last_metadata: Optional[tuple] = None
 
 
 def _planes(meta: torch.Tensor) -> tuple:
-    """(canonical ids, modality ids, the five window planes) of `attention_metadata`'s tensor."""
-    return meta[0], meta[1], meta[2:]
+    """(canonical ids, modality ids, the five window planes, the forward's work items) of `attention_metadata`'s
+    tensor."""
+    return meta[0], meta[1], meta[2:], work_items(meta[0])
 
 
 def reused_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
                     modality_rules: Optional[torch.Tensor]) -> tuple:
-    """`attention_metadata` of these ids as its planes (`_planes`), reused while the very same id tensors come
-    back unchanged (same objects, same version counters), as they do for every layer of a model's forward and
-    backward: one launch per batch instead of two per layer. Recomputed for any other tensors, after any in-place
+    """`attention_metadata` of these ids as its planes with their work items (`_planes`), reused while the very
+    same id tensors come back unchanged (same objects, same version counters), as they do for every layer of a
+    model's forward and backward: two launches per batch instead of three per layer. Recomputed for any other tensors, after any in-place
     change, during CUDA graph capture (a replay must rebuild it from the graph's own ids) and for inference
     tensors (which have no version counter)."""
     global _last_metadata
@@ -649,36 +821,67 @@ def _common(q, segment_ids, modality_ids, modality_rules, dropout_p, rng):
     """Kernel arguments shared by the forward and backward launches."""
     B, L, H, D = q.shape
     has_rules = modality_rules is not None
-    seg, mod, windows = reused_metadata(segment_ids, modality_ids, modality_rules)
+    seg, mod, windows, items = reused_metadata(segment_ids, modality_ids, modality_rules)
     rules = modality_rules.contiguous() if has_rules else seg
     scalars = dict(B=B, H=H, L=L, **dropout_args(dropout_p, rng, seg, byte_threshold=True),
-                   L_BUCKET=next_power_of_2(max(L, 1)))
+                   L_BUCKET=next_power_of_2(max(L, 1)), TMA_MODE=0)
     consts = dict(HEAD_DIM=D, BLOCK_D=max(16, next_power_of_2(D)),
                   NUM_MODALITIES=modality_rules.shape[0] if has_rules else 1, HAS_RULES=has_rules,
                   HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
-    return seg, mod, windows, rules, scalars, consts
+    return seg, mod, windows, items, rules, scalars, consts
 
 
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def tma_setting() -> str:
+    """VIDEOBERT_ATTENTION_TMA: "auto" (default: on sm_90 and newer the autotuner times the TMA path beside the
+    pointer path), "1" (the TMA path wherever a launch allows it, also under the interpreter; the first TMA config
+    untuned) or "0" (the pointer path only)."""
+    setting = os.environ.get("VIDEOBERT_ATTENTION_TMA", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"VIDEOBERT_ATTENTION_TMA must be auto, 0 or 1, got {setting!r}")
+    return setting
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether (B, L, H, D) tensors suit tensor descriptors: unit head-dim stride, 16-byte aligned start and
+    batch, row and head strides (a descriptor per (batch, head) slice starts at a 16-byte boundary)."""
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                                                    for s in t.stride()[:3]) for t in tensors)
+
+
+def tma_mode(*tensors: torch.Tensor) -> int:
+    """How a launch on these (B, L, H, D) tensors may use the TMA path: 0 never, 1 the autotuner chooses, 2 always
+    (see `tma_setting`). Needs sm_90 or newer (or the interpreter, when asked for) and `tma_aligned` tensors."""
+    setting = tma_setting()
+    device = tensors[0].device
+    if setting == "0" or (device.type == "cuda" and arch_major(device) < 9) \
+            or (device.type != "cuda" and setting == "auto") or not tma_aligned(*tensors):
+        return 0
+    return 2 if setting == "1" else 1
+
+
 def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
     B, H = scalars["B"], scalars["H"]
+    if device_is_cuda and scalars["TMA_MODE"]:
+        ensure_allocator()  # descriptors are built on the device, in a scratch buffer per launch
     if device_is_cuda and autotune_enabled():
         grid = lambda meta: (cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
         tuned[grid](*args, **scalars, **consts)
         return
     if device_is_cuda:
-        arch_major = torch.cuda.get_device_capability(args[0].device)[0]
-        block_m, block_n, warps, stages = candidates(TABLES[kind], consts["BLOCK_D"], scalars["L_BUCKET"],
-                                                     arch_major, consts["HAS_DROPOUT"])[0]
+        (block_m, block_n, warps, stages), use_tma = path_candidates(
+            kind, consts["BLOCK_D"], scalars["L_BUCKET"], arch_major(args[0].device), consts["HAS_DROPOUT"],
+            scalars["TMA_MODE"])[0]
         options = dict(num_warps=warps, num_stages=stages)
     else:
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
+        use_tma = scalars["TMA_MODE"] == 2
     block = block_m if grid_dim == "BLOCK_M" else block_n
     tuned.fn[(cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
-                                                 BLOCK_N=block_n, **options)
+                                                 BLOCK_N=block_n, USE_TMA=use_tma, **options)
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
@@ -688,10 +891,10 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
-                                                        rng)
-    scalars = dict(scalars, scale_log2=softmax_scale * LOG2E)
-    args = [q, k, v, out, lse, seg, mod, windows, rules, *_strides(q, k, v, out)]
+    seg, mod, windows, items, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules,
+                                                               dropout_p, rng)
+    scalars = dict(scalars, scale_log2=softmax_scale * LOG2E, TMA_MODE=tma_mode(q, k, v, out))
+    args = [q, k, v, out, lse, seg, mod, windows, rules, items, *_strides(q, k, v, out), items.stride(1)]
     _launch(TUNED["fwd"], "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
     return out, lse
 
@@ -706,9 +909,9 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     dk, dv = (torch.empty((B, L, H, D), device=q.device, dtype=q.dtype) for _ in range(2))
     if dk.numel() == 0:
         return torch.empty_like(dk), dk, dv
-    seg, mod, windows, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
-                                                        rng)
-    if q.is_cuda and not atomic_backward_serves(consts["BLOCK_D"], torch.cuda.get_device_capability(q.device)[0],
+    seg, mod, windows, _, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
+                                                           rng)
+    if q.is_cuda and not atomic_backward_serves(consts["BLOCK_D"], arch_major(q.device),
                                                 consts["HAS_DROPOUT"]):
         deterministic = True
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
@@ -721,11 +924,12 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     strides = _strides(q, k, v, dout)
     kind = "dkdv" if deterministic else "bwd"
     _launch(TUNED[kind], kind, "BLOCK_N", [q, k, v, dout, lse, delta, dk, dv, dq, seg, mod, windows, rules,
-                                           *strides, *_strides(dk)], scalars, dict(consts, ATOMIC_DQ=not deterministic),
-            q.is_cuda)
+                                           *strides, *_strides(dk)],
+            dict(scalars, TMA_MODE=tma_mode(q, dout)), dict(consts, ATOMIC_DQ=not deterministic), q.is_cuda)
     if deterministic:
         _launch(TUNED["dq"], "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, *strides,
-                                               *_strides(dq)], scalars, consts, q.is_cuda)
+                                               *_strides(dq)], dict(scalars, TMA_MODE=tma_mode(k, v)), consts,
+                q.is_cuda)
         return dq, dk, dv
     grad = dq if q.dtype == torch.float32 else torch.empty_like(dk)
     block = 1024
