@@ -234,3 +234,28 @@ def test_host_overhead_proxy_counts_launches_and_times_both_paths(tmp_path, monk
     rows = {row["path"]: row for row in json.loads((tmp_path / "host_overhead.json").read_text())["rows"]}
     assert rows["eager"]["triton_launches_per_step"] > 10 and rows["cuda_graphs"]["triton_launches_per_step"] == 0
     assert rows["cuda_graphs"]["host_ms_per_step"] < rows["eager"]["host_ms_per_step"]
+
+
+def test_attention_internals_counts_pairs_as_the_kernels_walk_them():
+    """bench/attention_internals.py's useful share: two samples of 3 and 5 tokens and 2 of padding in a row of 10,
+    blocks of 4 queries over key tiles of 2 (a block spans [lo, hi) of its rows' samples, from lo rounded down to
+    the alignment); and resident blocks per multiprocessor from registers (8 at a time) and shared memory."""
+    pytest.importorskip("triton")
+    torch = pytest.importorskip("torch")
+    internals = importlib.import_module("attention_internals")
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1, -1]])
+    # query blocks [0, 4) spans [0, 8): 4 tiles; [4, 8) spans [3, 8): tiles from 2, 3 tiles; [8, 10) padding: none
+    assert internals.useful_share((4, 2, 4, 1), True, seg, 2) == (9 + 25) / (4 * 2 * 4 + 4 * 2 * 3)
+    # key blocks of 2 over query tiles of 4: [0, 2) and [2, 4) span [0, 3) or [0, 8), [4, 6) and [6, 8) [3, 8)
+    assert internals.useful_share((4, 2, 4, 1), False, seg, 4) == (9 + 25) / (2 * 4 * (1 + 2 + 2 + 2))
+    # samples [0, 5) and [5, 9): the block [8, 12) spans [5, 9), one tile of 4 from 5, two from 4 aligned to 4
+    seg = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3])
+    assert internals.useful_share((4, 4, 4, 1), True, seg, 1) == (25 + 16) / (4 * 4 * (2 + 3 + 1))
+    assert internals.useful_share((4, 4, 4, 1), True, seg, 4) == (25 + 16) / (4 * 4 * (2 + 3 + 2))
+    # the forward's work items: [0, 5) as [0, 4) and [4, 5) (two tiles each: [0, 5)), [5, 9) (one), padding
+    # [9, 12) (none)
+    assert internals.blocks_of(seg[0].tolist(), 4, True) == [(0, 4), (4, 5), (5, 9), (9, 12)]
+    assert internals.useful_share((4, 4, 4, 1), True, seg, 1, items=True) == (25 + 16) / (4 * 4 * (2 + 2 + 1))
+    assert internals.blocks_of([0, 1] * 4, 4, True) == [(0, 4), (4, 8)]  # interleaved: 8 runs, fixed blocks
+    assert internals.blocks_per_sm(126, 66048, 8, 90) == 2 and internals.blocks_per_sm(219, 74240, 8, 90) == 1
+    assert internals.blocks_per_sm(32, 200 * 1024, 4, 90) == 1  # shared memory binds
