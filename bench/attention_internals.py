@@ -30,7 +30,6 @@ from videobert._kernels.triton.compile_check import (attention_constexprs, atten
                                                      attention_report, attention_signature, attention_tensor_ops,
                                                      kind_archs, loop_opcodes)
 
-TILE_ALIGN = sa._TILE_ALIGN.value
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # a block also reserves 1 KiB
 ROWS = {"fwd": "forward", "fwd_tma": "forward, TMA", "dkdv": "backward (deterministic): dK/dV",
@@ -57,7 +56,7 @@ def blocks_of(row: list, own: int, items: bool) -> list:
 def useful_share(config: tuple, query_side: bool, seg: torch.Tensor, align: int, items: bool = False) -> float:
     """Allowed pairs over computed pairs of a kernel walking `seg` (contiguous samples, -1 padding, no rules) with
     blocks of BLOCK_M queries (query_side: forward, dQ) or BLOCK_N keys (dK/dV kernels), fixed or work items
-    (`blocks_of`), and tiles of the other from the window's low end rounded down to `align` (_TILE_ALIGN)."""
+    (`blocks_of`), and tiles of the other from the window's low end rounded down to `align` (`_tile_align`)."""
     block_m, block_n = config[:2]
     own, tile = (block_m, block_n) if query_side else (block_n, block_m)
     computed = useful = 0
@@ -95,6 +94,9 @@ def kernel_row(kind: str, head_dim: int, arch: int, seg: torch.Tensor) -> dict:
         regs[dropout] = attention_report(kind, config, head_dim, arch, False, dropout, "bf16")
     interior = {d: loops[d][0] * warps * 1000 / (block_m * block_n) for d in (False, True)}
     query_side = kind.startswith(("fwd", "dq"))
+    tile = block_n if query_side else block_m  # key tiles (the query-side kernels') align to dropout's groups
+    useful = [100 * useful_share(config, query_side, seg, sa._tile_align(query_side and dropout, tile),
+                                 kind.startswith("fwd")) for dropout in (False, True)]
     return {"kernel": ROWS[kind], "tile, warps, stages": f"{block_m}x{block_n}, {warps}, {stages}",
             "SASS/tile no dropout": "{} / {}".format(*loops[False]),
             "SASS/tile dropout 0.1": "{} / {}".format(*loops[True]),
@@ -102,7 +104,7 @@ def kernel_row(kind: str, head_dim: int, arch: int, seg: torch.Tensor) -> dict:
             "registers": f"{regs[False].registers} / {regs[True].registers}",
             "blocks/SM": " / ".join(str(blocks_per_sm(r.registers, r.shared, warps, arch)) for r in regs.values()),
             "UTMALDG": attention_tensor_ops(kind, config, head_dim, arch)["UTMALDG"],
-            "useful pairs": f"{100 * useful_share(config, query_side, seg, TILE_ALIGN, kind.startswith('fwd')):.0f}%"}
+            "useful pairs": " / ".join(dict.fromkeys(f"{u:.0f}%" for u in useful))}
 
 
 def main(argv=None) -> int:

@@ -75,6 +75,12 @@ def dropout_keep(seed: int, offset: int, index: torch.Tensor, c1: torch.Tensor, 
     return (bits >> 1) >= dropout_threshold(p)
 
 
+# Philox rounds of attention dropout: 7, as FlashAttention draws its dropout masks (the fewest rounds Salmon et al.,
+# 2011, found Crush-resistant for Philox-4x32; their default of 10 adds a safety margin). Attention
+# draws a mask byte for every score, so its rounds are a share of the kernel's ALU work; add + LayerNorm keeps 10.
+ATTENTION_PHILOX_ROUNDS = 7
+
+
 def dropout_byte_threshold(p: float) -> int:
     """Threshold on 8 random bits for attention dropout: keep iff byte >= threshold, so the dropout rate is p
     rounded to a multiple of 1/256 (as FlashAttention's 8-bit thresholds round it); at most 255."""
@@ -88,14 +94,19 @@ def attention_dropout_scale(p: float) -> float:
 
 def dropout_keep_bytes(seed: int, offset: int, index: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
                        p: float) -> torch.Tensor:
-    """Boolean keep-mask with 16 decisions per Philox call (attention dropout): counters (index // 16, c1, c2,
-    offset), word (index % 16) // 4, byte index % 4 (lowest first); keep iff that byte >= dropout_byte_threshold.
-    The attention kernels use exactly this rule."""
+    """Boolean keep-mask with 16 decisions per Philox call (attention dropout), one per random byte: index j
+    takes counters ((j // 64) * 4 + (j % 8) // 2, c1, c2, offset), word (j % 64) // 16 and byte
+    2 * ((j // 8) % 2) + j % 2 of that word (lowest first), and is kept iff the byte >= dropout_byte_threshold(p).
+    A call's 16 indices 8k + 2t + e (k < 8, e < 2) of a 64-index group are the ones a GPU thread holds of a score
+    row in an MMA accumulator, so the kernels draw the mask where the scores are. Philox-4x32 runs
+    ATTENTION_PHILOX_ROUNDS rounds. The attention kernels use exactly this rule."""
     index = torch.as_tensor(index, dtype=torch.int64)
-    words = philox(seed, index >> 4, c1, c2, torch.tensor(offset))
-    which = ((index >> 2) & 3).expand(words[0].shape)
+    words = philox(seed, (index >> 6) * 4 + ((index >> 1) & 3), c1, c2, torch.tensor(offset),
+                   n_rounds=ATTENTION_PHILOX_ROUNDS)
+    which = ((index >> 4) & 3).expand(words[0].shape)
     word = torch.stack(words).gather(0, which[None])[0]
-    return ((word >> (8 * (index & 3))) & 255) >= dropout_byte_threshold(p)
+    byte = 2 * ((index >> 3) & 1) + (index & 1)
+    return ((word >> (8 * byte)) & 255) >= dropout_byte_threshold(p)
 
 
 # ----------------------------------------------------------------------------------------------

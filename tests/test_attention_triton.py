@@ -70,13 +70,17 @@ def test_head_dims(D):
     check(run_both(q, k, v, seg, mod, rules), torch.float16, f"D={D}")
 
 
-@pytest.mark.parametrize("blocks", [{"fwd": (16, 64), "bwd": (64, 16), "dkdv": (64, 16), "dq": (16, 32)},
-                                    {"fwd": (64, 32), "bwd": (32, 64), "dkdv": (32, 64), "dq": (64, 16)}])
-@pytest.mark.parametrize("layout, rules, dropout_p", [("unsorted", PREFIX_LM, 0.0), ("packed", None, 0.1)])
+@pytest.mark.parametrize("blocks, layout, rules, dropout_p", [
+    (blocks, layout, rules, dropout_p)
+    for blocks in ({"fwd": (16, 64), "bwd": (64, 16), "dkdv": (64, 16), "dq": (16, 32)},
+                   {"fwd": (64, 32), "bwd": (32, 64), "dkdv": (32, 64), "dq": (64, 16)})
+    for layout, rules, dropout_p in (("unsorted", PREFIX_LM, 0.0), ("packed", None, 0.1))]
+    + [({"fwd": (32, 128), "bwd": (16, 128), "dkdv": (16, 128), "dq": (32, 64)}, "packed", None, 0.1)])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fixed block sizes apply to the interpreter only")
 def test_other_block_sizes(blocks, layout, rules, dropout_p, monkeypatch):
     """Tiles wider than 16 start off their size's multiples (windows rounded down to 16): packed samples without
-    rules run interior and masked tiles so, with dropout's byte groups at multiples of 16."""
+    rules run interior and masked tiles so; with dropout, key tiles start at its 64-key groups (or at multiples
+    of narrower tiles) and take one group, several or part of one."""
     monkeypatch.setattr(sa, "INTERPRET_CONFIG", blocks)
     gen = torch.Generator().manual_seed(9)
     q, k, v, seg, mod, rules_t = make_inputs(2, 150, 2, 32, torch.float32, DEVICE, gen, layout, rules)

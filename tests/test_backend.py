@@ -110,10 +110,15 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
         _keep_kernel[(1,)](keep, seed, offset, 64, 5, threshold, 8, 32)
         cols, rows = torch.arange(64, 96)[None, :], torch.arange(1000, 1008)[:, None]
         assert torch.equal(keep.cpu().bool(), reference.dropout_keep(seed, offset, cols, rows, torch.tensor(5), 0.3))
-        # the attention's 8-bit masks: 16 decisions per call, two groups of 16 columns
-        _keep_bytes_kernel[(1,)](keep, seed, offset, 64, 5, reference.dropout_byte_threshold(0.3), 8, 32)
-        assert torch.equal(keep.cpu().bool(),
-                           reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), 0.3))
+        # the attention's 8-bit masks: 16 decisions per call in 64-column groups, tiles of a group or more and
+        # the parts of one a narrower tile takes
+        for width, col_start in ((128, 192), (64, 0), (64, 320), (32, 32), (32, 64), (16, 0), (16, 16), (16, 176)):
+            keep = torch.empty(8, width, dtype=torch.int8, device=device)
+            _keep_bytes_kernel[(1,)](keep, seed, offset, col_start, 5, reference.dropout_byte_threshold(0.3), 8,
+                                     width)
+            cols = torch.arange(col_start, col_start + width)[None, :]
+            assert torch.equal(keep.cpu().bool(),
+                               reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), 0.3)), width
 
 
 def test_attention_dropout_rate_is_rounded_to_a_256th():
@@ -124,6 +129,16 @@ def test_attention_dropout_rate_is_rounded_to_a_256th():
     keep = reference.attention_dropout_keep(5, 9, 2, 4, 128, 0.1, torch.device("cpu"))
     drawn = 1 - keep.double().mean().item()
     assert abs(drawn - 26 / 256) < 5 * math.sqrt(0.1 * 0.9 / keep.numel()), drawn
+
+
+def test_attention_dropout_columns_draw_their_own_bytes():
+    """Every key of a 64-key group takes its own byte of its call: no two columns share their decisions (they
+    would agree on every row), and each column drops at the drawn rate."""
+    keep = reference.attention_dropout_keep(11, 4, 1, 8, 192, 0.25, torch.device("cpu")).reshape(-1, 192).double()
+    agree = (keep.T @ keep + (1 - keep).T @ (1 - keep)) / keep.shape[0]
+    assert agree.fill_diagonal_(0).max() < 0.75, agree.max()  # independent columns agree on ~62.5% of rows
+    drawn = 1 - keep.mean(0)
+    assert (drawn - 0.25).abs().max() < 6 * math.sqrt(0.25 * 0.75 / keep.shape[0]), drawn
 
 
 def test_reference_masks_stay_on_the_inputs_device():

@@ -1,7 +1,12 @@
 """Dropout masks in Triton, bit-identical to the reference: `dropout_keep` (one Philox call per 4 elements, 31-bit
-thresholds: add + LayerNorm) and `dropout_keep_bytes` (16 per call, 8-bit thresholds: attention)."""
+thresholds: add + LayerNorm) and `dropout_keep_bytes` (16 per call, 8-bit thresholds, columns in the order an MMA
+accumulator holds them: attention)."""
 import triton
 import triton.language as tl
+
+from videobert._kernels.reference import ATTENTION_PHILOX_ROUNDS
+
+_ROUNDS = tl.constexpr(ATTENTION_PHILOX_ROUNDS)
 
 
 @triton.jit
@@ -34,17 +39,32 @@ def dropout_keep(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.co
 
 @triton.jit
 def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr):
-    """(R, BLOCK_COLS) keep-mask as `reference.dropout_keep_bytes`, for columns col_start + [0, BLOCK_COLS)
-    (col_start a multiple of 16) of the rows given as an (R, 1) tensor: counters (column // 16, row, c2,
-    offset), word (column % 16) // 4, byte column % 4; keep iff byte >= threshold. A quarter of the Philox calls
-    of `dropout_keep`."""
-    groups = col_start // 16 + tl.arange(0, BLOCK_COLS // 16)
-    c0 = (groups[None, :] + rows * 0).to(tl.uint32)
-    c1 = (rows + groups[None, :] * 0).to(tl.uint32)
+    """(R, BLOCK_COLS) keep-mask as `reference.dropout_keep_bytes` for columns col_start + [0, BLOCK_COLS) of the
+    rows given as an (R, 1) tensor; col_start a multiple of 64, or of BLOCK_COLS where that is 16 or 32.
+    Each Philox call (`reference.ATTENTION_PHILOX_ROUNDS` rounds) gives the 16 columns 8k + 2t + e (k < 8, e < 2)
+    of a 64-column group for one row and t: the columns one thread holds of a row in an MMA accumulator (sm_80's
+    mma and sm_90's wgmma alike), so the mask is built in the scores' own registers, with no shuffle through
+    shared memory."""
+    GROUPS: tl.constexpr = (BLOCK_COLS + 63) // 64
+    calls = (col_start // 64) * 4 + tl.arange(0, 4 * GROUPS)
+    c0 = (calls[None, :] + rows * 0).to(tl.uint32)
+    c1 = (rows + calls[None, :] * 0).to(tl.uint32)
     zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + c2, zero + offset)
-    # (R, G, 4): the four words of each group in order (see dropout_keep), then their bytes, lowest first.
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_COLS // 16, 4))
-    b0, b1, b2, b3 = words & 255, (words >> 8) & 255, (words >> 16) & 255, words >> 24
-    bytes_ = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (rows.shape[0], BLOCK_COLS))
-    return bytes_.to(tl.int32) >= threshold
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + c2, zero + offset, n_rounds=_ROUNDS)
+    # (R, 4G, x, y): word 2x + y (join stacks along a new last axis)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    t = threshold.to(tl.uint32)
+    # each byte compared in place, no shift: (R, 4G, x, y, e, kk) is byte 2 kk + e of word 2x + y
+    keep = tl.join(tl.join((words & 0xFF) >= t, (words & 0xFF00) >= (t << 8)),
+                   tl.join((words & 0xFF0000) >= (t << 16), words >= (t << 24)))
+    # to columns: group, k = 4x + 2y + kk, t, e
+    keep = tl.permute(tl.reshape(keep, (rows.shape[0], GROUPS, 4, 2, 2, 2, 2)), (0, 1, 3, 4, 6, 2, 5))
+    if BLOCK_COLS < 64:  # a narrower tile takes its part of the group: x (and for 16 columns y) by its start
+        part = (col_start % 64) // BLOCK_COLS
+        keep = tl.permute(tl.reshape(keep, (rows.shape[0], 2, 2, 16)), (0, 2, 3, 1))  # (R, y, kk t e, x)
+        low, high = tl.split(keep)
+        keep = tl.where(part // (32 // BLOCK_COLS) == 0, low, high)
+        if BLOCK_COLS == 16:
+            low, high = tl.split(tl.permute(keep, (0, 2, 1)))
+            keep = tl.where(part % 2 == 0, low, high)
+    return tl.reshape(keep, (rows.shape[0], BLOCK_COLS))

@@ -20,7 +20,8 @@ wgmma reads in place, zero fill past the row end). On sm_90 the autotuner times 
 (`tma_mode`; VIDEOBERT_ATTENTION_TMA=0 or 1 pins one).
 
 Dropout regenerates the reference's Philox mask (`reference.dropout_keep_bytes`: index key j, counters
-query i and b * H + h), sixteen decisions per Philox call on 8-bit thresholds (the rate rounded to 1/256).
+query i and b * H + h), sixteen decisions per Philox call on 8-bit thresholds (the rate rounded to 1/256), each
+call's keys those a thread holds of a score row in the MMA accumulator (key tiles then start at 64-key groups).
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
 _RULE_SLOTS = tl.constexpr(MAX_MODALITIES * MAX_MODALITIES)
 _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 _LOG2E = tl.constexpr(LOG2E)
-# Tiles of a block's loop start at its window's low end rounded down to this, not to the tile size: dropout's byte
-# groups need key tiles at multiples of 16, and the compiler keeps 16-row alignment for its loads.
+# Tiles of a block's loop start at its window's low end rounded down to this, not to the tile size: the compiler
+# keeps 16-row alignment for its loads. With dropout, key tiles start at multiples of 64 (of the tile where it is
+# narrower): a Philox call draws the bytes of a 64-key group (`rng.dropout_keep_bytes`).
 _TILE_ALIGN = tl.constexpr(16)
+_DROPOUT_GROUP = tl.constexpr(64)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
 INTERPRET_CONFIG = {"fwd": (32, 16), "bwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
@@ -130,14 +133,15 @@ def _block_prologue(Seg, Mod, Win, Rules, row, pos, end, B, L, HAS_RULES: tl.con
 
 
 @triton.jit
-def _unmasked_span(Dense, row, pos, seg, lo, hi, end, L, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr):
+def _unmasked_span(Dense, row, pos, seg, lo, hi, end, L, HAS_RULES: tl.constexpr, BLOCK: tl.constexpr,
+                   ALIGN: tl.constexpr):
     """How a block's loop over tiles of BLOCK positions covering [lo, hi) splits: (start, mid_lo, mid_hi,
-    masked). Tiles start at `start`, lo rounded down to _TILE_ALIGN (at most 15 positions before the window, where
-    rounding to BLOCK wastes up to BLOCK - 1), and follow every BLOCK positions; [mid_lo, mid_hi) holds the tiles
-    every pair of which is allowed (no rules, and the block's positions before `end` all in one contiguous
-    segment; empty otherwise) and `masked` tiles remain, from `start` on, jumping over [mid_lo, mid_hi) (see
-    `_masked_tile_start`)."""
-    start = (lo // _TILE_ALIGN) * _TILE_ALIGN
+    masked). Tiles start at `start`, lo rounded down to ALIGN (`_tile_align`; with 16, at most 15 positions
+    before the window, where rounding to BLOCK wastes up to BLOCK - 1), and follow every BLOCK positions;
+    [mid_lo, mid_hi) holds the tiles every pair of which is allowed (no rules, and the block's positions before
+    `end` all in one contiguous segment; empty otherwise) and `masked` tiles remain, from `start` on, jumping
+    over [mid_lo, mid_hi) (see `_masked_tile_start`)."""
+    start = (lo // ALIGN) * ALIGN
     mid_lo, mid_hi = start, start
     if not HAS_RULES:  # with rules the mask stays on: a table of only full rules is the one case it could go
         # 0 on padding and past L; an item's tail (from `end` on, before L) does not count
@@ -149,6 +153,13 @@ def _unmasked_span(Dense, row, pos, seg, lo, hi, end, L, HAS_RULES: tl.constexpr
             & (inner_lo < inner_hi)
         mid_lo, mid_hi = tl.where(whole, inner_lo, start), tl.where(whole, inner_hi, start)
     return start, mid_lo, mid_hi, tl.cdiv(hi - start, BLOCK) - (mid_hi - mid_lo) // BLOCK
+
+
+@triton.constexpr_function
+def _tile_align(key_tiles_with_dropout, block):
+    """Where a loop's tiles may start (`_unmasked_span`): multiples of 16, or for key tiles under dropout of its
+    byte group (64 keys), or of the tile where that is narrower."""
+    return min(block, _DROPOUT_GROUP.value) if key_tiles_with_dropout else _TILE_ALIGN.value
 
 
 @triton.jit
@@ -303,7 +314,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_DROPOUT:
         keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-        p = tl.where(keep, p, 0.0)  # 1 / (1 - rate) is applied to the output once (`_fwd_item`)
+        # 1 / (1 - rate) is applied to the output once (`_fwd_item`). A multiply, not a select: the compiler moves
+        # a select past the cast to p.dtype, onto 16-bit halves it must unpack and repack (PRMT per score).
+        p = p * keep.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -350,7 +363,7 @@ def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, e
     seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, end_m, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
     start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, end_m, L,
-                                                   HAS_RULES, BLOCK_N)
+                                                   HAS_RULES, BLOCK_N, _tile_align(HAS_DROPOUT, BLOCK_N))
     q = _load_tile(q_src, start_m, stride_ql, offs_d, L, HEAD_DIM, BLOCK_M, False, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -440,7 +453,7 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
     if HAS_DROPOUT:
         keep_t = tl.trans(dropout_keep_bytes(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
                                              BLOCK_N))
-        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)  # scaled once
+        dv += tl.dot((p_t * keep_t.to(tl.float32)).to(do.dtype), do, input_precision=DOT_PRECISION)  # scaled once
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -478,7 +491,7 @@ def _segment_attention_bwd_dkdv_kernel(
     seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, L, B, L,
                                                        HAS_RULES, NUM_MODALITIES)
     start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, L, L, HAS_RULES,
-                                                   BLOCK_M)
+                                                   BLOCK_M, _tile_align(False, BLOCK_M))
     k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
@@ -550,7 +563,7 @@ def _segment_attention_bwd_dq_kernel(
     seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, L, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
     start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, L, HAS_RULES,
-                                                   BLOCK_N)
+                                                   BLOCK_N, _tile_align(HAS_DROPOUT, BLOCK_N))
     q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
     do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
     lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
@@ -590,32 +603,33 @@ def _segment_attention_bwd_dq_kernel(
 # at two stages, and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two blocks per
 # multiprocessor, whose independent softmax and wgmma phases can overlap. On sm_9x every entry uses wgmma (HGMMA
 # in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
-# there and serve sm_8x only. Since dropout reads its (seed, offset)
-# from a device tensor (graph-safe) instead of launch arguments, three registers more stay live: the 128x128 tile
-# no longer serves D=64 with dropout on sm_90, nor the (16, 64) dK/dV tile D=128 with dropout on sm_8x (Triton 3.9);
-# the 8-bit dropout masks (16 decisions per Philox call) take more registers at 4 warps on sm_90: the (64, 64) and
-# (64, 128) forward tiles and the (16, 64, 4, 4) dK/dV tile serve fewer head dims with dropout there.
-FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())), ((64, 64, 4, 3), (), (32, 64), ((), (128,))),
-             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (128,), (32, 64, 128), ((32,), ())),
+# there and serve sm_8x only. Since dropout draws its mask in the accumulator's own layout (no shuffle through
+# shared memory; `rng.dropout_keep_bytes`) most tiles hold fewer registers with it: against the masks of sixteen
+# consecutive keys, entries serve 13 more (entry, arch) head dims with dropout (e.g. the (64, 64, 4, 3) forward
+# D=128 on sm_9x, the 32x128 dK/dV D=64 on sm_8x, the 128x64 TMA forward D=128) and 4 fewer (on sm_8x the
+# (64, 32, 4, 4) forward D=128, the 128x128 forward and the (32, 64, 4, 4) dQ tile D=32; on sm_9x the 128x128
+# TMA forward at two stages D=64), which serve them without dropout still.
+FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())), ((64, 64, 4, 3), (), (32, 64, 128)),
+             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32,), (32, 64, 128), ((128,), ())),
              ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), ()),
-             ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))), ((128, 128, 8, 2), (32,), (32,), ((64,), (64,))),
-             ((64, 128, 4, 3), (), (), ((), (32, 64)))]
-DKDV_TABLE = [((32, 128, 8, 3), (32,), (32, 64), ((64,), ())), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+             ((128, 128, 8, 3), (), (32,), ((32, 64), (64,))), ((128, 128, 8, 2), (32,), (32,), ((64,), (64,))),
+             ((64, 128, 4, 3), (), (32,), ((), (64,)))]
+DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), ()),
-              ((16, 64, 4, 4), (32, 64), (32, 64), ((128,), (128,))),
+              ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
               ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
 # The atomic backward holds dK and dV beside the dQ tile and its atomics: it serves fewer head dims than the
 # dK/dV kernel, and launches it does not serve take the deterministic kernels (`atomic_backward_serves`: D = 32
 # on sm_9x, D = 128 with dropout on sm_8x). Its dQ GEMM runs transposed (M = the head dim), so 16- and 32-row
 # query tiles use wgmma at D >= 64; at D = 32 that GEMM is mma.sync on sm_90 (Triton 3.9 sweep).
-BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64,), ((), (128,))),
+BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64, 128)),
              ((16, 64, 8, 2), (32, 64), (64, 128), ((128,), ())), ((16, 64, 4, 3), (32, 64), (64,), ((128,), (128,))),
              ((32, 128, 8, 3), (32,), (64,), ((64,), ())), ((32, 64, 8, 2), (32,), (64,), ((64,), (128,))),
-             ((64, 64, 8, 2), (32,), (), ((), (64,))), ((64, 128, 8, 2), (), (), ((32,), (64,))),
-             ((32, 64, 4, 3), (32,), (), ((64,), (64,)))]
-DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())),
+             ((64, 64, 8, 2), (32,), (64,)), ((64, 128, 8, 2), (), (), ((32,), (64,))),
+             ((32, 64, 4, 3), (32,), (64,), ((64,), ()))]
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
-            ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
+            ((32, 64, 4, 4), (64, 128), (), ((32,), ())), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
 # The TMA path (Q, K, V and dO tiles, and the forward's output, through tensor descriptors: bulk copies into shared
@@ -623,15 +637,14 @@ DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32
 # entries (their sm_8x sets are empty) join the pointer entries of the same kernel, and on sm_9x the autotuner
 # times both (`tma_mode`), so it runs only where it wins; the first entry is the default of VIDEOBERT_ATTENTION_TMA=1
 # untuned. Derived as the tables above (`compile_check --kind fwd_tma --config ...`, Triton 3.6 and 3.9); every
-# entry has bulk tensor loads (UTMALDG) and wgmma in its SASS (tests/test_compile_triton.py). The 128x128 forward
-# tile serves D=64 with dropout on this path (not on the pointer path). The deterministic backward has no TMA
-# entries.
-FWD_TMA_TABLE = [((128, 64, 8, 3), (), (32, 64), ((), (128,))), ((128, 128, 8, 2), (), (32, 64), ((), (128,))),
+# entry has bulk tensor loads (UTMALDG) and wgmma in its SASS (tests/test_compile_triton.py). The deterministic
+# backward has no TMA entries.
+FWD_TMA_TABLE = [((128, 64, 8, 3), (), (32, 64, 128)), ((128, 128, 8, 2), (), (32,), ((), (64, 128))),
                  ((128, 128, 8, 3), (), (32,), ((), (64,))), ((128, 64, 8, 2), (), (32, 64, 128)),
-                 ((128, 64, 8, 4), (), (32, 64), ((), (128,))), ((64, 64, 4, 3), (), (32, 64, 128)),
-                 ((64, 128, 4, 3), (), (), ((), (32, 64)))]
+                 ((128, 64, 8, 4), (), (32, 64, 128)), ((64, 64, 4, 3), (), (32, 64, 128)),
+                 ((64, 128, 4, 3), (), (32,), ((), (64,)))]
 BWD_TMA_TABLE = [((32, 128, 8, 2), (), (64,)), ((16, 128, 8, 2), (), (64,)), ((16, 64, 8, 2), (), (64, 128)),
-                 ((32, 128, 8, 3), (), (64,)), ((32, 64, 8, 2), (), (64,), ((), (128,))),
+                 ((32, 128, 8, 3), (), (64,)), ((32, 64, 8, 2), (), (64, 128)),
                  ((16, 64, 4, 3), (), (64,), ((), (128,))), ((32, 64, 4, 3), (), (64,)),
                  ((64, 128, 8, 2), (), (), ((), (64,)))]
 
