@@ -7,6 +7,9 @@ import triton.language as tl
 from videobert._kernels.reference import ATTENTION_PHILOX_ROUNDS
 
 _ROUNDS = tl.constexpr(ATTENTION_PHILOX_ROUNDS)
+# Keys per row whose bytes `dropout_keep_bytes` draws together (the 64 its layout is written for): four threads
+# of an MMA accumulator row, sixteen bytes (one Philox call) each. Tiles taking whole groups start at multiples.
+DROPOUT_GROUP = tl.constexpr(64)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ import triton.language as tl
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
 from videobert._kernels.triton.launch import (LOG2E, arch_major, cdiv, dot_precision, dropout_args,
                                               ensure_allocator, next_power_of_2)
-from videobert._kernels.triton.rng import dropout_keep_bytes, load_seed
+from videobert._kernels.triton.rng import DROPOUT_GROUP, dropout_keep_bytes, load_seed
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
@@ -44,9 +44,8 @@ _FULL, _CAUSAL = tl.constexpr(RULE_FULL), tl.constexpr(RULE_CAUSAL)
 _LOG2E = tl.constexpr(LOG2E)
 # Tiles of a block's loop start at its window's low end rounded down to this, not to the tile size: the compiler
 # keeps 16-row alignment for its loads. With dropout, key tiles start at multiples of 64 (of the tile where it is
-# narrower): a Philox call draws the bytes of a 64-key group (`rng.dropout_keep_bytes`).
+# narrower): dropout draws its bytes per 64-key group (`rng.DROPOUT_GROUP`).
 _TILE_ALIGN = tl.constexpr(16)
-_DROPOUT_GROUP = tl.constexpr(64)
 
 # Block sizes used under TRITON_INTERPRET=1 (CPU tests); autotuning needs a GPU.
 INTERPRET_CONFIG = {"fwd": (32, 16), "bwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
@@ -159,7 +158,7 @@ def _unmasked_span(Dense, row, pos, seg, lo, hi, end, L, HAS_RULES: tl.constexpr
 def _tile_align(key_tiles_with_dropout, block):
     """Where a loop's tiles may start (`_unmasked_span`): multiples of 16, or for key tiles under dropout of its
     byte group (64 keys), or of the tile where that is narrower."""
-    return min(block, _DROPOUT_GROUP.value) if key_tiles_with_dropout else _TILE_ALIGN.value
+    return min(block, DROPOUT_GROUP.value) if key_tiles_with_dropout else _TILE_ALIGN.value
 
 
 @triton.jit
