@@ -6,7 +6,7 @@ warp-instructions per 1,000 (query, key) pairs in the interior, registers per th
 that registers and shared memory allow, bulk tensor loads (UTMALDG) in the kernel, and the useful share of the
 (query, key) pairs its tiles compute on bench/attention.py's packed layout (8 rows of 2,048, VideoBERT-like
 samples; counted from the samples' spans as the kernels walk them: a block visits the tiles covering the union of
-its rows' windows; the forward's blocks are its work items). Compiled as a launch specialises the kernel (bf16,
+its rows' windows; blocks are work items, but for key blocks under dropout). Compiled as a launch specialises the kernel (bf16,
 no rules; `compile_check`).
 Usage: python bench/attention_internals.py [--head-dim 64] [--arch 90]. Prints a markdown table.
 """
@@ -38,8 +38,8 @@ ROWS = {"fwd": "forward", "fwd_tma": "forward, TMA", "dkdv": "backward (determin
 
 
 def blocks_of(row: list, own: int, items: bool) -> list:
-    """[start, end) of a kernel's blocks of `own` positions over a row of ids: fixed, or the forward's work items
-    (each run of equal ids cut from its start; fixed where that makes more than twice as many)."""
+    """[start, end) of a kernel's blocks of `own` positions over a row of ids: fixed, or work items (each run of
+    equal ids cut from its start; fixed where that makes more than twice as many)."""
     fixed = [(start, min(start + own, len(row))) for start in range(0, len(row), own)]
     if not items:
         return fixed
@@ -95,8 +95,9 @@ def kernel_row(kind: str, head_dim: int, arch: int, seg: torch.Tensor) -> dict:
     interior = {d: loops[d][0] * warps * 1000 / (block_m * block_n) for d in (False, True)}
     query_side = kind.startswith(("fwd", "dq"))
     tile = block_n if query_side else block_m  # key tiles (the query-side kernels') align to dropout's groups
+    # key blocks are work items too, except under dropout (fixed blocks on its 64-key groups)
     useful = [100 * useful_share(config, query_side, seg, sa._tile_align(query_side and dropout, tile),
-                                 kind.startswith("fwd")) for dropout in (False, True)]
+                                 query_side or not dropout) for dropout in (False, True)]
     return {"kernel": ROWS[kind], "tile, warps, stages": f"{block_m}x{block_n}, {warps}, {stages}",
             "SASS/tile no dropout": "{} / {}".format(*loops[False]),
             "SASS/tile dropout 0.1": "{} / {}".format(*loops[True]),

@@ -432,8 +432,9 @@ def test_metadata_is_rebuilt_in_cuda_graph_replays():
 
 
 def expected_items(canonical: torch.Tensor, block: int) -> list:
-    """The forward's work items of each row, as `work_items` documents them: item starts at every run start and
-    every `block` positions into a run, then L; fixed blocks where that is more than twice as many."""
+    """The work items of each row, as `work_items` documents them: item starts at every run start and
+    every `block` positions into a run, then L; fixed blocks where that is more than MAX_ITEMS_PER_BLOCK times as
+    many."""
     rows = []
     for row in canonical.tolist():
         L, starts, run = len(row), [], 0
@@ -441,7 +442,7 @@ def expected_items(canonical: torch.Tensor, block: int) -> list:
             run = pos if pos == 0 or value != row[pos - 1] else run
             if (pos - run) % block == 0:
                 starts.append(pos)
-        if len(starts) > 2 * -(-L // block):
+        if len(starts) > sa.MAX_ITEMS_PER_BLOCK * -(-L // block):
             starts = list(range(0, L, block))
         rows.append(starts + [L])
     return rows
@@ -449,7 +450,7 @@ def expected_items(canonical: torch.Tensor, block: int) -> list:
 
 @pytest.mark.parametrize("L", [1, 63, 129, 300])
 def test_work_items(L):
-    """Items per query block size and row: packed samples and padding runs cut from their starts, a sample longer
+    """Items per block size and row: packed samples and padding runs cut from their starts, a sample longer
     than the block in several items, a row of interleaved ids (fixed blocks), a row of padding."""
     gen = torch.Generator().manual_seed(L)
     seg = random_layout("packed", 4, L, gen)
@@ -462,13 +463,15 @@ def test_work_items(L):
         for b, want in enumerate(expected_items(canonical.cpu(), block)):
             count = int(items[k, b, 0])
             assert items[k, b, 1:count + 2].tolist() == want, (block, b)
-            assert count <= 2 * -(-L // block)  # the forward's programs take at most two items each
+            assert count <= sa.MAX_ITEMS_PER_BLOCK * -(-L // block)  # one program per item
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_forward_programs_take_several_items(dropout_p):
-    """Samples of 20 and 45 tokens cut into more items than the forward has programs (32-row items: 3 per 65
-    tokens against 2.03 fixed blocks), so programs loop over a second item; exact with and without dropout."""
+def test_more_items_than_fixed_blocks(dropout_p):
+    """Samples of 20 and 45 tokens cut into more items than fixed blocks (32-row items: 3 per 65 tokens against
+    2.03 fixed blocks), which the programs past the fixed blocks' count take, in the forward as in the backward
+    (key items without dropout, fixed key blocks with it; dQ's query items); exact with and without dropout,
+    atomic and deterministic backward."""
     L, lengths = 300, [20, 45] * 5
     seg = torch.full((2, L), -1)
     start = 0
@@ -478,12 +481,30 @@ def test_forward_programs_take_several_items(dropout_p):
     canonical = sa.attention_metadata(seg.to(DEVICE), None, None)[0]
     block = sa.INTERPRET_CONFIG["fwd"][0] if DEVICE == "cpu" else 32
     count = int(sa.work_items(canonical)[sa.ITEM_BLOCKS.index(block), 0, 0])
-    assert -(-L // block) < count <= 2 * -(-L // block)
+    assert -(-L // block) < count <= sa.MAX_ITEMS_PER_BLOCK * -(-L // block)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, L, 2, 32, generator=gen).to(DEVICE) for _ in range(3))
     rng = torch.tensor([2**33 + 3, 7], dtype=torch.int64, device=DEVICE) if dropout_p else None
-    check(run_both(q, k, v, seg.to(DEVICE), None, None, dropout_p=dropout_p, rng=rng), torch.float32,
-          f"items dropout={dropout_p}")
+    for deterministic in (False, True):
+        check(run_both(q, k, v, seg.to(DEVICE), None, None, dropout_p=dropout_p, rng=rng,
+                       deterministic=deterministic), torch.float32,
+              f"items dropout={dropout_p} deterministic={deterministic}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_key_item_tails_add_nothing(deterministic):
+    """A key item ending inside its block (a sample of 40 keys in 32-key blocks) computes its interior tiles
+    unmasked over the next sample's first keys, whose scores with its queries overflow fp32's exp here (q and k
+    share a large component across the two samples only): gradients stay finite and exact."""
+    L, D = 96, 32
+    seg = torch.zeros((1, L), dtype=torch.long)
+    seg[0, 40:] = 1
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, L, 2, D, generator=gen) for _ in range(3))
+    q[:, :40, :, 0], k[:, :40, :, 0] = 30.0, 0.0  # q_A . k_B = 900 (x 0.18 scale): exp overflows past 88
+    q[:, 40:, :, 0], k[:, 40:, :, 0] = 0.0, 30.0
+    check(run_both(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), seg.to(DEVICE), None, None,
+                   deterministic=deterministic), torch.float32, f"tails deterministic={deterministic}")
 
 
 def test_work_scales_with_squared_sample_lengths():
@@ -562,12 +583,21 @@ def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major,
 
 
 def test_configs_without_dropout_serve_only_launches_without_it():
-    """The 128x128 forward tile at two stages spills with dropout at head dim 64: a candidate only without it."""
-    tile = (128, 128, 8, 2)
-    for arch_major in (8, 9):
-        assert tile in sa.candidates(sa.FWD_TABLE, 64, 2048, arch_major, dropout=False)
-        assert tile not in sa.candidates(sa.FWD_TABLE, 64, 2048, arch_major, dropout=True)
-        assert tile in sa.candidates(sa.FWD_TABLE, 32, 2048, arch_major, dropout=True)
+    """An entry's head dims served only without dropout (its fourth element: the tile spills with dropout there)
+    make it a candidate for launches without dropout only; its other head dims take both (e.g. the 128x128 forward
+    tile at three stages: D=64 without dropout, D=32 with it, on sm_8x and sm_9x)."""
+    checked = 0
+    for table in sa.TABLES.values():
+        for config, dims_sm8x, dims_sm9x, *without in table:
+            for arch_major, dims, extra in zip((8, 9), (dims_sm8x, dims_sm9x), without[0] if without else ((), ())):
+                for d in extra:
+                    assert config in sa.candidates(table, d, 2048, arch_major, dropout=False)
+                    assert config not in sa.candidates(table, d, 2048, arch_major, dropout=True)
+                    checked += 1
+                for d in dims:
+                    assert config in sa.candidates(table, d, 2048, arch_major, dropout=True)
+                    assert config in sa.candidates(table, d, 2048, arch_major, dropout=False)
+    assert checked >= 10  # the tables hold such entries
 
 
 @CUDA

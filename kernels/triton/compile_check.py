@@ -153,10 +153,10 @@ def attention_signature(kind: str, dtype: str) -> dict:
         if kind == "bwd":
             sig["DQ"] = "*fp32"  # the atomic backward's accumulator
     sig.update({"Seg": "*i32", "Mod": "*i32", "Win": "*i32", "Rules": "*i64"})
-    if kind == "fwd":
-        sig["Items"] = "*i32"
+    sig["Items"] = "*i32"
     strides = ["qb", "ql", "qh", "kb", "kl", "kh", "vb", "vl", "vh"]
-    strides += ["ob", "ol", "oh", "items"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
+    strides += ["ob", "ol", "oh"] if kind == "fwd" else ["db", "dl", "dh", "gb", "gl", "gh"]
+    strides.append("items")
     sig.update({f"stride_{s}": "i32" for s in strides})
     sig.update({"B": "i32", "H": "i32", "L": "i32"})
     if kind != "fwd":

@@ -7,12 +7,13 @@ per-token windows built on the device from the ids (`attention_metadata`, one la
 in [key_lo[i], key_hi[i]) and key j is only attended by queries in [query_lo[j], query_hi[j]). A query
 block then visits just the key blocks covering the union of its rows' windows, so for packed samples the
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
-Windows do not depend on the block size, so block sizes can be autotuned freely. The forward's query blocks are
-work items aligned to sample starts (`work_items`): a block then holds one sample's queries, whose window is
-that sample alone. Without rules, tiles that a
-block may attend whole (the block inside one contiguous sample) skip the mask: each kernel loops over that
-unmasked interior, then over the masked edge tiles, as FlashAttention splits off the causal diagonal; this
-saves the compare-and-select per score that the softmax's ALU budget cannot spare.
+Windows do not depend on the block size, so block sizes can be autotuned freely. Each kernel's own blocks (query
+blocks of the forward and dQ, key blocks of dK/dV) are work items aligned to sample starts (`work_items`): a block
+then holds one sample's positions, whose window is that sample alone (dK/dV under dropout keeps fixed blocks, on
+its 64-key groups). Without rules, tiles that a block may attend whole (the block inside one contiguous sample)
+skip the mask: each kernel loops over that unmasked interior, then over the masked edge tiles, as FlashAttention
+splits off the causal diagonal; this saves the compare-and-select per score that the softmax's ALU budget cannot
+spare.
 
 Two load paths share each kernel: pointer loads (cp.async on sm_80 and sm_90, every GPU) and, with USE_TMA,
 tensor descriptors built on the device per (batch, head) slice (sm_90's TMA: bulk copies into shared memory that
@@ -240,10 +241,10 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _work_items_kernel(Canon, Items, B, L, stride_items, CHUNK: tl.constexpr):
-    """The forward's work items of one row for query blocks of 16 << program_id(1) rows (see `work_items`): runs
+def _work_items_kernel(Canon, Items, B, L, stride_items, CHUNK: tl.constexpr, MAX_RATIO: tl.constexpr):
+    """The work items of one row for blocks of 16 << program_id(1) positions (see `work_items`): runs
     of equal canonical ids (a packed sample, a padding run) cut into blocks from each run's start; fixed blocks
-    when that makes more than twice as many items as fixed blocks (short runs: interleaved ids)."""
+    when that makes more than MAX_RATIO times as many items as fixed blocks (short runs: interleaved ids)."""
     b, k = tl.program_id(0), tl.program_id(1)
     block = 16 << k
     row = Canon + b.to(tl.int64) * L
@@ -262,7 +263,7 @@ def _work_items_kernel(Canon, Items, B, L, stride_items, CHUNK: tl.constexpr):
         count += tl.sum(first.to(tl.int32), 0)
         run_start = tl.max(run, 0)
     fixed = tl.cdiv(L, block)
-    if count > 2 * fixed:
+    if count > MAX_RATIO * fixed:
         tl.debug_barrier()
         for c0 in range(0, fixed, CHUNK):
             i = c0 + tl.arange(0, CHUNK)
@@ -271,6 +272,23 @@ def _work_items_kernel(Canon, Items, B, L, stride_items, CHUNK: tl.constexpr):
     tl.debug_barrier()
     tl.store(out, count)
     tl.store(out + 1 + count, L)
+
+
+@triton.jit
+def _work_item(Items, b, B, stride_items, index, L, BLOCK: tl.constexpr, FIXED: tl.constexpr):
+    """[start, end) of row b's index-th block of BLOCK positions: its work item (`work_items`), or with FIXED the
+    fixed block at index * BLOCK; empty (end <= start) past the row's last. One program takes one item: a loop over
+    several keeps the launch's state live across the item body, which costs registers (25 to 45 per thread)."""
+    if FIXED:
+        start = index * BLOCK
+        end = tl.minimum(start + BLOCK, L)
+    else:
+        tl.static_assert((BLOCK == 16) | (BLOCK == 32) | (BLOCK == 64) | (BLOCK == 128))  # ITEM_BLOCKS
+        items = Items + (((BLOCK >= 32) + (BLOCK >= 64) + (BLOCK >= 128)) * B + b).to(tl.int64) * stride_items
+        listed = index < tl.load(items)
+        start = tl.load(items + 1 + index, mask=listed, other=0)
+        end = tl.load(items + 2 + index, mask=listed, other=0)
+    return start, end
 
 
 @triton.jit
@@ -329,9 +347,8 @@ def _segment_attention_fwd_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_TMA: tl.constexpr = False):
-    """Out and the log-sum-exp of the work items (`work_items`: up to BLOCK_M queries from a sample's start) of
-    one (batch, head) that fall to this program: items pid_m, pid_m + programs, ... (there are at most twice as
-    many items as programs). L_BUCKET and TMA_MODE only key the autotuner."""
+    """Out and the log-sum-exp of one work item (`work_items`: up to BLOCK_M queries from a sample's start) of one
+    (batch, head): item program_id(0), if the row has that many. L_BUCKET and TMA_MODE only key the autotuner."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
@@ -341,10 +358,8 @@ def _segment_attention_fwd_kernel(
     k_src = _rows_source(K + b * stride_kb + h * stride_kh, stride_kl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     v_src = _rows_source(V + b * stride_vb + h * stride_vh, stride_vl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     o_base = Out + b * stride_ob + h * stride_oh
-    tl.static_assert((BLOCK_M == 16) | (BLOCK_M == 32) | (BLOCK_M == 64) | (BLOCK_M == 128))  # ITEM_BLOCKS
-    items = Items + (((BLOCK_M >= 32) + (BLOCK_M >= 64) + (BLOCK_M >= 128)) * B + b).to(tl.int64) * stride_items
-    for item in range(pid_m, tl.load(items), tl.num_programs(0)):
-        start_m, end_m = tl.load(items + 1 + item), tl.load(items + 2 + item)
+    start_m, end_m = _work_item(Items, b, B, stride_items, pid_m, L, BLOCK_M, False)
+    if start_m < end_m:
         _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh, offs_d,
                   stride_ql, stride_kl, stride_vl, stride_ol, B, L, scale_log2, seed, offset, threshold, drop_scale,
                   HEAD_DIM, BLOCK_D, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
@@ -425,13 +440,14 @@ def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k, mod_k,
-               rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed, offset, pid_n, pid_bh,
-               threshold, drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n, offs_d, seg_k, mod_k,
+               rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed, offset, start_n,
+               pid_bh, threshold, drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+               HAS_RULES: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows); with
-    ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows at dq_base."""
+    ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows at dq_base. Keys from end_n
+    on (a work item's tail) add nothing to dq."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(q_src, start_m, stride_ql, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)  # interior: in row
     do = _load_tile(do_src, start_m, stride_dl, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)
@@ -443,15 +459,17 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
         delta = tl.load(Delta + stats + pos_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     p_t = tl.exp2(s_t * scale_log2 - lse[None, :])
-    if MASKED:
+    if MASKED:  # the tail's keys read id -1 (`_block_prologue`): never allowed
         seg_q, mod_q = _load_ids(Seg, Mod, row, pos_m, L, HAS_RULES)
         allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
                                   pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
         p_t = tl.where(allowed_t, p_t, 0.0)
+    elif ATOMIC_DQ and not HAS_DROPOUT:  # work items (`_dkdv_block`): an interior tile's tail keys are another
+        # sample's, whose scores with these queries may overflow; their dq terms must be exact zeros
+        p_t = tl.where(pos_n[:, None] < end_n, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_t = tl.trans(dropout_keep_bytes(seed, offset, pid_n * BLOCK_N, pos_m[:, None], pid_bh, threshold,
-                                             BLOCK_N))
+        keep_t = tl.trans(dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N))
         dv += tl.dot((p_t * keep_t.to(tl.float32)).to(do.dtype), do, input_precision=DOT_PRECISION)  # scaled once
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -470,51 +488,69 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
 
 @triton.jit
 def _segment_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, Lse, Delta, DK, DV, DQ, Seg, Mod, Win, Rules,
+        Q, K, V, DO, Lse, Delta, DK, DV, DQ, Seg, Mod, Win, Rules, Items,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
+        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh, stride_items,
         B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr = False):
-    """dK and dV of a key block; with ATOMIC_DQ (FlashAttention-2's backward) also its dQ terms, added into the
+    """dK and dV of one key block of one (batch, head), the program_id(0)-th: a work item as the forward's
+    (`work_items`), or under dropout a fixed block at a multiple of BLOCK_N (its bytes come in 64-key groups,
+    which a key block must start on). With ATOMIC_DQ (FlashAttention-2's backward) also their dQ terms, added into the
     zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
     kernels together do 7 (each recomputes S and P)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
-    stats = pid_bh.to(tl.int64) * L
-    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, L, B, L,
-                                                       HAS_RULES, NUM_MODALITIES)
-    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, L, L, HAS_RULES,
-                                                   BLOCK_M, _tile_align(False, BLOCK_M))
-    k = _load_rows(K + b * stride_kb + h * stride_kh, pos_n, stride_kl, offs_d, L, HEAD_DIM)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, pos_n, stride_vl, offs_d, L, HEAD_DIM)
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     do_src = _rows_source(DO + b * stride_db + h * stride_dh, stride_dl, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    dq_base = DQ + b * stride_gb + h * stride_gh
+    start_n, end_n = _work_item(Items, b, B, stride_items, pid_n, L, BLOCK_N, HAS_DROPOUT)
+    if start_n < end_n:
+        _dkdv_block(q_src, do_src, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                    Lse, Delta, DK, DV, DQ + b * stride_gb + h * stride_gh, Seg, Mod, Win, Rules, start_n, end_n,
+                    row, b * stride_gb + h * stride_gh, pid_bh, offs_d, stride_ql, stride_kl, stride_vl, stride_dl,
+                    stride_gl, B, L, scale, scale_log2, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_D,
+                    NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, ATOMIC_DQ, USE_TMA)
+
+
+@triton.jit
+def _dkdv_block(q_src, do_src, k_base, v_base, Lse, Delta, DK, DV, dq_base, Seg, Mod, Win, Rules, start_n, end_n,
+                row, g_base, pid_bh, offs_d, stride_ql, stride_kl, stride_vl, stride_dl, stride_gl, B, L, scale,
+                scale_log2, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """dK and dV (and with ATOMIC_DQ their dQ terms) of keys [start_n, end_n) (end_n - start_n <= BLOCK_N)."""
+    stats = pid_bh.to(tl.int64) * L
+    pos_n = start_n + tl.arange(0, BLOCK_N)
+    seg_k, mod_k, rules_code, lo, hi = _block_prologue(Seg, Mod, Win + 2 * B * L, Rules, row, pos_n, end_n, B, L,
+                                                       HAS_RULES, NUM_MODALITIES)
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_n, seg_k, lo, hi, end_n, L, HAS_RULES,
+                                                   BLOCK_M, _tile_align(False, BLOCK_M))
+    k = _load_rows(k_base, pos_n, stride_kl, offs_d, L, HEAD_DIM)
+    v = _load_rows(v_base, pos_n, stride_vl, offs_d, L, HEAD_DIM)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked query tiles (see the forward)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d,
-                                seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl,
-                                scale_log2, seed, offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n,
+                                offs_d, seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl,
+                                scale_log2, seed, offset, start_n, pid_bh, threshold, drop_scale, HEAD_DIM,
                                 NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                 ATOMIC_DQ, USE_TMA)
     for index in range(0, masked):
         start_m = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_M)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, offs_d, seg_k,
-                            mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed,
-                            offset, pid_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
-                            HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, USE_TMA)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n, offs_d,
+                            seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2,
+                            seed, offset, start_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES,
+                            HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, USE_TMA)
 
-    mask = (pos_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    g_off = b * stride_gb + h * stride_gh + pos_n[:, None] * stride_gl + offs_d[None, :]
+    mask = (pos_n[:, None] < end_n) & (offs_d[None, :] < HEAD_DIM)
+    g_off = g_base + pos_n[:, None] * stride_gl + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     if HAS_DROPOUT:
         dv = dv * drop_scale
@@ -544,31 +580,50 @@ def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, pos_m, offs_d, seg_q,
 
 @triton.jit
 def _segment_attention_bwd_dq_kernel(
-        Q, K, V, DO, Lse, Delta, DQ, Seg, Mod, Win, Rules,
+        Q, K, V, DO, Lse, Delta, DQ, Seg, Mod, Win, Rules, Items,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
+        stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh, stride_items,
         B, H, L, scale, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_TMA: tl.constexpr = False):
-    """dQ of a block of BLOCK_M queries (the deterministic backward's second kernel)."""
+    """dQ of one work item (`work_items`, as the forward's) of one (batch, head), the program_id(0)-th (the
+    deterministic backward's second kernel)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
     row = b.to(tl.int64) * L
-    stats = pid_bh.to(tl.int64) * L
-    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, L, B, L, HAS_RULES,
-                                                       NUM_MODALITIES)
-    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, L, L, HAS_RULES,
-                                                   BLOCK_N, _tile_align(HAS_DROPOUT, BLOCK_N))
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, pos_m, stride_ql, offs_d, L, HEAD_DIM)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, pos_m, stride_dl, offs_d, L, HEAD_DIM)
-    lse = tl.load(Lse + stats + pos_m, mask=pos_m < L, other=float("inf")) * _LOG2E
-    delta = tl.load(Delta + stats + pos_m, mask=pos_m < L, other=0.0)
     k_src = _rows_source(K + b * stride_kb + h * stride_kh, stride_kl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     v_src = _rows_source(V + b * stride_vb + h * stride_vh, stride_vl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    start_m, end_m = _work_item(Items, b, B, stride_items, pid_m, L, BLOCK_M, False)
+    if start_m < end_m:
+        _dq_block(Q + b * stride_qb + h * stride_qh, DO + b * stride_db + h * stride_dh, k_src, v_src, Lse, Delta,
+                  DQ + b * stride_gb + h * stride_gh, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh, offs_d,
+                  stride_ql, stride_kl, stride_vl, stride_dl, stride_gl, B, L, scale, scale_log2, seed, offset,
+                  threshold, drop_scale, HEAD_DIM, BLOCK_D, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION,
+                  BLOCK_M, BLOCK_N, USE_TMA)
+
+
+@triton.jit
+def _dq_block(q_base, do_base, k_src, v_src, Lse, Delta, dq_base, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh,
+              offs_d, stride_ql, stride_kl, stride_vl, stride_dl, stride_gl, B, L, scale, scale_log2, seed, offset,
+              threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr,
+              HAS_RULES: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """dQ of queries [start_m, end_m) (end_m - start_m <= BLOCK_M)."""
+    stats = pid_bh.to(tl.int64) * L
+    pos_m = start_m + tl.arange(0, BLOCK_M)
+    seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, end_m, B, L, HAS_RULES,
+                                                       NUM_MODALITIES)
+    start, mid_lo, mid_hi, masked = _unmasked_span(Win + 4 * B * L, row, pos_m, seg_q, lo, hi, end_m, L, HAS_RULES,
+                                                   BLOCK_N, _tile_align(HAS_DROPOUT, BLOCK_N))
+    q = _load_rows(q_base, pos_m, stride_ql, offs_d, L, HEAD_DIM)
+    do = _load_rows(do_base, pos_m, stride_dl, offs_d, L, HEAD_DIM)
+    # an infinite lse makes p zero: rows past the row end and an item's tail (another sample's queries, which
+    # interior tiles do not mask) add nothing
+    lse = tl.load(Lse + stats + pos_m, mask=pos_m < end_m, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + stats + pos_m, mask=pos_m < end_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked key tiles (see the forward)
@@ -583,8 +638,9 @@ def _segment_attention_bwd_dq_kernel(
                       Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset, pid_bh, threshold, drop_scale,
                       HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True, USE_TMA)
 
-    g_ptrs = DQ + b * stride_gb + h * stride_gh + pos_m[:, None] * stride_gl + offs_d[None, :]
-    tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(pos_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
+    g_ptrs = dq_base + pos_m[:, None] * stride_gl + offs_d[None, :]
+    tl.store(g_ptrs, (dq * scale).to(dq_base.dtype.element_ty),
+             mask=(pos_m[:, None] < end_m) & (offs_d[None, :] < HEAD_DIM))
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
@@ -602,33 +658,33 @@ def _segment_attention_bwd_dq_kernel(
 # at two stages, and 64x128 at 4 warps, small enough (at most 230 registers, 106 KiB) for two blocks per
 # multiprocessor, whose independent softmax and wgmma phases can overlap. On sm_9x every entry uses wgmma (HGMMA
 # in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
-# there and serve sm_8x only. Since dropout draws its mask in the accumulator's own layout (no shuffle through
-# shared memory; `rng.dropout_keep_bytes`) most tiles hold fewer registers with it: against the masks of sixteen
-# consecutive keys, entries serve 13 more (entry, arch) head dims with dropout (e.g. the (64, 64, 4, 3) forward
-# D=128 on sm_9x, the 32x128 dK/dV D=64 on sm_8x, the 128x64 TMA forward D=128) and 4 fewer (on sm_8x the
-# (64, 32, 4, 4) forward D=128, the 128x128 forward and the (32, 64, 4, 4) dQ tile D=32; on sm_9x the 128x128
-# TMA forward at two stages D=64), which serve them without dropout still.
-FWD_TABLE = [((128, 64, 8, 3), (32, 64), (32, 64, 128), ((128,), ())), ((64, 64, 4, 3), (), (32, 64, 128)),
-             ((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 32, 4, 4), (32,), (32, 64, 128), ((128,), ())),
+# there and serve sm_8x only. Programs take one work item each (`_work_item`; a loop over several kept 25 to 45
+# more registers per thread live): against the loop, entries serve 20 more (entry, arch) head dims with dropout
+# and 4 fewer, 13 more at all and 2 fewer (e.g. the 128x128 forward and its TMA variant now take D=64 and D=128
+# with dropout on sm_9x, the dK/dV and atomic 32x128 tiles D=128 on sm_9x; on sm_8x the 128x64 forward and the
+# 64x64 dQ tile no longer take D=32, the (64, 32, 8, 3) forward D=32 and the 32x64 dK/dV tile D=64 only without
+# dropout).
+FWD_TABLE = [((128, 64, 8, 3), (64, 128), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
+             ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
              ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), ()),
-             ((128, 128, 8, 3), (), (32,), ((32, 64), (64,))), ((128, 128, 8, 2), (32,), (32,), ((64,), (64,))),
-             ((64, 128, 4, 3), (), (32,), ((), (64,)))]
-DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
-              ((32, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 32, 4, 4), (32, 64, 128), ()),
+             ((128, 128, 8, 3), (32,), (32, 128), ((64,), (64,))), ((128, 128, 8, 2), (32, 64), (32, 64, 128)),
+             ((64, 128, 4, 3), (32,), (32,), ((), (64,)))]
+DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64, 128)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+              ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())), ((32, 32, 4, 4), (32, 64, 128), ()),
               ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
               ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
 # The atomic backward holds dK and dV beside the dQ tile and its atomics: it serves fewer head dims than the
 # dK/dV kernel, and launches it does not serve take the deterministic kernels (`atomic_backward_serves`: D = 32
 # on sm_9x, D = 128 with dropout on sm_8x). Its dQ GEMM runs transposed (M = the head dim), so 16- and 32-row
 # query tiles use wgmma at D >= 64; at D = 32 that GEMM is mma.sync on sm_90 (Triton 3.9 sweep).
-BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), ())), ((16, 128, 8, 2), (32, 64), (64, 128)),
+BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), (128,))), ((16, 128, 8, 2), (32, 64), (64, 128), ((128,), ())),
              ((16, 64, 8, 2), (32, 64), (64, 128), ((128,), ())), ((16, 64, 4, 3), (32, 64), (64,), ((128,), (128,))),
-             ((32, 128, 8, 3), (32,), (64,), ((64,), ())), ((32, 64, 8, 2), (32,), (64,), ((64,), (128,))),
+             ((32, 128, 8, 3), (32,), (64,), ((64,), (128,))), ((32, 64, 8, 2), (32,), (64, 128), ((64,), ())),
              ((64, 64, 8, 2), (32,), (64,)), ((64, 128, 8, 2), (), (), ((32,), (64,))),
              ((32, 64, 4, 3), (32,), (64,), ((64,), ()))]
-DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (64, 128), (32, 64, 128)),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
-            ((32, 64, 4, 4), (64, 128), (), ((32,), ())), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
+            ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
 # The TMA path (Q, K, V and dO tiles, and the forward's output, through tensor descriptors: bulk copies into shared
@@ -638,10 +694,10 @@ DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (32
 # untuned. Derived as the tables above (`compile_check --kind fwd_tma --config ...`, Triton 3.6 and 3.9); every
 # entry has bulk tensor loads (UTMALDG) and wgmma in its SASS (tests/test_compile_triton.py). The deterministic
 # backward has no TMA entries.
-FWD_TMA_TABLE = [((128, 64, 8, 3), (), (32, 64, 128)), ((128, 128, 8, 2), (), (32,), ((), (64, 128))),
-                 ((128, 128, 8, 3), (), (32,), ((), (64,))), ((128, 64, 8, 2), (), (32, 64, 128)),
+FWD_TMA_TABLE = [((128, 64, 8, 3), (), (32, 64, 128)), ((128, 128, 8, 2), (), (32, 64, 128)),
+                 ((128, 128, 8, 3), (), (32, 64, 128)), ((128, 64, 8, 2), (), (32, 64, 128)),
                  ((128, 64, 8, 4), (), (32, 64, 128)), ((64, 64, 4, 3), (), (32, 64, 128)),
-                 ((64, 128, 4, 3), (), (32,), ((), (64,)))]
+                 ((64, 128, 4, 3), (), (32, 64), ((), (128,)))]
 BWD_TMA_TABLE = [((32, 128, 8, 2), (), (64,)), ((16, 128, 8, 2), (), (64,)), ((16, 64, 8, 2), (), (64, 128)),
                  ((32, 128, 8, 3), (), (64,)), ((32, 64, 8, 2), (), (64, 128)),
                  ((16, 64, 4, 3), (), (64,), ((), (128,))), ((32, 64, 4, 3), (), (64,)),
@@ -771,24 +827,29 @@ def attention_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.T
     return meta
 
 
-# Query block sizes (BLOCK_M) that `work_items` cuts items for, one list each: 16 << index.
+# Block sizes (a kernel's own BLOCK_M or BLOCK_N) that `work_items` cuts items for, one list each: 16 << index.
 ITEM_BLOCKS = (16, 32, 64, 128)
+# Most work items per fixed block of a row: rows that would have more (interleaved ids) get fixed blocks, and a
+# kernel launches this many programs per fixed block, one per item.
+MAX_ITEMS_PER_BLOCK = 2
 
 
 def work_items(canonical_ids: torch.Tensor) -> torch.Tensor:
-    """(4, B, W) int32 work items of the forward, from one launch on `attention_metadata`'s canonical ids (B, L):
-    per query block size 16 << k and row, [count, start_0, ..., start_{count-1}, L], item i covering queries
-    [start_i, start_{i+1}). Each run of equal ids (a packed sample, a run of padding) is cut into blocks from its
-    own start, so a block's key window is its sample's span, not the union of the samples a fixed block straddles
-    (VideoBERT-like rows: 1.2x fewer (query, key) pairs computed at 128-row blocks, bench/attention_internals.py);
-    rows where that gives more than twice as many items as fixed blocks (interleaved ids) get fixed blocks. W is
-    2 * ceil(L / 16) + 2, room for the most items of any size."""
+    """(4, B, W) int32 work items of the kernels' own blocks (the forward's and dQ's queries, dK/dV's keys), from one
+    launch on `attention_metadata`'s canonical ids (B, L): per block size 16 << k and row, [count, start_0, ...,
+    start_{count-1}, L], item i covering positions [start_i, start_{i+1}). Each run of equal ids (a packed sample, a
+    run of padding) is cut into blocks from its own start, so a block's window is its sample's span, not the union
+    of the samples a fixed block straddles (VideoBERT-like rows: 1.2x fewer (query, key) pairs computed by the
+    forward's 128-row blocks and the atomic backward's 128-key blocks, bench/attention_internals.py);
+    rows where that gives more than MAX_ITEMS_PER_BLOCK times as many items as fixed blocks (interleaved ids) get
+    fixed blocks. W is MAX_ITEMS_PER_BLOCK * ceil(L / 16) + 2, room for the most items of any size."""
     B, L = canonical_ids.shape
-    width = 2 * cdiv(L, 16) + 2
+    width = MAX_ITEMS_PER_BLOCK * cdiv(L, 16) + 2
     items = torch.empty((len(ITEM_BLOCKS), B, width), dtype=torch.int32, device=canonical_ids.device)
     if B and L:
         _work_items_kernel[(B, len(ITEM_BLOCKS))](canonical_ids, items, B, L, width,
-                                                  CHUNK=1024 if canonical_ids.is_cuda else 64)
+                                                  CHUNK=1024 if canonical_ids.is_cuda else 64,
+                                                  MAX_RATIO=MAX_ITEMS_PER_BLOCK)
     return items
 
 
@@ -797,7 +858,7 @@ _last_metadata: Optional[tuple] = None
 
 
 def _planes(meta: torch.Tensor) -> tuple:
-    """(canonical ids, modality ids, the five window planes, the forward's work items) of `attention_metadata`'s
+    """(canonical ids, modality ids, the five window planes, the work items) of `attention_metadata`'s
     tensor."""
     return meta[0], meta[1], meta[2:], work_items(meta[0])
 
@@ -806,9 +867,9 @@ def reused_metadata(segment_ids: torch.Tensor, modality_ids: Optional[torch.Tens
                     modality_rules: Optional[torch.Tensor]) -> tuple:
     """`attention_metadata` of these ids as its planes with their work items (`_planes`), reused while the very
     same id tensors come back unchanged (same objects, same version counters), as they do for every layer of a
-    model's forward and backward: two launches per batch instead of three per layer. Recomputed for any other tensors, after any in-place
-    change, during CUDA graph capture (a replay must rebuild it from the graph's own ids) and for inference
-    tensors (which have no version counter)."""
+    model's forward and backward: two launches per batch instead of three per layer. Recomputed for any other
+    tensors, after any in-place change, during CUDA graph capture (a replay must rebuild it from the graph's own
+    ids) and for inference tensors (which have no version counter)."""
     global _last_metadata
     ids = (segment_ids, modality_ids, modality_rules)
     present = [t for t in ids if t is not None]
@@ -875,12 +936,19 @@ def tma_mode(*tensors: torch.Tensor) -> int:
     return 2 if setting == "1" else 1
 
 
+def _programs(kind: str, L: int, block: int, dropout: bool) -> int:
+    """Programs per (batch, head) of a kernel whose own blocks hold `block` positions: one per work item, so
+    MAX_ITEMS_PER_BLOCK per fixed block (those past a row's last item return at once), or one per fixed block where
+    the kernel takes fixed blocks (dK/dV under dropout, see `_work_item`)."""
+    return cdiv(L, block) * (1 if kind in ("bwd", "dkdv") and dropout else MAX_ITEMS_PER_BLOCK)
+
+
 def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
-    B, H = scalars["B"], scalars["H"]
+    B, H, L, dropout = scalars["B"], scalars["H"], scalars["L"], consts["HAS_DROPOUT"]
     if device_is_cuda and scalars["TMA_MODE"]:
         ensure_allocator()  # descriptors are built on the device, in a scratch buffer per launch
     if device_is_cuda and autotune_enabled():
-        grid = lambda meta: (cdiv(scalars["L"], meta[grid_dim]), B * H)  # noqa: E731
+        grid = lambda meta: (_programs(kind, L, meta[grid_dim], dropout), B * H)  # noqa: E731
         tuned[grid](*args, **scalars, **consts)
         return
     if device_is_cuda:
@@ -892,8 +960,8 @@ def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
         use_tma = scalars["TMA_MODE"] == 2
     block = block_m if grid_dim == "BLOCK_M" else block_n
-    tuned.fn[(cdiv(scalars["L"], block), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
-                                                 BLOCK_N=block_n, USE_TMA=use_tma, **options)
+    tuned.fn[(_programs(kind, L, block, dropout), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
+                                                          BLOCK_N=block_n, USE_TMA=use_tma, **options)
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
@@ -921,8 +989,8 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     dk, dv = (torch.empty((B, L, H, D), device=q.device, dtype=q.dtype) for _ in range(2))
     if dk.numel() == 0:
         return torch.empty_like(dk), dk, dv
-    seg, mod, windows, _, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules, dropout_p,
-                                                           rng)
+    seg, mod, windows, items, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules,
+                                                               dropout_p, rng)
     if q.is_cuda and not atomic_backward_serves(consts["BLOCK_D"], arch_major(q.device),
                                                 consts["HAS_DROPOUT"]):
         deterministic = True
@@ -935,13 +1003,13 @@ def segment_attention_bwd(dout, q, k, v, out, lse, segment_ids, modality_ids, mo
     scalars = dict(scalars, scale=softmax_scale, scale_log2=softmax_scale * LOG2E)
     strides = _strides(q, k, v, dout)
     kind = "dkdv" if deterministic else "bwd"
-    _launch(TUNED[kind], kind, "BLOCK_N", [q, k, v, dout, lse, delta, dk, dv, dq, seg, mod, windows, rules,
-                                           *strides, *_strides(dk)],
+    _launch(TUNED[kind], kind, "BLOCK_N", [q, k, v, dout, lse, delta, dk, dv, dq, seg, mod, windows, rules, items,
+                                           *strides, *_strides(dk), items.stride(1)],
             dict(scalars, TMA_MODE=tma_mode(q, dout)), dict(consts, ATOMIC_DQ=not deterministic), q.is_cuda)
     if deterministic:
-        _launch(TUNED["dq"], "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, *strides,
-                                               *_strides(dq)], dict(scalars, TMA_MODE=tma_mode(k, v)), consts,
-                q.is_cuda)
+        _launch(TUNED["dq"], "dq", "BLOCK_M", [q, k, v, dout, lse, delta, dq, seg, mod, windows, rules, items,
+                                               *strides, *_strides(dq), items.stride(1)],
+                dict(scalars, TMA_MODE=tma_mode(k, v)), consts, q.is_cuda)
         return dq, dk, dv
     grad = dq if q.dtype == torch.float32 else torch.empty_like(dk)
     block = 1024
