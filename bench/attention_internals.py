@@ -48,7 +48,7 @@ def blocks_of(row: list, own: int, items: bool) -> list:
         run = pos if pos == 0 or value != row[pos - 1] else run
         if (pos - run) % own == 0:
             starts.append(pos)
-    if len(starts) > 2 * len(fixed):
+    if len(starts) > sa.MAX_ITEMS_PER_BLOCK * len(fixed):
         return fixed
     return list(zip(starts, starts[1:] + [len(row)]))
 

@@ -98,7 +98,7 @@ def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: in
         target = re.search(r"BRA[^;]*\.L_x_(\d+)", line)
         if target and labels.get(target.group(1), len(opcodes)) < len(opcodes) - 1:
             start = labels[target.group(1)]
-            if not (innermost and any(inner >= start for inner in starts)):  # e.g. the forward's item loop
+            if not (innermost and any(inner >= start for inner in starts)):  # e.g. a loop over a block's tiles around them
                 loops.append(Counter(opcodes[start:]))
             starts.append(start)
     return loops

@@ -842,9 +842,10 @@ def work_items(canonical_ids: torch.Tensor) -> torch.Tensor:
     of the samples a fixed block straddles (VideoBERT-like rows: 1.2x fewer (query, key) pairs computed by the
     forward's 128-row blocks and the atomic backward's 128-key blocks, bench/attention_internals.py);
     rows where that gives more than MAX_ITEMS_PER_BLOCK times as many items as fixed blocks (interleaved ids) get
-    fixed blocks. W is MAX_ITEMS_PER_BLOCK * ceil(L / 16) + 2, room for the most items of any size."""
+    fixed blocks. W is MAX_ITEMS_PER_BLOCK * ceil(L / 16) + 2 (room for the most items of any size) rounded up to
+    a multiple of 16, so that launches specialise its stride as they do the tensors' (`compile_check`)."""
     B, L = canonical_ids.shape
-    width = MAX_ITEMS_PER_BLOCK * cdiv(L, 16) + 2
+    width = cdiv(MAX_ITEMS_PER_BLOCK * cdiv(L, 16) + 2, 16) * 16
     items = torch.empty((len(ITEM_BLOCKS), B, width), dtype=torch.int32, device=canonical_ids.device)
     if B and L:
         _work_items_kernel[(B, len(ITEM_BLOCKS))](canonical_ids, items, B, L, width,
