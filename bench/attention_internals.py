@@ -6,8 +6,8 @@ warp-instructions per 1,000 (query, key) pairs in the interior, registers per th
 that registers and shared memory allow, bulk tensor loads (UTMALDG) in the kernel, and the useful share of the
 (query, key) pairs its tiles compute on bench/attention.py's packed layout (8 rows of 2,048, VideoBERT-like
 samples; counted from the samples' spans as the kernels walk them: a block visits the tiles covering the union of
-its rows' windows; blocks are work items, but for key blocks under dropout). Compiled as a launch specialises the kernel (bf16,
-no rules; `compile_check`).
+its rows' windows; blocks are work items, but for key blocks under dropout). Compiled as a launch specialises the
+kernel (bf16, no rules; `compile_check`).
 Usage: python bench/attention_internals.py [--head-dim 64] [--arch 90]. Prints a markdown table.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def kernel_row(kind: str, head_dim: int, arch: int, seg: torch.Tensor) -> dict:
     loops, regs = {}, {}
     for dropout in (False, True):
         constexprs = attention_constexprs(kind, block_m, block_n, head_dim, False, dropout)
-        body = loop_opcodes(fn, attention_signature(kind, "bf16"), constexprs, arch, warps, stages, innermost=True)
+        body = loop_opcodes(fn, attention_signature(kind, "bf16"), constexprs, arch, warps, stages)
         loops[dropout] = [sum(loop.values()) for loop in body]  # the interior and the masked loop
         regs[dropout] = attention_report(kind, config, head_dim, arch, False, dropout, "bf16")
     interior = {d: loops[d][0] * warps * 1000 / (block_m * block_n) for d in (False, True)}

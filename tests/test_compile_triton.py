@@ -262,8 +262,7 @@ def attention_loops(kind: str, rules: bool):
     """SASS opcode counts of each inner loop of an attention kernel's first sm_90 config at D=64 (bf16)."""
     block_m, block_n, warps, stages = first_sm90_config(kind)
     constexprs = attention_constexprs(kind, block_m, block_n, 64, rules, False)
-    return loop_opcodes(KERNELS[kind][0], attention_signature(kind, "bf16"), constexprs, 90, warps, stages,
-                        innermost=True)
+    return loop_opcodes(KERNELS[kind][0], attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
 
 
 def test_attention_interior_tiles_compile_unmasked(monkeypatch):
@@ -282,7 +281,7 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
         tail_selects = block_m * block_n // (32 * warps) if kind.startswith("bwd") else 0
         assert interior["FSEL"] == tail_selects and masked["FSEL"] >= max(tail_selects, 1), kind
         # The atomic backward's first tile (32x128 over 8 warps) holds 16 scores per thread beside the dQ GEMM and
-        # its atomics: the mask is a smaller share of its loop (304 against 356 instructions, Triton 3.9).
+        # its atomics: the mask is a smaller share of its loop (311 against 359 instructions, Triton 3.9).
         share = 0.9 if kind.startswith("bwd") else 0.85
         assert sum(interior.values()) < share * sum(masked.values()) and only["FSEL"] > 0, kind
 

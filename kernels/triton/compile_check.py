@@ -74,16 +74,15 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
-                 innermost: bool = False) -> list[Counter]:
+def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> list[Counter]:
     """Compile `fn` for sm_`arch` and count the SASS opcodes of each loop body (the instructions from a label to
-    the branch back to it; with `innermost` only loops holding no other loop), in the order their bodies end: the
+    the branch back to it), in the order their bodies end: the
     per-tile cost of a kernel's inner loops, without a GPU.
     Code after the kernel's first unconditional EXIT is left out: ptxas puts the retry loops of barrier waits
     there (TMA kernels), out of line, branching back into the loop they belong to."""
     compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
     sass = _cubin_tool(compiled, arch, "nvdisasm", "-c")
-    labels, opcodes, loops, starts = {}, [], [], []
+    labels, opcodes, loops = {}, [], []
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
         if label:
@@ -97,10 +96,7 @@ def loop_opcodes(fn, signature: dict, constexprs: dict, arch: int, num_warps: in
         opcodes.append(instruction.group(2))
         target = re.search(r"BRA[^;]*\.L_x_(\d+)", line)
         if target and labels.get(target.group(1), len(opcodes)) < len(opcodes) - 1:
-            start = labels[target.group(1)]
-            if not (innermost and any(inner >= start for inner in starts)):  # e.g. a loop over a block's tiles around them
-                loops.append(Counter(opcodes[start:]))
-            starts.append(start)
+            loops.append(Counter(opcodes[labels[target.group(1)]:]))
     return loops
 
 

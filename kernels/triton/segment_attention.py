@@ -497,8 +497,8 @@ def _segment_attention_bwd_dkdv_kernel(
         ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr = False):
     """dK and dV of one key block of one (batch, head), the program_id(0)-th: a work item as the forward's
     (`work_items`), or under dropout a fixed block at a multiple of BLOCK_N (its bytes come in 64-key groups,
-    which a key block must start on). With ATOMIC_DQ (FlashAttention-2's backward) also their dQ terms, added into the
-    zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
+    which a key block must start on). With ATOMIC_DQ (FlashAttention-2's backward) also their dQ terms, added into
+    the zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
     kernels together do 7 (each recomputes S and P)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
