@@ -461,6 +461,7 @@ def test_work_items(L):
     seg[3] = -1
     canonical = sa.attention_metadata(seg.to(DEVICE), None, None)[0]
     items = sa.work_items(canonical).cpu()
+    assert items.stride(1) % 16 == 0  # launches specialise stride_items as divisible by 16 (compile_check)
     for k, block in enumerate(sa.ITEM_BLOCKS):
         for b, want in enumerate(expected_items(canonical.cpu(), block)):
             count = int(items[k, b, 0])
