@@ -258,10 +258,10 @@ def first_sm90_config(kind: str) -> tuple:
     return next(e for e in KERNELS[kind][1] if sa.serves(e, 64, 9))[0]
 
 
-def attention_loops(kind: str, rules: bool):
+def attention_loops(kind: str, rules: bool, dropout: bool = False):
     """SASS opcode counts of each inner loop of an attention kernel's first sm_90 config at D=64 (bf16)."""
     block_m, block_n, warps, stages = first_sm90_config(kind)
-    constexprs = attention_constexprs(kind, block_m, block_n, 64, rules, False)
+    constexprs = attention_constexprs(kind, block_m, block_n, 64, rules, dropout)
     return loop_opcodes(KERNELS[kind][0], attention_signature(kind, "bf16"), constexprs, 90, warps, stages)
 
 
@@ -284,6 +284,25 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
         # its atomics: the mask is a smaller share of its loop (311 against 359 instructions, Triton 3.9).
         share = 0.9 if kind.startswith("bwd") else 0.85
         assert sum(interior.values()) < share * sum(masked.values()) and only["FSEL"] > 0, kind
+
+
+def test_attention_dropout_costs_a_select_per_use(monkeypatch):
+    """Dropout's mask reaches each use of P in one select per score: no multiply by the mask as a float (its
+    1 / (1 - rate) is applied once per output, or fused with the subtraction of delta), one select per score in
+    the query-side kernels and two in the key-side ones (P for dV, dP), no 16-bit repacking (PRMT) after the
+    forward's select, and no booleans stored through shared memory (a SEL to a byte each) by the key-side
+    kernels, which move the random bytes of their transposed mask instead. Interior loops, sm_90, D=64."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cases = [(kind, False, dropout) for kind in KERNELS for dropout in (False, True)]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        loops = dict(zip(cases, pool.map(attention_loops, *zip(*cases))))
+    for kind in KERNELS:
+        plain, drop = loops[kind, False, False][0], loops[kind, False, True][0]
+        key_side = kind.startswith(("bwd", "dkdv"))
+        assert drop["FMUL"] == plain["FMUL"], kind
+        assert 0 < drop["FSEL"] <= (2 if key_side else 1) * drop["MUFU"], kind
+        assert drop["SEL"] <= plain["SEL"], kind
+        assert key_side or drop["PRMT"] == 0, kind
 
 
 def _tensor_ops(case):

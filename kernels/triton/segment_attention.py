@@ -36,7 +36,7 @@ import triton.language as tl
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
 from videobert._kernels.triton.launch import (LOG2E, arch_major, cdiv, dot_precision, dropout_args,
                                               ensure_allocator, next_power_of_2)
-from videobert._kernels.triton.rng import DROPOUT_GROUP, dropout_keep_bytes, load_seed
+from videobert._kernels.triton.rng import DROPOUT_GROUP, dropout_keep_bytes, keep_or_zero, load_seed
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
@@ -331,9 +331,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_DROPOUT:
         keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-        # 1 / (1 - rate) is applied to the output once (`_fwd_item`). A multiply, not a select: the compiler moves
-        # a select past the cast to p.dtype, onto 16-bit halves it must unpack and repack (PRMT per score).
-        p = p * keep.to(tl.float32)
+        p = keep_or_zero(keep, p, drop_scale)  # 1 / (1 - rate) is applied to the output once (`_fwd_item`)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -469,9 +467,9 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
         p_t = tl.where(pos_n[:, None] < end_n, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_t = tl.trans(dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N))
-        dv += tl.dot((p_t * keep_t.to(tl.float32)).to(do.dtype), do, input_precision=DOT_PRECISION)  # scaled once
-        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        keep_t = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N, True)
+        dv += tl.dot(keep_or_zero(keep_t, p_t, drop_scale).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.where(keep_t, dp_t, 0.0) * drop_scale  # scaled after the select: an FFMA with the - delta below
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
@@ -573,7 +571,7 @@ def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, pos_m, offs_d, seg_q,
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
+        dp = tl.where(keep, dp, 0.0) * drop_scale  # scaled after the select: an FFMA with the - delta below
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -647,7 +645,8 @@ def _dq_block(q_base, do_base, k_src, v_src, Lse, Delta, dq_base, Seg, Mod, Win,
 
 # Each entry: (BLOCK_M, BLOCK_N, warps, stages), then the padded head dims (BLOCK_D, 16 counting as 32) it serves
 # on sm_8x and on sm_9x: exactly those where it compiles, as a launch specialises it (aligned pointers, strides
-# that divide by 16), without register spills with neither rules nor dropout, with both, and with dropout alone
+# that divide by 16), without register spills in any of the four variants (with and without rules, with and
+# without dropout; rules without dropout is not always the lighter, see compile_check.VARIANTS)
 # (tests/test_compile_triton.py checks every entry, `python -m videobert._kernels.triton.compile_check` derives
 # them; sm_8x keeps MMA accumulators in registers, sm_9x has wgmma, hence the different sets). Triton versions
 # allocate registers differently: the tables are the intersection of the sweeps under Triton 3.6 (the GPU
@@ -659,20 +658,19 @@ def _dq_block(q_base, do_base, k_src, v_src, Lse, Delta, dq_base, Seg, Mod, Win,
 # multiprocessor, whose independent softmax and wgmma phases can overlap. On sm_9x every entry uses wgmma (HGMMA
 # in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
 # there and serve sm_8x only. Programs take one work item each (`_work_item`; a loop over several kept 25 to 45
-# more registers per thread live): against the loop, entries serve 20 more (entry, arch) head dims with dropout
-# and 4 fewer, 13 more at all and 2 fewer (e.g. the 128x128 forward and its TMA variant now take D=64 and D=128
-# with dropout on sm_9x, the dK/dV and atomic 32x128 tiles D=128 on sm_9x; on sm_8x the 128x64 forward and the
-# 64x64 dQ tile no longer take D=32, the (64, 32, 8, 3) forward D=32 and the 32x64 dK/dV tile D=64 only without
-# dropout).
+# more registers per thread live). Last derived for dropout's one select per use of P and the key-side kernels'
+# transposed random bytes, with rules without dropout now checked for entries served with dropout too (the
+# 128x128 forward at D=128 on sm_90 spilled there, and was served): 5 (entry, arch) head dims fewer with dropout
+# than before, 2 of them fewer at all (that forward, and the 32x32 dK/dV tile at D=128 on sm_8x).
 FWD_TABLE = [((128, 64, 8, 3), (64, 128), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
              ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
-             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (32, 64, 128), ()),
-             ((128, 128, 8, 3), (32,), (32, 128), ((64,), (64,))), ((128, 128, 8, 2), (32, 64), (32, 64, 128)),
+             ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (64, 128), (), ((32,), ())),
+             ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))), ((128, 128, 8, 2), (32, 64), (32, 64), ((), (128,))),
              ((64, 128, 4, 3), (32,), (32,), ((), (64,)))]
 DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64, 128)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())), ((32, 32, 4, 4), (32, 64, 128), ()),
               ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
-              ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64, 128), ())]
+              ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64), ())]
 # The atomic backward holds dK and dV beside the dQ tile and its atomics: it serves fewer head dims than the
 # dK/dV kernel, and launches it does not serve take the deterministic kernels (`atomic_backward_serves`: D = 32
 # on sm_9x, D = 128 with dropout on sm_8x). Its dQ GEMM runs transposed (M = the head dim), so 16- and 32-row
@@ -680,7 +678,7 @@ DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64, 128)), ((16, 64, 8, 3), (32, 
 BWD_TABLE = [((32, 128, 8, 2), (32,), (64,), ((64,), (128,))), ((16, 128, 8, 2), (32, 64), (64, 128), ((128,), ())),
              ((16, 64, 8, 2), (32, 64), (64, 128), ((128,), ())), ((16, 64, 4, 3), (32, 64), (64,), ((128,), (128,))),
              ((32, 128, 8, 3), (32,), (64,), ((64,), (128,))), ((32, 64, 8, 2), (32,), (64, 128), ((64,), ())),
-             ((64, 64, 8, 2), (32,), (64,)), ((64, 128, 8, 2), (), (), ((32,), (64,))),
+             ((64, 64, 8, 2), (32,), (), ((), (64,))), ((64, 128, 8, 2), (), (), ((32,), (64,))),
              ((32, 64, 4, 3), (32,), (64,), ((64,), ()))]
 DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (64, 128), (32, 64, 128)),
             ((32, 64, 8, 3), (32, 64, 128), ()), ((32, 32, 4, 4), (32, 64, 128), ()),
