@@ -95,9 +95,9 @@ def kernel_row(kind: str, head_dim: int, arch: int, seg: torch.Tensor) -> dict:
     interior = {d: loops[d][0] * warps * 1000 / (block_m * block_n) for d in (False, True)}
     query_side = kind.startswith(("fwd", "dq"))
     tile = block_n if query_side else block_m  # key tiles (the query-side kernels') align to dropout's groups
-    # key blocks are work items too, except under dropout (fixed blocks on its 64-key groups)
+    # key blocks are work items too, but where they are fixed (`fixed_key_blocks`: under dropout)
     useful = [100 * useful_share(config, query_side, seg, sa._tile_align(query_side and dropout, tile),
-                                 query_side or not dropout) for dropout in (False, True)]
+                                 query_side or not sa.fixed_key_blocks(dropout)) for dropout in (False, True)]
     return {"kernel": ROWS[kind], "tile, warps, stages": f"{block_m}x{block_n}, {warps}, {stages}",
             "SASS/tile no dropout": "{} / {}".format(*loops[False]),
             "SASS/tile dropout 0.1": "{} / {}".format(*loops[True]),

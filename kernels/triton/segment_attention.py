@@ -162,6 +162,14 @@ def _tile_align(key_tiles_with_dropout, block):
     return min(block, DROPOUT_GROUP.value) if key_tiles_with_dropout else _TILE_ALIGN.value
 
 
+@triton.constexpr_function
+def fixed_key_blocks(dropout):
+    """Whether the key-side kernels (dK/dV, the atomic backward) take fixed key blocks, at multiples of BLOCK_N,
+    instead of work items: under dropout, whose bytes come in 64-key groups that a key block must start on. A
+    fixed block has no tail of another sample's keys (`_dkdv_tile`) and one program each (`_programs`)."""
+    return bool(dropout)
+
+
 @triton.jit
 def _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK: tl.constexpr):
     """First position of the index-th masked tile: tiles from `start` on, jumping over [mid_lo, mid_hi)."""
@@ -462,7 +470,7 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
         allowed_t = _tile_allowed(seg_q[None, :], seg_k[:, None], mod_q[None, :], mod_k[:, None], pos_m[None, :],
                                   pos_n[:, None], rules_code, HAS_RULES, NUM_MODALITIES)
         p_t = tl.where(allowed_t, p_t, 0.0)
-    elif ATOMIC_DQ and not HAS_DROPOUT:  # work items (`_dkdv_block`): an interior tile's tail keys are another
+    elif ATOMIC_DQ and not fixed_key_blocks(HAS_DROPOUT):  # work items: an interior tile's tail keys are another
         # sample's, whose scores with these queries may overflow; their dq terms must be exact zeros
         p_t = tl.where(pos_n[:, None] < end_n, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -505,7 +513,7 @@ def _segment_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     do_src = _rows_source(DO + b * stride_db + h * stride_dh, stride_dl, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    start_n, end_n = _work_item(Items, b, B, stride_items, pid_n, L, BLOCK_N, HAS_DROPOUT)
+    start_n, end_n = _work_item(Items, b, B, stride_items, pid_n, L, BLOCK_N, fixed_key_blocks(HAS_DROPOUT))
     if start_n < end_n:
         _dkdv_block(q_src, do_src, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
                     Lse, Delta, DK, DV, DQ + b * stride_gb + h * stride_gh, Seg, Mod, Win, Rules, start_n, end_n,
@@ -938,8 +946,8 @@ def tma_mode(*tensors: torch.Tensor) -> int:
 def _programs(kind: str, L: int, block: int, dropout: bool) -> int:
     """Programs per (batch, head) of a kernel whose own blocks hold `block` positions: one per work item, so
     MAX_ITEMS_PER_BLOCK per fixed block (those past a row's last item return at once), or one per fixed block where
-    the kernel takes fixed blocks (dK/dV under dropout, see `_work_item`)."""
-    return cdiv(L, block) * (1 if kind in ("bwd", "dkdv") and dropout else MAX_ITEMS_PER_BLOCK)
+    the kernel takes fixed blocks (the key-side kernels under dropout, `fixed_key_blocks`)."""
+    return cdiv(L, block) * (1 if kind in ("bwd", "dkdv") and fixed_key_blocks(dropout) else MAX_ITEMS_PER_BLOCK)
 
 
 def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
