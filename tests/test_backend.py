@@ -1,5 +1,6 @@
 """Backend selection, the shared dropout RNG against Triton's own Philox, and packaging rules."""
 import importlib.util
+import itertools
 import math
 import os
 import subprocess
@@ -90,15 +91,20 @@ def _keep_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexp
 
 
 @triton.jit
-def _keep_bytes_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr, C: tl.constexpr):
+def _keep_bytes_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr, C: tl.constexpr,
+                       TRANSPOSED: tl.constexpr):
     rows = tl.arange(0, R)[:, None] + 1000
-    keep = dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, C)
-    tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
+    keep = dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, C, TRANSPOSED)
+    if TRANSPOSED:  # (C, R)
+        tl.store(out_ptr + tl.arange(0, C)[:, None] * R + tl.arange(0, R)[None, :], keep.to(tl.int8))
+    else:
+        tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
 
 
 def test_philox_and_dropout_masks_match_triton_bit_for_bit():
     device = triton_device()
-    for seed, offset in ((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)):
+    # attention rates: thresholds 77, 1 and 255
+    for (seed, offset), p in zip(((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)), (0.3, 1 / 256, 0.9999)):
         out = torch.empty(4, 256, dtype=torch.int32, device=device)
         _philox_kernel[(1,)](out, seed, offset, 256)
         j = torch.arange(256)
@@ -111,14 +117,16 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
         cols, rows = torch.arange(64, 96)[None, :], torch.arange(1000, 1008)[:, None]
         assert torch.equal(keep.cpu().bool(), reference.dropout_keep(seed, offset, cols, rows, torch.tensor(5), 0.3))
         # the attention's 8-bit masks: 16 decisions per call in 64-column groups, tiles of a group or more and
-        # the parts of one a narrower tile takes
-        for width, col_start in ((128, 192), (64, 0), (64, 320), (32, 32), (32, 64), (16, 0), (16, 16), (16, 176)):
-            keep = torch.empty(8, width, dtype=torch.int8, device=device)
-            _keep_bytes_kernel[(1,)](keep, seed, offset, col_start, 5, reference.dropout_byte_threshold(0.3), 8,
-                                     width)
+        # the parts of one a narrower tile takes, as drawn and transposed (the key-side backward's)
+        for (width, col_start), transposed in itertools.product(
+                ((128, 192), (64, 0), (64, 320), (32, 32), (32, 64), (16, 0), (16, 16), (16, 176)), (False, True)):
+            keep = torch.empty((width, 8) if transposed else (8, width), dtype=torch.int8, device=device)
+            _keep_bytes_kernel[(1,)](keep, seed, offset, col_start, 5, reference.dropout_byte_threshold(p), 8,
+                                     width, transposed)
             cols = torch.arange(col_start, col_start + width)[None, :]
-            assert torch.equal(keep.cpu().bool(),
-                               reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), 0.3)), width
+            assert torch.equal(keep.cpu().bool().T if transposed else keep.cpu().bool(),
+                               reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), p)), \
+                (width, col_start, transposed, p)
 
 
 def test_attention_dropout_rate_is_rounded_to_a_256th():

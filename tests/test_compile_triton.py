@@ -305,6 +305,32 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
         assert key_side or drop["PRMT"] == 0, kind
 
 
+# int arguments a launch may pass as 1: batch 1, one head, a dropout rate that rounds to 1/256 (threshold 1)
+ONES = ("B", "H", "threshold")
+
+
+def _compiles_with_ones(kind: str) -> str:
+    """Compile an attention kind's first sm_90 config (D=64, dropout) with ONES as constants; '' or the error."""
+    block_m, block_n, warps, stages = first_sm90_config(kind)
+    signature = {name: t for name, t in attention_signature(kind, "bf16").items() if name not in ONES}
+    constexprs = {**attention_constexprs(kind, block_m, block_n, 64, False, True), **dict.fromkeys(ONES, 1)}
+    try:
+        compile_kernel(KERNELS[kind][0], signature, constexprs, 90, warps, stages)
+    except Exception as error:  # any compile error: reported by the test, with its kind
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def test_attention_compiles_with_arguments_equal_to_one(monkeypatch):
+    """Triton passes an int argument equal to 1 as a compile-time constant (a Python int, with no tensor methods
+    such as .to), which the interpreter never does: each attention kernel compiles so at batch 1, one head and a
+    dropout threshold of 1 (rates from 1/512 to 3/512), where `threshold.to(...)` failed before."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = dict(zip(KERNELS, pool.map(_compiles_with_ones, KERNELS)))
+    assert not any(errors.values()), {kind: error[-300:] for kind, error in errors.items() if error}
+
+
 def _tensor_ops(case):
     kind, config, head_dim = case
     return attention_tensor_ops(kind, config, head_dim, 90)

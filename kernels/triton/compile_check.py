@@ -228,7 +228,7 @@ def table_entry(kind: str, config: tuple, pool) -> tuple:
     """The table entry `config` earns: (config, head dims on sm_8x, on sm_9x[, (more head dims without dropout on
     sm_8x, on sm_9x)]) from compiling every head dim, arch and variant in `pool` (an executor)."""
     cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in kind_archs(kind)
-             for rules, dropout in dict.fromkeys(VARIANTS + NO_DROPOUT_VARIANTS)]
+             for rules, dropout in VARIANTS]
     ok = dict(zip(cases, pool.map(_fits_case, cases)))
 
     def dims(arch: int, variants) -> tuple:

@@ -64,7 +64,7 @@ def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS:
         keep = tl.join(tl.join(words.to(tl.uint8), (words >> 8).to(tl.uint8)),
                        tl.join((words >> 16).to(tl.uint8), (words >> 24).to(tl.uint8)))
     else:  # each byte compared in place, no shift
-        t = threshold.to(tl.uint32)
+        t = tl.cast(threshold, tl.uint32)  # not .to: a launch passes a threshold of 1 as a constant
         keep = tl.join(tl.join((words & 0xFF) >= t, (words & 0xFF00) >= (t << 8)),
                        tl.join((words & 0xFF0000) >= (t << 16), words >= (t << 24)))
     # to columns: group, k = 4x + 2y + kk, t, e
@@ -79,7 +79,7 @@ def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS:
             keep = tl.where(part % 2 == 0, low, high)
     keep = tl.reshape(keep, (rows.shape[0], BLOCK_COLS))
     if TRANSPOSED:
-        keep = tl.trans(keep) >= threshold.to(tl.uint8)
+        keep = tl.trans(keep) >= tl.cast(threshold, tl.uint8)
     return keep
 
 

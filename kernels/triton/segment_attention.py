@@ -9,8 +9,8 @@ block then visits just the key blocks covering the union of its rows' windows, s
 work scales with the sum of squared sample lengths; the exact per-element mask keeps any id layout correct.
 Windows do not depend on the block size, so block sizes can be autotuned freely. Each kernel's own blocks (query
 blocks of the forward and dQ, key blocks of dK/dV) are work items aligned to sample starts (`work_items`): a block
-then holds one sample's positions, whose window is that sample alone (dK/dV under dropout keeps fixed blocks, on
-its 64-key groups). Without rules, tiles that a block may attend whole (the block inside one contiguous sample)
+then holds one sample's positions, whose window is that sample alone (the key-side kernels under dropout keep
+fixed blocks, on its 64-key groups: `fixed_key_blocks`). Without rules, tiles that a block may attend whole (the block inside one contiguous sample)
 skip the mask: each kernel loops over that unmasked interior, then over the masked edge tiles, as FlashAttention
 splits off the causal diagonal; this saves the compare-and-select per score that the softmax's ALU budget cannot
 spare.
@@ -165,8 +165,9 @@ def _tile_align(key_tiles_with_dropout, block):
 @triton.constexpr_function
 def fixed_key_blocks(dropout):
     """Whether the key-side kernels (dK/dV, the atomic backward) take fixed key blocks, at multiples of BLOCK_N,
-    instead of work items: under dropout, whose bytes come in 64-key groups that a key block must start on. A
-    fixed block has no tail of another sample's keys (`_dkdv_tile`) and one program each (`_programs`)."""
+    instead of work items: under dropout, whose bytes come in 64-key groups that a key block must start on (a
+    narrower block on a multiple of its width). A fixed block has no tail of another sample's keys (`_dkdv_tile`)
+    and one program each (`_programs`)."""
     return bool(dropout)
 
 
