@@ -305,8 +305,9 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
         assert key_side or drop["PRMT"] == 0, kind
 
 
-# int arguments a launch may pass as 1: batch 1, one head, a dropout rate that rounds to 1/256 (threshold 1)
-ONES = ("B", "H", "threshold")
+# int arguments a launch may pass as 1: batch 1, one head, rows of one token (length bucket 1), a dropout rate
+# that rounds to 1/256 (threshold 1), the TMA path left to the autotuner (mode 1)
+ONES = ("B", "H", "L", "threshold", "L_BUCKET", "TMA_MODE")
 
 
 def _compiles_with_ones(kind: str) -> str:
@@ -323,8 +324,8 @@ def _compiles_with_ones(kind: str) -> str:
 
 def test_attention_compiles_with_arguments_equal_to_one(monkeypatch):
     """Triton passes an int argument equal to 1 as a compile-time constant (a Python int, with no tensor methods
-    such as .to), which the interpreter never does: each attention kernel compiles so at batch 1, one head and a
-    dropout threshold of 1 (rates from 1/512 to 3/512), where `threshold.to(...)` failed before."""
+    such as .to), which the interpreter never does: each attention kernel compiles so with all of ONES equal to
+    1 (a dropout threshold of 1, rates from 1/512 to 3/512, is where `threshold.to(...)` failed before)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         errors = dict(zip(KERNELS, pool.map(_compiles_with_ones, KERNELS)))
