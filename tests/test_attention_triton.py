@@ -90,13 +90,14 @@ def test_other_block_sizes(blocks, layout, rules, dropout_p, monkeypatch):
     check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng), torch.float32, f"{blocks} {layout}")
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_dropout_uses_the_reference_mask(deterministic):
+# 1/256 draws the 8-bit threshold 1, which a GPU launch passes to the kernels as a compile-time constant
+@pytest.mark.parametrize("deterministic, dropout_p", [(False, 0.2), (True, 0.2), (False, 1 / 256), (True, 1 / 256)])
+def test_dropout_uses_the_reference_mask(deterministic, dropout_p):
     gen = torch.Generator().manual_seed(3)
     q, k, v, seg, mod, rules = make_inputs(2, 100, 2, 32, torch.float32, DEVICE, gen, "packed", PREFIX_LM)
     rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64)
-    check(run_both(q, k, v, seg, mod, rules, dropout_p=0.2, rng=rng, deterministic=deterministic), torch.float32,
-          f"dropout deterministic={deterministic}")
+    check(run_both(q, k, v, seg, mod, rules, dropout_p=dropout_p, rng=rng, deterministic=deterministic),
+          torch.float32, f"dropout {dropout_p} deterministic={deterministic}")
 
 
 # The kept two-kernel backward on the cases the atomic one is tested on above: odd lengths, length 1, padding
