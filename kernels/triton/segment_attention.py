@@ -10,10 +10,10 @@ work scales with the sum of squared sample lengths; the exact per-element mask k
 Windows do not depend on the block size, so block sizes can be autotuned freely. Each kernel's own blocks (query
 blocks of the forward and dQ, key blocks of dK/dV) are work items aligned to sample starts (`work_items`): a block
 then holds one sample's positions, whose window is that sample alone (the key-side kernels under dropout keep
-fixed blocks, on its 64-key groups: `fixed_key_blocks`). Without rules, tiles that a block may attend whole (the block inside one contiguous sample)
-skip the mask: each kernel loops over that unmasked interior, then over the masked edge tiles, as FlashAttention
-splits off the causal diagonal; this saves the compare-and-select per score that the softmax's ALU budget cannot
-spare.
+fixed blocks, on its 64-key groups: `fixed_key_blocks`). Without rules, tiles that a block may attend whole (the
+block inside one contiguous sample) skip the mask: each kernel loops over that unmasked interior, then over the
+masked edge tiles, as FlashAttention splits off the causal diagonal; this saves the compare-and-select per score
+that the softmax's ALU budget cannot spare.
 
 Two load paths share each kernel: pointer loads (cp.async on sm_80 and sm_90, every GPU) and, with USE_TMA,
 tensor descriptors built on the device per (batch, head) slice (sm_90's TMA: bulk copies into shared memory that
@@ -503,10 +503,9 @@ def _segment_attention_bwd_dkdv_kernel(
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr = False):
     """dK and dV of one key block of one (batch, head), the program_id(0)-th: a work item as the forward's
-    (`work_items`), or under dropout a fixed block at a multiple of BLOCK_N (its bytes come in 64-key groups,
-    which a key block must start on). With ATOMIC_DQ (FlashAttention-2's backward) also their dQ terms, added into
-    the zeroed fp32 DQ (dk's strides) with atomics, so one kernel does 5 GEMMs per tile pair where the dK/dV and dQ
-    kernels together do 7 (each recomputes S and P)."""
+    (`work_items`), or under dropout a fixed block at a multiple of BLOCK_N (`fixed_key_blocks`). With ATOMIC_DQ
+    (FlashAttention-2's backward) also their dQ terms, added into the zeroed fp32 DQ (dk's strides) with atomics, so
+    one kernel does 5 GEMMs per tile pair where the dK/dV and dQ kernels together do 7 (each recomputes S and P)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
@@ -515,7 +514,8 @@ def _segment_attention_bwd_dkdv_kernel(
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     do_src = _rows_source(DO + b * stride_db + h * stride_dh, stride_dl, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     start_n, end_n = _work_item(Items, b, B, stride_items, pid_n, L, BLOCK_N, fixed_key_blocks(HAS_DROPOUT))
-    if start_n < end_n:
+    if start_n < end_n:  # g_base repeats dq_base's offset for DK and DV (same strides): one base pointer for all
+        # three, offset in _dkdv_block, spilled 8 bytes in the TMA 16x64 tile at D=128
         _dkdv_block(q_src, do_src, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
                     Lse, Delta, DK, DV, DQ + b * stride_gb + h * stride_gh, Seg, Mod, Win, Rules, start_n, end_n,
                     row, b * stride_gb + h * stride_gh, pid_bh, offs_d, stride_ql, stride_kl, stride_vl, stride_dl,
