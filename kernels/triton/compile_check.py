@@ -200,12 +200,13 @@ def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: 
 
 
 def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> Counter:
-    """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync) and bulk tensor loads (UTMALDG) in the
-    SASS of an attention kernel compiled with `config` as launched (bf16, no rules, no dropout)."""
+    """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync), bulk tensor loads (UTMALDG) and bulk
+    tensor reductions (UTMAREDG) in the SASS of an attention kernel compiled with `config` as launched (bf16, no
+    rules, no dropout)."""
     block_m, block_n, warps, stages = config
     compiled = compile_kernel(attention_kernel(kind)[0], attention_signature(kind, "bf16"),
                               attention_constexprs(kind, block_m, block_n, head_dim, False, False), arch, warps, stages)
-    return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG)\b", _cubin_tool(compiled, arch, "nvdisasm", "-c")))
+    return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG|UTMAREDG)\b", _cubin_tool(compiled, arch, "nvdisasm", "-c")))
 
 
 def uses_wgmma(kind: str, config: tuple, head_dim: int) -> bool:

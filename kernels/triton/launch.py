@@ -84,3 +84,28 @@ def ensure_allocator() -> None:
         return
     if isinstance(_allocator.get(), NullAllocator):
         triton.set_allocator(_scratch)
+
+
+def _interpret_descriptor_reductions() -> None:
+    """Teach Triton's interpreter the descriptor reductions it lacks (`desc.atomic_add`: Triton 3.6 to 3.9 raise
+    AttributeError), with the TMA unit's semantics: an atomic add into the block's elements inside the tensor, the
+    rest dropped. The attention backward's TMA path adds its dQ tiles so; a Triton that has them keeps its own."""
+    try:
+        from triton._C.libtriton import ir
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind} under the interpreter (only add)")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
+_interpret_descriptor_reductions()

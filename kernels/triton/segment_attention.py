@@ -17,7 +17,8 @@ that the softmax's ALU budget cannot spare.
 
 Two load paths share each kernel: pointer loads (cp.async on sm_80 and sm_90, every GPU) and, with USE_TMA,
 tensor descriptors built on the device per (batch, head) slice (sm_90's TMA: bulk copies into shared memory that
-wgmma reads in place, zero fill past the row end). On sm_90 the autotuner times both and keeps the faster
+wgmma reads in place, zero fill past the row end; the atomic backward also adds its dQ tiles with bulk tensor
+reduce-adds). On sm_90 the autotuner times both and keeps the faster
 (`tma_mode`; VIDEOBERT_ATTENTION_TMA=0 or 1 pins one).
 
 Dropout regenerates the reference's Philox mask (`reference.dropout_keep_bytes`: index key j, counters
@@ -447,14 +448,15 @@ def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n, offs_d, seg_k, mod_k,
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_dst, Lse, Delta, stats, start_m, pos_n, end_n, offs_d, seg_k, mod_k,
                rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2, seed, offset, start_n,
                pid_bh, threshold, drop_scale, HEAD_DIM: tl.constexpr, NUM_MODALITIES: tl.constexpr,
                HAS_RULES: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """One query tile's contribution to a key block's (dk, dv), computed transposed (keys along rows); with
-    ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows at dq_base. Keys from end_n
-    on (a work item's tail) add nothing to dq."""
+    ATOMIC_DQ also its keys' share of the tile's dq (unscaled), added to the fp32 rows of dq_dst (a base pointer, or
+    with USE_TMA a tensor descriptor: one bulk reduce-add per tile). Keys from end_n on (a work item's tail) add
+    nothing to dq."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(q_src, start_m, stride_ql, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)  # interior: in row
     do = _load_tile(do_src, start_m, stride_dl, offs_d, L, HEAD_DIM, BLOCK_M, not MASKED, USE_TMA)
@@ -485,11 +487,15 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m,
     dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:  # the fifth GEMM, transposed so that its M side is the head dim (wgmma takes BLOCK_M = 32)
         dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
-        ptrs = dq_base + pos_m[None, :] * stride_gl + offs_d[:, None]
-        if MASKED or HEAD_DIM != offs_d.shape[0]:
-            tl.atomic_add(ptrs, dq_t, mask=(pos_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
-        else:  # interior tiles lie inside the row
-            tl.atomic_add(ptrs, dq_t, sem="relaxed")
+        if USE_TMA:  # FlashAttention-3's reduce-add: the tile through shared memory, added in L2 by the TMA unit
+            # (rows past L and columns past HEAD_DIM dropped) instead of a RED per element and its address
+            dq_dst.atomic_add([start_m, 0], tl.trans(dq_t))
+        else:
+            ptrs = dq_dst + pos_m[None, :] * stride_gl + offs_d[:, None]
+            if MASKED or HEAD_DIM != offs_d.shape[0]:
+                tl.atomic_add(ptrs, dq_t, mask=(pos_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
+            else:  # interior tiles lie inside the row
+                tl.atomic_add(ptrs, dq_t, sem="relaxed")
     return dk, dv
 
 
@@ -514,17 +520,19 @@ def _segment_attention_bwd_dkdv_kernel(
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, stride_ql, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     do_src = _rows_source(DO + b * stride_db + h * stride_dh, stride_dl, L, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     start_n, end_n = _work_item(Items, b, B, stride_items, pid_n, L, BLOCK_N, fixed_key_blocks(HAS_DROPOUT))
-    if start_n < end_n:  # g_base repeats dq_base's offset for DK and DV (same strides): one base pointer for all
+    dq_dst = _rows_source(DQ + b * stride_gb + h * stride_gh, stride_gl, L, HEAD_DIM, BLOCK_M, BLOCK_D,
+                          USE_TMA and ATOMIC_DQ)
+    if start_n < end_n:  # g_base repeats dq_dst's offset for DK and DV (same strides): one base pointer for all
         # three, offset in _dkdv_block, spilled 8 bytes in the TMA 16x64 tile at D=128
         _dkdv_block(q_src, do_src, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                    Lse, Delta, DK, DV, DQ + b * stride_gb + h * stride_gh, Seg, Mod, Win, Rules, start_n, end_n,
+                    Lse, Delta, DK, DV, dq_dst, Seg, Mod, Win, Rules, start_n, end_n,
                     row, b * stride_gb + h * stride_gh, pid_bh, offs_d, stride_ql, stride_kl, stride_vl, stride_dl,
                     stride_gl, B, L, scale, scale_log2, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_D,
                     NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, ATOMIC_DQ, USE_TMA)
 
 
 @triton.jit
-def _dkdv_block(q_src, do_src, k_base, v_base, Lse, Delta, DK, DV, dq_base, Seg, Mod, Win, Rules, start_n, end_n,
+def _dkdv_block(q_src, do_src, k_base, v_base, Lse, Delta, DK, DV, dq_dst, Seg, Mod, Win, Rules, start_n, end_n,
                 row, g_base, pid_bh, offs_d, stride_ql, stride_kl, stride_vl, stride_dl, stride_gl, B, L, scale,
                 scale_log2, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -544,14 +552,14 @@ def _dkdv_block(q_src, do_src, k_base, v_base, Lse, Delta, DK, DV, dq_base, Seg,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if not HAS_RULES:  # unmasked, then masked query tiles (see the forward)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_dst, Lse, Delta, stats, start_m, pos_n, end_n,
                                 offs_d, seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl,
                                 scale_log2, seed, offset, start_n, pid_bh, threshold, drop_scale, HEAD_DIM,
                                 NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                 ATOMIC_DQ, USE_TMA)
     for index in range(0, masked):
         start_m = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_M)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_base, Lse, Delta, stats, start_m, pos_n, end_n, offs_d,
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, dq_dst, Lse, Delta, stats, start_m, pos_n, end_n, offs_d,
                             seg_k, mod_k, rules_code, Seg, Mod, row, L, stride_ql, stride_dl, stride_gl, scale_log2,
                             seed, offset, start_n, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES,
                             HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, USE_TMA)
@@ -694,8 +702,9 @@ DQ_TABLE = [((64, 32, 8, 3), (32, 64, 128), (32, 64, 128)), ((64, 64, 8, 3), (64
             ((32, 64, 4, 4), (32, 64, 128), ()), ((128, 32, 8, 3), (32, 64, 128), (32, 64, 128))]
 
 
-# The TMA path (Q, K, V and dO tiles, and the forward's output, through tensor descriptors: bulk copies into shared
-# memory that wgmma reads in place, no address arithmetic or bounds masks per element) ships for sm_9x only: its
+# The TMA path (Q, K, V and dO tiles, the forward's output and the atomic backward's dQ terms, through tensor
+# descriptors: bulk copies into shared memory that wgmma reads in place, and out as stores or reduce-adds, with no
+# address arithmetic or bounds masks per element) ships for sm_9x only: its
 # entries (their sm_8x sets are empty) join the pointer entries of the same kernel, and on sm_9x the autotuner
 # times both (`tma_mode`), so it runs only where it wins; the first entry is the default of VIDEOBERT_ATTENTION_TMA=1
 # untuned. Derived as the tables above (`compile_check --kind fwd_tma --config ...`, Triton 3.6 and 3.9); every
