@@ -134,16 +134,24 @@ def test_backward_paths_and_the_flag(monkeypatch):
                           backend="triton", deterministic=1)
 
 
+def launch_path(kwargs: dict) -> str:
+    """The path of a forward or backward launch from its keyword arguments: "ws" (warp-specialised), "mixed" (the
+    items of more than one id that completes it), "tma" or "pointer"."""
+    if kwargs.get("WARP_SPECIALIZE"):
+        return "ws"
+    return "mixed" if kwargs.get("MIXED_ITEMS") else "tma" if kwargs["USE_TMA"] else "pointer"
+
+
 class _LaunchSpy:
-    """Stands in for a tuned kernel on untuned launches (`tuned.fn[grid](...)`): records (kind, USE_TMA) of each
-    launch, then runs the real kernel."""
+    """Stands in for a tuned kernel on untuned launches (`tuned.fn[grid](...)`): records (kind, path) of each
+    launch (`launch_path`), then runs the real kernel."""
 
     def __init__(self, tuned, kind, seen):
         self.fn, self._real, self._kind, self._seen = self, tuned.fn, kind, seen
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self._seen.append((self._kind, kwargs["USE_TMA"]))
+            self._seen.append((self._kind, launch_path(kwargs)))
             return self._real[grid](*args, **kwargs)
         return launch
 
@@ -161,11 +169,15 @@ def tma_launches(monkeypatch):
     return seen
 
 
-def takes_tma(kind: str, head_dim: int, dropout: bool) -> bool:
-    """Whether a kernel runs on the TMA path under VIDEOBERT_ATTENTION_TMA=1: every kernel under the interpreter
-    (which runs descriptors on the CPU), on a GPU those with a TMA config for the launch."""
+def takes(path: str, kind: str, head_dim: int, dropout: bool) -> str:
+    """The path a kernel runs on when `path` ("tma", or "ws" beside it) is asked for (VIDEOBERT_ATTENTION_TMA=1,
+    and WS=1): under the interpreter (which runs descriptors on the CPU) every kernel takes TMA and the forward
+    "ws"; on a GPU a kernel takes the path where it has a config for the launch, else TMA, else pointers."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    return DEVICE == "cpu" or any(sa.serves(e, block_d, 9, dropout) for e in sa.TABLES.get(kind + "_tma", []))
+    table = sa.TABLES.get(f"{kind}_{path}", [])
+    if (DEVICE == "cpu" and (path == "tma" or table)) or any(sa.serves(e, block_d, 9, dropout) for e in table):
+        return path
+    return "pointer" if path == "tma" else takes("tma", kind, head_dim, dropout)
 
 
 # The TMA path (tiles through tensor descriptors) on the cases the pointer path is tested on: odd lengths, length 1,
@@ -185,7 +197,7 @@ def test_tma_path_matches_reference(tma_launches, rules, layout, L, D, dtype, dr
     check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng, deterministic=deterministic), dtype,
           f"tma {layout} L={L} D={D} rules={rules} dropout={dropout_p} deterministic={deterministic}")
     kinds = ["fwd", "dkdv", "dq"] if deterministic else ["fwd", "bwd"]
-    assert tma_launches == [(kind, takes_tma(kind, D, dropout_p > 0)) for kind in kinds]
+    assert tma_launches == [(kind, takes("tma", kind, D, dropout_p > 0)) for kind in kinds]
 
 
 def test_tma_path_takes_strided_views_and_falls_back_when_misaligned(tma_launches):
@@ -195,12 +207,12 @@ def test_tma_path_takes_strided_views_and_falls_back_when_misaligned(tma_launche
     qkv = torch.randn(2, 50, 3, 2, 32, generator=gen).to(DEVICE)
     seg = random_layout("packed", 2, 50, gen).to(DEVICE)
     check(run_both(*qkv.unbind(2), seg, None, None), torch.float32, "tma strided")
-    assert tma_launches == [(kind, takes_tma(kind, 32, False)) for kind in ("fwd", "bwd")]
+    assert tma_launches == [(kind, takes("tma", kind, 32, False)) for kind in ("fwd", "bwd")]
     narrow = torch.randn(2, 50, 1, 4, generator=gen, dtype=torch.float16).to(DEVICE)
     assert sa.tma_mode(narrow) == 0
     tma_launches.clear()
     check(run_both(narrow, narrow.clone(), narrow.clone(), seg, None, None), torch.float16, "8-byte rows")
-    assert tma_launches == [("fwd", False), ("bwd", False)]
+    assert tma_launches == [("fwd", "pointer"), ("bwd", "pointer")]
     storage = torch.randn(2 * 50 * 2 * 32 + 1, generator=gen).to(DEVICE).requires_grad_()
     offset = storage[1:].view(2, 50, 2, 32)  # 4 bytes past an aligned start
     assert sa.tma_mode(offset) == 0
@@ -212,7 +224,7 @@ def test_tma_path_takes_strided_views_and_falls_back_when_misaligned(tma_launche
     ref = segment_attention(ref_q, ref_q, ref_q, seg, backend="torch")
     assert_close(out, ref, torch.float32, "unaligned start: out")
     assert_close(grad, torch.autograd.grad(ref, ref_storage, torch.ones_like(ref))[0], torch.float32, "grad")
-    assert tma_launches == [("fwd", False), ("bwd", False)]
+    assert tma_launches == [("fwd", "pointer"), ("bwd", "pointer")]
 
 
 def test_tma_setting(monkeypatch):
@@ -225,6 +237,53 @@ def test_tma_setting(monkeypatch):
             assert sa.tma_mode(q) == on_cpu
     monkeypatch.setenv("VIDEOBERT_ATTENTION_TMA", "yes")
     with pytest.raises(ValueError, match="VIDEOBERT_ATTENTION_TMA must be auto, 0 or 1, got 'yes'"):
+        segment_attention(q, q, q, torch.zeros(1, 16, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+@pytest.fixture
+def ws_launches(tma_launches, monkeypatch):
+    """VIDEOBERT_ATTENTION_WS=1 beside TMA=1 (the warp-specialised forward under the interpreter too; on a GPU, on
+    sm_90 only) and the list of launches made."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward needs sm_90 (Triton's Hopper pass)")
+    monkeypatch.setenv("VIDEOBERT_ATTENTION_WS", "1")
+    return tma_launches
+
+
+# The warp-specialised forward on the layouts that decide its two launches: items of one id (packed samples, one
+# sample, padding, empty rows) through its one loop, and those of rows that keep fixed blocks (unsorted ids, short
+# samples) through the pointer kernel that completes it; odd lengths, length 1, head dims off a power of two,
+# dropout. Launches with rules take the TMA path instead.
+@pytest.mark.parametrize("rules, layout, L, D, dtype, dropout_p", [
+    (None, "packed", 1, 32, torch.float32, 0.0), (None, "packed", 77, 32, torch.float16, 0.0),
+    (None, "unsorted", 77, 32, torch.float32, 0.0), (None, "padding", 129, 40, torch.float32, 0.0),
+    (None, "single", 150, 64, torch.float16, 0.0), (None, "all_padding", 17, 32, torch.float32, 0.0),
+    (None, "packed", 100, 32, torch.float32, 0.2), (None, "unsorted", 70, 64, torch.float32, 0.2),
+    (JOINT, "packed", 60, 32, torch.float32, 0.0)])
+def test_warp_specialised_forward_matches_reference(ws_launches, rules, layout, L, D, dtype, dropout_p):
+    gen = torch.Generator().manual_seed(L + D + 1)
+    q, k, v, seg, mod, rules_t = make_inputs(2, L, 2, D, dtype, DEVICE, gen, layout, rules)
+    rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng), dtype,
+          f"ws {layout} L={L} D={D} rules={rules} dropout={dropout_p}")
+    path = "tma" if rules else takes("ws", "fwd", D, dropout_p > 0)
+    assert [launch for launch in ws_launches if launch[0] == "fwd"] == \
+        ([("fwd", "ws"), ("fwd", "mixed")] if path == "ws" else [("fwd", path)])
+
+
+def test_ws_setting(monkeypatch):
+    """VIDEOBERT_ATTENTION_WS: 0 (default), auto (the autotuner's choice on sm_90), 1 (always where allowed, the
+    interpreter included); never with rules or off the TMA path; anything else is an error naming the variable."""
+    cpu = torch.device("cpu")
+    for setting, mode in (("0", 0), ("auto", 0), ("1", 2)):
+        monkeypatch.setenv("VIDEOBERT_ATTENTION_WS", setting)
+        assert sa.ws_mode(2, False, cpu) == mode
+        assert sa.ws_mode(2, True, cpu) == sa.ws_mode(0, False, cpu) == 0
+    monkeypatch.delenv("VIDEOBERT_ATTENTION_WS")
+    assert sa.ws_setting() == "0"
+    monkeypatch.setenv("VIDEOBERT_ATTENTION_WS", "on")
+    q = torch.zeros(1, 16, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="VIDEOBERT_ATTENTION_WS must be auto, 0 or 1, got 'on'"):
         segment_attention(q, q, q, torch.zeros(1, 16, dtype=torch.long, device=DEVICE), backend="triton")
 
 
@@ -567,25 +626,30 @@ def test_auto_picks_triton_on_cuda():
 def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major, block_d):
     """The autotuner times only configs shipped for the launch: spill-free for its head dim, GPU and dropout, on
     the pointer path unless the TMA mode allows descriptors (both paths in mode 1, TMA alone where it serves in
-    mode 2, never on sm_8x)."""
+    mode 2, never on sm_8x); the forward's warp-specialised configs join where its mode allows (alone in mode 2)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (arch_major, 0))
     for kind in ("fwd", "bwd", "dkdv", "dq"):
         configs = sa.TUNED[kind].configs
-        for length, dropout, mode in itertools.product((32, 512, 4096), (False, True), (0, 1, 2)):
+        for length, dropout, mode, ws in itertools.product((32, 512, 4096), (False, True), (0, 1, 2), (0, 1, 2)):
+            if ws and (kind != "fwd" or not mode):
+                continue  # `ws_mode`: the forward's, on the TMA path
             kept = sa._pruner(kind)(configs, {"Q": None}, L_BUCKET=length, BLOCK_D=block_d, HEAD_DIM=block_d,
-                                    HAS_DROPOUT=dropout, TMA_MODE=mode)
+                                    HAS_DROPOUT=dropout, TMA_MODE=mode, WS_MODE=ws)
             # launches the atomic backward does not serve take the deterministic kernels
             assert kept or (kind == "bwd" and not sa.atomic_backward_serves(block_d, arch_major, dropout))
-            tma_table = sa.TABLES.get(kind + "_tma", [])
-            tma_serves = mode and any(sa.serves(e, block_d, arch_major, dropout) for e in tma_table)
+            tables = {path: sa.TABLES.get(kind if path == "pointer" else f"{kind}_{path}", []) for path in sa.PATHS}
             for c in kept:
-                table = tma_table if c.kwargs["USE_TMA"] else sa.TABLES[kind]
-                served = {entry[0] for entry in table if sa.serves(entry, block_d, arch_major, dropout)}
+                served = {entry[0] for entry in tables[sa.config_path(c)]
+                          if sa.serves(entry, block_d, arch_major, dropout)}
                 assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in served
-            pointer_serves = any(sa.serves(e, block_d, arch_major, dropout) for e in sa.TABLES[kind])
-            expected = {path for path, ok in ((False, pointer_serves and not (tma_serves and mode == 2)),
-                                              (True, tma_serves)) if ok}
-            assert {c.kwargs["USE_TMA"] for c in kept} == expected
+            serves = {path: any(sa.serves(e, block_d, arch_major, dropout) for e in table)
+                      for path, table in tables.items()}
+            tma_serves, ws_serves = mode and serves["tma"], ws and serves["ws"]
+            expected = {path for path, ok in (("pointer", serves["pointer"] and not (tma_serves and mode == 2)),
+                                              ("tma", tma_serves), ("ws", ws_serves)) if ok}
+            if ws == 2 and ws_serves:
+                expected = {"ws"}
+            assert {sa.config_path(c) for c in kept} == expected, (kind, length, dropout, mode, ws)
 
 
 def test_configs_without_dropout_serve_only_launches_without_it():

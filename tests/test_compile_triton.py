@@ -17,7 +17,7 @@ from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, KINDS, NO
                                                      SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
                                                      attention_kernel, attention_report, attention_signature,
                                                      attention_tensor_ops, compile_kernel, compile_report,
-                                                     loop_opcodes)
+                                                     kind_variants, loop_opcodes)
 from videobert._kernels.triton.compile_check import main as compile_check_main  # noqa: E402
 
 KERNELS = {kind: attention_kernel(kind) for kind in KINDS}
@@ -42,7 +42,7 @@ def _cases():
                     variants = NO_DROPOUT_VARIANTS
                 else:
                     continue
-                for rules, dropout in variants:
+                for rules, dropout in kind_variants(kind, variants):
                     yield kind, index, head_dim, arch, rules, dropout
 
 
@@ -211,17 +211,27 @@ def test_every_head_dim_and_arch_has_configs():
     a config take the deterministic kernels) serves at least the BERT head dim 64 everywhere, with dropout; the
     TMA path serves the forward and the atomic backward at head dim 64 on sm_90, with dropout, and never sm_80
     (launches it does not serve take the pointer path)."""
-    for kind in ("fwd_tma", "bwd_tma"):
+    for kind in ("fwd_tma", "bwd_tma", "fwd_ws"):
         assert any(sa.serves(entry, 64, 9) for entry in KERNELS[kind][1]), kind
         assert not any(sa.serves(entry, d, 8, False) for entry in KERNELS[kind][1] for d in HEAD_DIMS), kind
     for kind, (_, table) in KERNELS.items():
-        if kind.endswith("_tma"):
+        if kind.endswith(("_tma", "_ws")):
             continue
         for head_dim, arch in itertools.product((16,) + HEAD_DIMS, ARCHS):
             served = any(sa.serves(entry, head_dim, arch // 10) for entry in table)
             assert served or (kind == "bwd" and head_dim != 64), (kind, head_dim, arch)
             if kind == "bwd":
                 assert served == sa.atomic_backward_serves(max(head_dim, 32), arch // 10, True)
+
+
+def test_warp_specialised_forward_has_its_complement():
+    """Each launch the warp-specialised forward serves has a pointer config with its BLOCK_M, which takes the items
+    of more than one id (rows that keep fixed blocks) on the same work items."""
+    for entry in KERNELS["fwd_ws"][1]:
+        for head_dim, dropout in itertools.product(HEAD_DIMS, (False, True)):
+            if sa.serves(entry, head_dim, 9, dropout):
+                assert any(e[0][0] == entry[0][0] and sa.serves(e, head_dim, 9, dropout) for e in sa.FWD_TABLE), \
+                    (entry, head_dim, dropout)
 
 
 def test_shipped_configs_compile_without_spills(monkeypatch):
@@ -271,10 +281,11 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
     but in the atomic backward: one, on the scores of a key item's tail (the next sample's keys, whose dQ terms
     must be zeros)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cases = [(kind, rules) for kind in KERNELS for rules in (False, True)]
+    kinds = [kind for kind in KERNELS if kind != "fwd_ws"]  # one masked loop, in warpgroups (no rules)
+    cases = [(kind, rules) for kind in kinds for rules in (False, True)]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         loops = dict(zip(cases, pool.map(attention_loops, *zip(*cases))))
-    for kind in KERNELS:
+    for kind in kinds:
         (interior, masked), (only,) = loops[kind, False], loops[kind, True]
         assert interior["HGMMA"] == masked["HGMMA"] > 0, kind  # the same tile work
         block_m, block_n, warps, _ = first_sm90_config(kind)
@@ -294,10 +305,11 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
     forward's select, and no booleans stored through shared memory (a SEL to a byte each) by the key-side
     kernels, which move the random bytes of their transposed mask instead. Interior loops, sm_90, D=64."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cases = [(kind, False, dropout) for kind in KERNELS for dropout in (False, True)]
+    kinds = [kind for kind in KERNELS if kind != "fwd_ws"]  # its tile is the forward's masked tile
+    cases = [(kind, False, dropout) for kind in kinds for dropout in (False, True)]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         loops = dict(zip(cases, pool.map(attention_loops, *zip(*cases))))
-    for kind in KERNELS:
+    for kind in kinds:
         plain, drop = loops[kind, False, False][0], loops[kind, False, True][0]
         key_side = kind.startswith(("bwd", "dkdv"))
         assert drop["FMUL"] == plain["FMUL"], kind
@@ -307,15 +319,17 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
 
 
 # int arguments a launch may pass as 1: batch 1, one head, rows of one token (length bucket 1), a dropout rate
-# that rounds to 1/256 (threshold 1), the TMA path left to the autotuner (mode 1)
-ONES = ("B", "H", "L", "threshold", "L_BUCKET", "TMA_MODE")
+# that rounds to 1/256 (threshold 1), the TMA path and the warp-specialised one left to the autotuner (mode 1)
+ONES = ("B", "H", "L", "threshold", "L_BUCKET", "TMA_MODE", "WS_MODE")
 
 
 def _compiles_with_ones(kind: str) -> str:
     """Compile an attention kind's first sm_90 config (D=64, dropout) with ONES as constants; '' or the error."""
     block_m, block_n, warps, stages = first_sm90_config(kind)
-    signature = {name: t for name, t in attention_signature(kind, "bf16").items() if name not in ONES}
-    constexprs = {**attention_constexprs(kind, block_m, block_n, 64, False, True), **dict.fromkeys(ONES, 1)}
+    signature = attention_signature(kind, "bf16")
+    ones = [name for name in ONES if name in signature]
+    signature = {name: t for name, t in signature.items() if name not in ones}
+    constexprs = {**attention_constexprs(kind, block_m, block_n, 64, False, True), **dict.fromkeys(ones, 1)}
     try:
         compile_kernel(KERNELS[kind][0], signature, constexprs, 90, warps, stages)
     except Exception as error:  # any compile error: reported by the test, with its kind
@@ -342,7 +356,8 @@ def test_shipped_sm90_configs_use_wgmma(monkeypatch):
     """Every attention config shipped for sm_9x runs its GEMMs on wgmma (HGMMA in its SASS, no mma.sync HMMA):
     a config with a 32-row GEMM side compiles to mma.sync there and must serve sm_8x only. Configs of the TMA path
     load their tiles with bulk tensor copies (UTMALDG in their SASS); those of the pointer path never do. The atomic
-    backward's TMA configs add their dQ tiles with bulk tensor reductions (UTMAREDG); no other config has one."""
+    backward's TMA configs add their dQ tiles with bulk tensor reductions (UTMAREDG); no other config has one. The
+    warp-specialised forward's configs are so (USETMAXREG: registers moved between its warpgroups), no other is."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cases = []
     for kind, (_, table) in KERNELS.items():
@@ -354,8 +369,9 @@ def test_shipped_sm90_configs_use_wgmma(monkeypatch):
         ops = dict(zip(cases, pool.map(_tensor_ops, cases)))
     slow = [f"{kind} {config} D={d}: {dict(ops[kind, config, d])}" for kind, config, d in cases
             if not ops[kind, config, d]["HGMMA"] or ops[kind, config, d]["HMMA"]
-            or bool(ops[kind, config, d]["UTMALDG"]) != kind.endswith("_tma")
-            or bool(ops[kind, config, d]["UTMAREDG"]) != (kind == "bwd_tma")]
+            or bool(ops[kind, config, d]["UTMALDG"]) != kind.endswith(("_tma", "_ws"))
+            or bool(ops[kind, config, d]["UTMAREDG"]) != (kind == "bwd_tma")
+            or bool(ops[kind, config, d]["USETMAXREG"]) != (kind == "fwd_ws")]
     assert not slow, "\n".join(slow)
     assert {kind for kind, *_ in cases} == set(KINDS)  # the TMA kinds included
 

@@ -123,6 +123,12 @@ NO_DROPOUT_VARIANTS = ((False, False), (True, False))
 VARIANTS = NO_DROPOUT_VARIANTS + ((True, True), (False, True))
 
 
+def kind_variants(kind: str, variants: tuple) -> tuple:
+    """The (HAS_RULES, HAS_DROPOUT) variants of `variants` that a kind is launched with: the warp-specialised
+    forward never with rules."""
+    return tuple(v for v in variants if not (kind == "fwd_ws" and v[0]))
+
+
 def as_launched(signature: dict, *multiples_of_16: str) -> dict:
     """The signature as a typical launch specialises it: every pointer 16-byte aligned (fresh allocations are)
     and the named integers divisible by 16 (":16"), so loads vectorise as they do on a GPU."""
@@ -131,8 +137,9 @@ def as_launched(signature: dict, *multiples_of_16: str) -> dict:
 
 
 def base_kind(kind: str) -> str:
-    """The kernel of an attention kind: "fwd_tma" is the forward's TMA path, "bwd_tma" the atomic backward's."""
-    return kind.removesuffix("_tma")
+    """The kernel of an attention kind: "fwd_tma" is the forward's TMA path, "bwd_tma" the atomic backward's,
+    "fwd_ws" the forward's warp-specialised TMA path."""
+    return kind.removesuffix("_tma").removesuffix("_ws")
 
 
 def attention_signature(kind: str, dtype: str) -> dict:
@@ -160,6 +167,8 @@ def attention_signature(kind: str, dtype: str) -> dict:
         sig["scale"] = "fp32"
     sig.update({"scale_log2": "fp32", "Rng": "*i64", "threshold": "i32", "drop_scale": "fp32",
                 "L_BUCKET": "i32", "TMA_MODE": "i32"})
+    if kind == "fwd":
+        sig["WS_MODE"] = "i32"
     return as_launched(sig, *(name for name in sig if name.startswith("stride_")), "L", "L_BUCKET")
 
 
@@ -167,13 +176,15 @@ def attention_constexprs(kind: str, block_m: int, block_n: int, head_dim: int, r
     """Compile-time arguments of an attention kernel as a launch with two modalities specialises them."""
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_MODALITIES=2, HAS_RULES=rules, HAS_DROPOUT=dropout,
                   DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=kind != base_kind(kind))
+    if base_kind(kind) == "fwd":
+        consts.update(WARP_SPECIALIZE=kind == "fwd_ws", MIXED_ITEMS=False)
     kind = base_kind(kind)
     if kind in ("bwd", "dkdv"):  # one kernel: the atomic backward is the dK/dV kernel adding dQ
         consts["ATOMIC_DQ"] = kind == "bwd"
     return consts
 
 
-KINDS = ("fwd", "bwd", "dkdv", "dq", "fwd_tma", "bwd_tma")
+KINDS = ("fwd", "bwd", "dkdv", "dq", "fwd_tma", "bwd_tma", "fwd_ws")
 
 
 def attention_kernel(kind: str):
@@ -200,20 +211,27 @@ def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: 
 
 
 def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> Counter:
-    """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync), bulk tensor loads (UTMALDG) and bulk
-    tensor reductions (UTMAREDG) in the SASS of an attention kernel compiled with `config` as launched (bf16, no
-    rules, no dropout)."""
+    """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync), bulk tensor loads (UTMALDG), bulk tensor
+    reductions (UTMAREDG) and register reallocations between warpgroups (USETMAXREG: warp specialisation) in the
+    SASS of an attention kernel compiled with `config` as launched (bf16, no rules, no dropout)."""
     block_m, block_n, warps, stages = config
     compiled = compile_kernel(attention_kernel(kind)[0], attention_signature(kind, "bf16"),
                               attention_constexprs(kind, block_m, block_n, head_dim, False, False), arch, warps, stages)
-    return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG|UTMAREDG)\b", _cubin_tool(compiled, arch, "nvdisasm", "-c")))
+    sass = _cubin_tool(compiled, arch, "nvdisasm", "-c")
+    return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG|UTMAREDG|USETMAXREG)\b", sass))
 
 
 def uses_wgmma(kind: str, config: tuple, head_dim: int) -> bool:
-    """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left) and, on the TMA
-    path, loads its tiles with bulk tensor copies."""
-    ops = attention_tensor_ops(kind, config, head_dim, 90)
-    return ops["HGMMA"] > 0 and ops["HMMA"] == 0 and (kind == base_kind(kind) or ops["UTMALDG"] > 0)
+    """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left), on the TMA
+    path loads its tiles with bulk tensor copies and, warp-specialised, is so (Triton may decline silently)."""
+    try:
+        ops = attention_tensor_ops(kind, config, head_dim, 90)
+    except RuntimeError:  # as in `_fits_case`
+        if kind != "fwd_ws":
+            raise
+        return False
+    return ops["HGMMA"] > 0 and ops["HMMA"] == 0 and (kind == base_kind(kind) or ops["UTMALDG"] > 0) \
+        and (kind != "fwd_ws" or ops["USETMAXREG"] > 0)
 
 
 def fits(report: CompileReport, arch: int) -> bool:
@@ -222,18 +240,24 @@ def fits(report: CompileReport, arch: int) -> bool:
 
 
 def _fits_case(case) -> bool:
-    return fits(attention_report(*case), case[3])
+    try:
+        return fits(attention_report(*case), case[3])
+    except RuntimeError:  # Triton's warp specialisation fails on some tiles and head dims (README)
+        if case[0] != "fwd_ws":
+            raise
+        return False
 
 
 def table_entry(kind: str, config: tuple, pool) -> tuple:
     """The table entry `config` earns: (config, head dims on sm_8x, on sm_9x[, (more head dims without dropout on
     sm_8x, on sm_9x)]) from compiling every head dim, arch and variant in `pool` (an executor)."""
     cases = [(kind, config, d, arch, rules, dropout) for d in HEAD_DIMS for arch in kind_archs(kind)
-             for rules, dropout in VARIANTS]
+             for rules, dropout in kind_variants(kind, VARIANTS)]
     ok = dict(zip(cases, pool.map(_fits_case, cases)))
 
     def dims(arch: int, variants) -> tuple:
-        return tuple(d for d in HEAD_DIMS if all(ok.get((kind, config, d, arch, *v), False) for v in variants))
+        return tuple(d for d in HEAD_DIMS
+                     if all(ok.get((kind, config, d, arch, *v), False) for v in kind_variants(kind, variants)))
 
     wgmma = dict(zip(HEAD_DIMS, pool.map(uses_wgmma, *zip(*[(kind, config, d) for d in HEAD_DIMS]))))
 

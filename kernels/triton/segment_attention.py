@@ -351,12 +351,14 @@ def _segment_attention_fwd_kernel(
         Q, K, V, Out, Lse, Seg, Mod, Win, Rules, Items,
         stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
         stride_ob, stride_ol, stride_oh, stride_items,
-        B, H, L, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE,
+        B, H, L, scale_log2, Rng, threshold, drop_scale, L_BUCKET, TMA_MODE, WS_MODE,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr = False):
+        USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, MIXED_ITEMS: tl.constexpr = False):
     """Out and the log-sum-exp of one work item (`work_items`: up to BLOCK_M queries from a sample's start) of one
-    (batch, head): item program_id(0), if the row has that many. L_BUCKET and TMA_MODE only key the autotuner."""
+    (batch, head): item program_id(0), if the row has that many. WARP_SPECIALIZE serves only items of one id (one
+    sample or padding, `_one_id`) through one warp-specialised loop (TMA, no rules); MIXED_ITEMS only the others,
+    the launch that completes it. L_BUCKET, TMA_MODE and WS_MODE only key the autotuner."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     seed, offset = load_seed(Rng, HAS_DROPOUT)
     b, h = pid_bh // H, pid_bh % H
@@ -367,11 +369,23 @@ def _segment_attention_fwd_kernel(
     v_src = _rows_source(V + b * stride_vb + h * stride_vh, stride_vl, L, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     o_base = Out + b * stride_ob + h * stride_oh
     start_m, end_m = _work_item(Items, b, B, stride_items, pid_m, L, BLOCK_M, False)
-    if start_m < end_m:
+    todo = start_m < end_m
+    if MIXED_ITEMS:
+        todo = todo & ~_one_id(Seg, row, start_m, end_m, BLOCK_M)
+    if todo:
         _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, end_m, row, pid_bh, offs_d,
                   stride_ql, stride_kl, stride_vl, stride_ol, B, L, scale_log2, seed, offset, threshold, drop_scale,
                   HEAD_DIM, BLOCK_D, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                  USE_TMA)
+                  USE_TMA, WARP_SPECIALIZE)
+
+
+@triton.jit
+def _one_id(Seg, row, start, end, BLOCK: tl.constexpr):
+    """Whether positions [start, end) (at most BLOCK, start < L) all hold one canonical id: one sample's or padding.
+    Work items hold one run of ids each, except in rows that keep fixed blocks (`work_items`)."""
+    pos = start + tl.arange(0, BLOCK)
+    ids = tl.load(Seg + row + pos, mask=pos < end, other=tl.load(Seg + row + start))
+    return tl.min(ids, axis=0) == tl.max(ids, axis=0)
 
 
 @triton.jit
@@ -379,8 +393,9 @@ def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, e
               stride_ql, stride_kl, stride_vl, stride_ol, B, L, scale_log2, seed, offset, threshold, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_MODALITIES: tl.constexpr, HAS_RULES: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              USE_TMA: tl.constexpr):
-    """Out and the log-sum-exp of queries [start_m, end_m) (end_m - start_m <= BLOCK_M)."""
+              USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Out and the log-sum-exp of queries [start_m, end_m) (end_m - start_m <= BLOCK_M); with WARP_SPECIALIZE only
+    if they hold one id (see the kernel)."""
     pos_m = start_m + tl.arange(0, BLOCK_M)
     seg_q, mod_q, rules_code, lo, hi = _block_prologue(Seg, Mod, Win, Rules, row, pos_m, end_m, B, L, HAS_RULES,
                                                        NUM_MODALITIES)
@@ -391,19 +406,35 @@ def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, e
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The unmasked interior, then the masked tiles around it (at most two when the interior is not empty).
-    if not HAS_RULES:
-        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+    rows = pos_m < end_m  # those stored
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialisation (a producer warpgroup issuing the copies, two 64-row consumer
+        # warpgroups) takes a kernel with one loop, tiles at its induction variable, no branch that yields a value
+        # and no per-row loads feeding the loop (README): one loop over every tile, masked from the item's one id.
+        tl.static_assert(USE_TMA and not HAS_RULES, "warp specialisation needs the TMA path and no rules")
+        item_id = tl.load(Seg + row + start_m)
+        rows_id = tl.where((pos_m < end_m) & (item_id != 0), item_id, -1)  # padding and the tail: -1, as seg_q
+        served = _one_id(Seg, row, start_m, end_m, BLOCK_M)
+        rows = tl.where(served, rows, False)  # `rows & served` has a mask dtype the interpreter refuses
+        stop = tl.where(served, start + tl.cdiv(hi - start, BLOCK_N) * BLOCK_N, start)
+        for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, rows_id, mod_q,
+                                      rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
+                                      pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
+                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True, USE_TMA)
+    else:  # the unmasked interior, then the masked tiles around it (at most two when the interior is not empty)
+        if not HAS_RULES:
+            for start_n in range(mid_lo, mid_hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q,
+                                          rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed,
+                                          offset, pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
+                                          HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False, USE_TMA)
+        for index in range(0, masked):
+            start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q,
                                       rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
                                       pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES,
-                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False, USE_TMA)
-    for index in range(0, masked):
-        start_n = _masked_tile_start(start, mid_lo, mid_hi, index, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod_q,
-                                  rules_code, Seg, Mod, row, L, stride_kl, stride_vl, scale_log2, seed, offset,
-                                  pid_bh, threshold, drop_scale, HEAD_DIM, NUM_MODALITIES, HAS_RULES, HAS_DROPOUT,
-                                  DOT_PRECISION, BLOCK_N, True, USE_TMA)
+                                      HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True, USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -411,12 +442,14 @@ def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, e
         out = out * drop_scale
     out = out.to(o_base.dtype.element_ty)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    if USE_TMA and end_m - start_m == BLOCK_M:  # a whole item: one bulk store (a part one must not pass end_m)
+    # A whole item: one bulk store (a part one must not pass end_m). Not in the warp-specialised kernel, which may
+    # have no if with an else.
+    if (USE_TMA and not WARP_SPECIALIZE) and end_m - start_m == BLOCK_M:
         _rows_source(o_base, stride_ol, L, HEAD_DIM, BLOCK_M, BLOCK_D, True).store([start_m, 0], out)
     else:
         tl.store(o_base + pos_m[:, None] * stride_ol + offs_d[None, :], out,
-                 mask=(pos_m[:, None] < end_m) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + pid_bh.to(tl.int64) * L + pos_m, lse, mask=pos_m < end_m)
+                 mask=rows[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + pid_bh.to(tl.int64) * L + pos_m, lse, mask=rows)
 
 
 @triton.jit
@@ -719,10 +752,25 @@ BWD_TMA_TABLE = [((32, 128, 8, 2), (), (64,)), ((16, 128, 8, 2), (), (64,)), ((1
                  ((16, 64, 4, 3), (), (64,), ((), (128,))), ((32, 64, 4, 3), (), (64,)),
                  ((64, 128, 8, 2), (), (), ((), (64,)))]
 
+# The warp-specialised forward (`VIDEOBERT_ATTENTION_WS`, off by default until a GPU has timed it): TMA tiles and
+# Triton's automatic Hopper warp specialisation, a producer warpgroup issuing the copies beside two consumer
+# warpgroups (warps: per consumer group; the kernel runs 12). Derived as the tables above, with and without dropout
+# (never rules); every entry has register reallocation between its warpgroups (USETMAXREG) in its SASS. Under
+# Triton 3.6 the pass fails on the 128-row tiles with dropout, under 3.9 on 128x128 at any head dim.
+FWD_WS_TABLE = [((128, 64, 4, 2), (), (), ((), (32, 64, 128))), ((128, 64, 4, 3), (), (), ((), (32, 64, 128))),
+                ((64, 64, 4, 2), (), (32, 64, 128)), ((64, 64, 4, 3), (), (32, 64, 128))]
+PATHS = ("pointer", "tma", "ws")
 
-def _configs(table, tma: bool = False):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": tma}, num_warps=w, num_stages=s)
+
+def _configs(table, path: str = "pointer"):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": path != "pointer",
+                           **({"WARP_SPECIALIZE": True} if path == "ws" else {})}, num_warps=w, num_stages=s)
             for (m, n, w, s), *_ in table]
+
+
+def config_path(config: triton.Config) -> str:
+    """Which of PATHS a config of TUNED takes."""
+    return "ws" if config.kwargs.get("WARP_SPECIALIZE") else "tma" if config.kwargs["USE_TMA"] else "pointer"
 
 
 def serves(entry, block_d: int, arch_major: int, dropout: bool = True) -> bool:
@@ -748,15 +796,23 @@ def atomic_backward_serves(block_d: int, arch_major: int, dropout: bool) -> bool
     return any(serves(entry, block_d, arch_major, dropout) for entry in BWD_TABLE)
 
 
-def path_candidates(kind: str, block_d: int, l_bucket: int, arch_major: int, dropout: bool, mode: int) -> list:
-    """`candidates` of a kernel for a launch in TMA mode `mode` (`tma_mode`), each with its path:
-    ((BLOCK_M, BLOCK_N, warps, stages), use_tma), the pointer path's first unless mode is 2."""
-    pointer = [(c, False) for c in candidates(TABLES[kind], block_d, l_bucket, arch_major, dropout)] \
-        if mode != 2 else []
-    tma_table = TABLES.get(kind + "_tma", [])
-    tma = [(c, True) for c in candidates(tma_table, block_d, l_bucket, arch_major, dropout)] \
-        if mode and any(serves(e, block_d, arch_major, dropout) for e in tma_table) else []
-    return pointer + tma or [(c, False) for c in candidates(TABLES[kind], block_d, l_bucket, arch_major, dropout)]
+def path_candidates(kind: str, block_d: int, l_bucket: int, arch_major: int, dropout: bool, mode: int,
+                    ws_mode: int = 0) -> list:
+    """`candidates` of a kernel for a launch in TMA mode `mode` (`tma_mode`) and warp-specialisation mode `ws_mode`
+    (`ws_mode`, the forward's), each with its path (one of PATHS): ((BLOCK_M, BLOCK_N, warps, stages), path), the
+    pointer path's first unless a mode is 2 (then that path's alone, where it serves the launch)."""
+    def served(path: str) -> list:
+        table = TABLES.get(kind if path == "pointer" else f"{kind}_{path}", [])
+        if not any(serves(e, block_d, arch_major, dropout) for e in table):
+            return []
+        return [(c, path) for c in candidates(table, block_d, l_bucket, arch_major, dropout)]
+
+    ws = served("ws") if ws_mode else []
+    if ws_mode == 2 and ws:
+        return ws
+    pointer = served("pointer") if mode != 2 else []
+    tma = served("tma") if mode else []
+    return pointer + tma + ws or served("pointer")
 
 
 def _pruner(kind):
@@ -764,8 +820,8 @@ def _pruner(kind):
         """Keep the configs `path_candidates` names for this launch."""
         args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments separately
         keep = path_candidates(kind, args["BLOCK_D"], args["L_BUCKET"], torch.cuda.get_device_capability()[0],
-                               args["HAS_DROPOUT"], args["TMA_MODE"])
-        by_blocks = {((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["USE_TMA"]): c
+                               args["HAS_DROPOUT"], args["TMA_MODE"], args.get("WS_MODE", 0))
+        by_blocks = {((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), config_path(c)): c
                      for c in configs}
         return [by_blocks[c] for c in keep]
     return prune
@@ -778,14 +834,15 @@ def autotune_enabled() -> bool:
 
 
 TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE, "fwd_tma": FWD_TMA_TABLE,
-          "bwd_tma": BWD_TMA_TABLE}
+          "bwd_tma": BWD_TMA_TABLE, "fwd_ws": FWD_WS_TABLE}
 _AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "TMA_MODE", "HAS_RULES", "HAS_DROPOUT", "DOT_PRECISION"]
 
 
 def _tuned(fn, kind, **options):
-    configs = _configs(TABLES[kind]) + _configs(TABLES.get(kind + "_tma", []), tma=True)
-    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kind)},
-                           **options)(fn)
+    configs = [c for path in PATHS for c in _configs(TABLES.get(kind if path == "pointer" else f"{kind}_{path}", []),
+                                                     path)]
+    key = _AUTOTUNE_KEY + (["WS_MODE"] if TABLES.get(kind + "_ws") else [])
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(kind)}, **options)(fn)
 
 
 # Tuning reruns a kernel: the others write their outputs whole, the atomic backward adds into a dQ accumulator,
@@ -805,11 +862,11 @@ def reset_autotuning() -> None:
 
 
 def tuned_configs() -> str:
-    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3 tma; bwd ...; dkdv ...; dq ..."), for
-    benchmark tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes each table's first entry, or no CUDA
-    launch yet)."""
+    """The configs the autotuner chose so far, per kernel ("fwd 128x64 w8 s3 tma; bwd ...; dkdv ...; dq ...", "ws"
+    for the warp-specialised forward), for benchmark tables; "untuned" when none was (VIDEOBERT_AUTOTUNE=0 takes
+    each table's first entry, or no CUDA launch yet)."""
     chosen = [f"{kind} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-              f"{' tma' if c.kwargs.get('USE_TMA') else ''}"
+              f"{'' if config_path(c) == 'pointer' else ' ' + config_path(c)}"
               for kind, tuned in TUNED.items() for c in tuned.cache.values()]
     return "; ".join(dict.fromkeys(chosen)) or "untuned"
 
@@ -953,6 +1010,27 @@ def tma_mode(*tensors: torch.Tensor) -> int:
     return 2 if setting == "1" else 1
 
 
+def ws_setting() -> str:
+    """VIDEOBERT_ATTENTION_WS: "0" (default: the warp-specialised forward has compiled, not yet run, on this code),
+    "auto" (on sm_90 the autotuner times its configs beside the others) or "1" (it wherever a launch allows it,
+    also under the interpreter; the first config untuned)."""
+    setting = os.environ.get("VIDEOBERT_ATTENTION_WS", "0")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"VIDEOBERT_ATTENTION_WS must be auto, 0 or 1, got {setting!r}")
+    return setting
+
+
+def ws_mode(tma: int, has_rules: bool, device: torch.device) -> int:
+    """How a forward launch in TMA mode `tma` may take the warp-specialised path: 0 never, 1 the autotuner chooses,
+    2 always (see `ws_setting`). Needs the TMA path, no rules and sm_90 (Triton's Hopper pass; newer GPUs have
+    another), or the interpreter when asked for."""
+    setting = ws_setting()
+    if setting == "0" or not tma or has_rules or (device.type == "cuda" and arch_major(device) != 9) \
+            or (device.type != "cuda" and setting == "auto"):
+        return 0
+    return 2 if setting == "1" else 1
+
+
 def _programs(kind: str, L: int, block: int, dropout: bool) -> int:
     """Programs per (batch, head) of a kernel whose own blocks hold `block` positions: one per work item, so
     MAX_ITEMS_PER_BLOCK per fixed block (those past a row's last item return at once), or one per fixed block where
@@ -960,25 +1038,29 @@ def _programs(kind: str, L: int, block: int, dropout: bool) -> int:
     return cdiv(L, block) * (1 if kind in ("bwd", "dkdv") and fixed_key_blocks(dropout) else MAX_ITEMS_PER_BLOCK)
 
 
-def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda):
+def _launch(tuned, kind, grid_dim, args, scalars, consts, device_is_cuda) -> tuple:
+    """Launch a kernel of TUNED (autotuned, or untuned its first candidate); returns (BLOCK_M, path) of the launch."""
     B, H, L, dropout = scalars["B"], scalars["H"], scalars["L"], consts["HAS_DROPOUT"]
     if device_is_cuda and scalars["TMA_MODE"]:
         ensure_allocator()  # descriptors are built on the device, in a scratch buffer per launch
     if device_is_cuda and autotune_enabled():
         grid = lambda meta: (_programs(kind, L, meta[grid_dim], dropout), B * H)  # noqa: E731
         tuned[grid](*args, **scalars, **consts)
-        return
+        return tuned.best_config.kwargs["BLOCK_M"], config_path(tuned.best_config)
     if device_is_cuda:
-        (block_m, block_n, warps, stages), use_tma = path_candidates(
+        (block_m, block_n, warps, stages), path = path_candidates(
             kind, consts["BLOCK_D"], scalars["L_BUCKET"], arch_major(args[0].device), consts["HAS_DROPOUT"],
-            scalars["TMA_MODE"])[0]
+            scalars["TMA_MODE"], scalars.get("WS_MODE", 0))[0]
         options = dict(num_warps=warps, num_stages=stages)
     else:
         (block_m, block_n), options = INTERPRET_CONFIG[kind], {}
-        use_tma = scalars["TMA_MODE"] == 2
+        path = "ws" if scalars.get("WS_MODE") == 2 else "tma" if scalars["TMA_MODE"] == 2 else "pointer"
+    if path == "ws":
+        options["WARP_SPECIALIZE"] = True
     block = block_m if grid_dim == "BLOCK_M" else block_n
     tuned.fn[(_programs(kind, L, block, dropout), B * H)](*args, **scalars, **consts, BLOCK_M=block_m,
-                                                          BLOCK_N=block_n, USE_TMA=use_tma, **options)
+                                                          BLOCK_N=block_n, USE_TMA=path != "pointer", **options)
+    return block_m, path
 
 
 def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dropout_p, softmax_scale, rng):
@@ -990,9 +1072,21 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
         return out, lse.fill_(float("inf"))
     seg, mod, windows, items, rules, scalars, consts = _common(q, segment_ids, modality_ids, modality_rules,
                                                                dropout_p, rng)
-    scalars = dict(scalars, scale_log2=softmax_scale * LOG2E, TMA_MODE=tma_mode(q, k, v, out))
+    tma = tma_mode(q, k, v, out)
+    scalars = dict(scalars, scale_log2=softmax_scale * LOG2E, TMA_MODE=tma,
+                   WS_MODE=ws_mode(tma, consts["HAS_RULES"], q.device))
     args = [q, k, v, out, lse, seg, mod, windows, rules, items, *_strides(q, k, v, out), items.stride(1)]
-    _launch(TUNED["fwd"], "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
+    block_m, path = _launch(TUNED["fwd"], "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
+    if path == "ws":  # its items of more than one id (rows that keep fixed blocks): the pointer kernel, same blocks
+        if q.is_cuda:
+            block_n, warps, stages = next(
+                e[0] for e in FWD_TABLE if e[0][0] == block_m
+                and serves(e, consts["BLOCK_D"], arch_major(q.device), consts["HAS_DROPOUT"]))[1:]
+            options = dict(num_warps=warps, num_stages=stages)
+        else:
+            block_n, options = INTERPRET_CONFIG["fwd"][1], {}
+        TUNED["fwd"].fn[(_programs("fwd", L, block_m, False), B * H)](
+            *args, **scalars, **consts, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=False, MIXED_ITEMS=True, **options)
     return out, lse
 
 
