@@ -169,13 +169,16 @@ def tma_launches(monkeypatch):
     return seen
 
 
-def takes(path: str, kind: str, head_dim: int, dropout: bool) -> str:
+def takes(path: str, kind: str, head_dim: int, dropout: bool, dtype: torch.dtype = torch.float16) -> str:
     """The path a kernel runs on when `path` ("tma", or "ws" beside it) is asked for (VIDEOBERT_ATTENTION_TMA=1,
     and WS=1): under the interpreter (which runs descriptors on the CPU) every kernel takes TMA and the forward
-    "ws"; on a GPU a kernel takes the path where it has a config for the launch, else TMA, else pointers."""
+    "ws"; on a GPU a kernel takes the path where it has a config for the launch (warp-specialised: 16-bit inputs
+    only, `ws_mode`), else TMA, else pointers."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     table = sa.TABLES.get(f"{kind}_{path}", [])
-    if (DEVICE == "cpu" and (path == "tma" or table)) or any(sa.serves(e, block_d, 9, dropout) for e in table):
+    if DEVICE == "cpu" and (path == "tma" or table):
+        return path
+    if any(sa.serves(e, block_d, 9, dropout) for e in table) and (path == "tma" or dtype != torch.float32):
         return path
     return "pointer" if path == "tma" else takes("tma", kind, head_dim, dropout)
 
@@ -266,7 +269,7 @@ def test_warp_specialised_forward_matches_reference(ws_launches, rules, layout, 
     rng = torch.tensor([2**40 + 17, 2**31 + 5], dtype=torch.int64, device=DEVICE) if dropout_p else None
     check(run_both(q, k, v, seg, mod, rules_t, dropout_p=dropout_p, rng=rng), dtype,
           f"ws {layout} L={L} D={D} rules={rules} dropout={dropout_p}")
-    path = "tma" if rules else takes("ws", "fwd", D, dropout_p > 0)
+    path = "tma" if rules else takes("ws", "fwd", D, dropout_p > 0, dtype)
     assert [launch for launch in ws_launches if launch[0] == "fwd"] == \
         ([("fwd", "ws"), ("fwd", "mixed")] if path == "ws" else [("fwd", path)])
 
@@ -274,7 +277,7 @@ def test_warp_specialised_forward_matches_reference(ws_launches, rules, layout, 
 def test_ws_setting(monkeypatch):
     """VIDEOBERT_ATTENTION_WS: 0 (default), auto (the autotuner's choice on sm_90), 1 (always where allowed, the
     interpreter included); never with rules or off the TMA path; anything else is an error naming the variable."""
-    cpu = torch.device("cpu")
+    cpu = torch.zeros(1)
     for setting, mode in (("0", 0), ("auto", 0), ("1", 2)):
         monkeypatch.setenv("VIDEOBERT_ATTENTION_WS", setting)
         assert sa.ws_mode(2, False, cpu) == mode

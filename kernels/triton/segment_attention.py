@@ -1020,13 +1020,17 @@ def ws_setting() -> str:
     return setting
 
 
-def ws_mode(tma: int, has_rules: bool, device: torch.device) -> int:
-    """How a forward launch in TMA mode `tma` may take the warp-specialised path: 0 never, 1 the autotuner chooses,
-    2 always (see `ws_setting`). Needs the TMA path, no rules and sm_90 (Triton's Hopper pass; newer GPUs have
-    another), or the interpreter when asked for."""
+def ws_mode(tma: int, has_rules: bool, q: torch.Tensor) -> int:
+    """How a forward launch on `q` in TMA mode `tma` may take the warp-specialised path: 0 never, 1 the autotuner
+    chooses, 2 always (see `ws_setting`). Needs the TMA path, no rules, and on a GPU sm_90 (Triton's Hopper pass;
+    newer GPUs have another) and 16-bit inputs (with fp32 ones the pass fails on TF32 dots and leaves IEEE ones
+    alone); the interpreter takes it when asked for."""
     setting = ws_setting()
-    if setting == "0" or not tma or has_rules or (device.type == "cuda" and arch_major(device) != 9) \
-            or (device.type != "cuda" and setting == "auto"):
+    if setting == "0" or not tma or has_rules:
+        return 0
+    if q.is_cuda and (arch_major(q.device) != 9 or q.dtype not in (torch.float16, torch.bfloat16)):
+        return 0
+    if not q.is_cuda and setting == "auto":
         return 0
     return 2 if setting == "1" else 1
 
@@ -1074,7 +1078,7 @@ def segment_attention_fwd(q, k, v, segment_ids, modality_ids, modality_rules, dr
                                                                dropout_p, rng)
     tma = tma_mode(q, k, v, out)
     scalars = dict(scalars, scale_log2=softmax_scale * LOG2E, TMA_MODE=tma,
-                   WS_MODE=ws_mode(tma, consts["HAS_RULES"], q.device))
+                   WS_MODE=ws_mode(tma, consts["HAS_RULES"], q))
     args = [q, k, v, out, lse, seg, mod, windows, rules, items, *_strides(q, k, v, out), items.stride(1)]
     block_m, path = _launch(TUNED["fwd"], "fwd", "BLOCK_M", args, scalars, consts, q.is_cuda)
     if path == "ws":  # its items of more than one id (rows that keep fixed blocks): the pointer kernel, same blocks
