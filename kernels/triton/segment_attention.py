@@ -413,7 +413,8 @@ def _fwd_item(q_src, k_src, v_src, o_base, Lse, Seg, Mod, Win, Rules, start_m, e
         # and no per-row loads feeding the loop (README): one loop over every tile, masked from the item's one id.
         tl.static_assert(USE_TMA and not HAS_RULES, "warp specialisation needs the TMA path and no rules")
         item_id = tl.load(Seg + row + start_m)
-        rows_id = tl.where((pos_m < end_m) & (item_id != 0), item_id, -1)  # padding and the tail: -1, as seg_q
+        # One id for every row (the tail's rows are computed and never stored): the mask is one compare per key
+        rows_id = tl.full([BLOCK_M], tl.where(item_id != 0, item_id, -1), tl.int32)  # padding: -1, as seg_q
         served = _one_id(Seg, row, start_m, end_m, BLOCK_M)
         rows = tl.where(served, rows, False)  # `rows & served` has a mask dtype the interpreter refuses
         stop = tl.where(served, start + tl.cdiv(hi - start, BLOCK_N) * BLOCK_N, start)
