@@ -1,6 +1,6 @@
 """Host-side helpers shared by the Triton launchers: grid arithmetic, dropout arguments, the precision of fp32 dots,
-log2(e) (the kernels take exponentials as exp2, one MUFU instruction) and the scratch allocator of on-device
-tensor descriptors."""
+log2(e) (the kernels take exponentials as exp2, one MUFU instruction), the scratch allocator of on-device
+tensor descriptors, and the descriptor reductions Triton's interpreter lacks."""
 from __future__ import annotations
 
 import functools
