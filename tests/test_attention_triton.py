@@ -175,7 +175,7 @@ def takes(path: str, kind: str, head_dim: int, dropout: bool, dtype: torch.dtype
     "ws"; on a GPU a kernel takes the path where it has a config for the launch (warp-specialised: 16-bit inputs
     only, `ws_mode`), else TMA, else pointers."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    table = sa.TABLES.get(f"{kind}_{path}", [])
+    table = sa.path_table(kind, path)
     if DEVICE == "cpu" and (path == "tma" or table):
         return path
     if any(sa.serves(e, block_d, 9, dropout) for e in table) and (path == "tma" or dtype != torch.float32):
@@ -640,7 +640,7 @@ def test_autotune_pruning_keeps_only_spill_free_configs(monkeypatch, arch_major,
                                     HAS_DROPOUT=dropout, TMA_MODE=mode, WS_MODE=ws)
             # launches the atomic backward does not serve take the deterministic kernels
             assert kept or (kind == "bwd" and not sa.atomic_backward_serves(block_d, arch_major, dropout))
-            tables = {path: sa.TABLES.get(kind if path == "pointer" else f"{kind}_{path}", []) for path in sa.PATHS}
+            tables = {path: sa.path_table(kind, path) for path in sa.PATHS}
             for c in kept:
                 served = {entry[0] for entry in tables[sa.config_path(c)]
                           if sa.serves(entry, block_d, arch_major, dropout)}

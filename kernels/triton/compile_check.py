@@ -221,17 +221,23 @@ def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> 
     return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG|UTMAREDG|USETMAXREG)\b", sass))
 
 
+def _unless_declined(kind: str, compile_fn, *args):
+    """compile_fn(*args), or None where it is the warp-specialised forward's and Triton's pass fails (it does on
+    some tiles and head dims, README); any other kind's failure is raised."""
+    try:
+        return compile_fn(*args)
+    except RuntimeError:
+        if kind != "fwd_ws":
+            raise
+        return None
+
+
 def uses_wgmma(kind: str, config: tuple, head_dim: int) -> bool:
     """Whether the sm_90 build of an attention config runs its GEMMs on wgmma (no mma.sync left), on the TMA
     path loads its tiles with bulk tensor copies and, warp-specialised, is so (Triton may decline silently)."""
-    try:
-        ops = attention_tensor_ops(kind, config, head_dim, 90)
-    except RuntimeError:  # as in `_fits_case`
-        if kind != "fwd_ws":
-            raise
-        return False
-    return ops["HGMMA"] > 0 and ops["HMMA"] == 0 and (kind == base_kind(kind) or ops["UTMALDG"] > 0) \
-        and (kind != "fwd_ws" or ops["USETMAXREG"] > 0)
+    ops = _unless_declined(kind, attention_tensor_ops, kind, config, head_dim, 90)
+    return ops is not None and ops["HGMMA"] > 0 and ops["HMMA"] == 0 \
+        and (kind == base_kind(kind) or ops["UTMALDG"] > 0) and (kind != "fwd_ws" or ops["USETMAXREG"] > 0)
 
 
 def fits(report: CompileReport, arch: int) -> bool:
@@ -240,12 +246,8 @@ def fits(report: CompileReport, arch: int) -> bool:
 
 
 def _fits_case(case) -> bool:
-    try:
-        return fits(attention_report(*case), case[3])
-    except RuntimeError:  # Triton's warp specialisation fails on some tiles and head dims (README)
-        if case[0] != "fwd_ws":
-            raise
-        return False
+    report = _unless_declined(case[0], attention_report, *case)
+    return report is not None and fits(report, case[3])
 
 
 def table_entry(kind: str, config: tuple, pool) -> tuple:

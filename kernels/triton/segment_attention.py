@@ -769,6 +769,12 @@ def _configs(table, path: str = "pointer"):
             for (m, n, w, s), *_ in table]
 
 
+def path_table(kind: str, path: str) -> list:
+    """The config table of a kernel's path (one of PATHS): TABLES[kind] for pointers, else TABLES[kind_path] (empty
+    where the kernel has none)."""
+    return TABLES.get(kind if path == "pointer" else f"{kind}_{path}", [])
+
+
 def config_path(config: triton.Config) -> str:
     """Which of PATHS a config of TUNED takes."""
     return "ws" if config.kwargs.get("WARP_SPECIALIZE") else "tma" if config.kwargs["USE_TMA"] else "pointer"
@@ -803,7 +809,7 @@ def path_candidates(kind: str, block_d: int, l_bucket: int, arch_major: int, dro
     (`ws_mode`, the forward's), each with its path (one of PATHS): ((BLOCK_M, BLOCK_N, warps, stages), path), the
     pointer path's first unless a mode is 2 (then that path's alone, where it serves the launch)."""
     def served(path: str) -> list:
-        table = TABLES.get(kind if path == "pointer" else f"{kind}_{path}", [])
+        table = path_table(kind, path)
         if not any(serves(e, block_d, arch_major, dropout) for e in table):
             return []
         return [(c, path) for c in candidates(table, block_d, l_bucket, arch_major, dropout)]
@@ -840,9 +846,8 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "L_BUCKET", "TMA_MODE", "HAS_RULES", "HAS_DROPOUT",
 
 
 def _tuned(fn, kind, **options):
-    configs = [c for path in PATHS for c in _configs(TABLES.get(kind if path == "pointer" else f"{kind}_{path}", []),
-                                                     path)]
-    key = _AUTOTUNE_KEY + (["WS_MODE"] if TABLES.get(kind + "_ws") else [])
+    configs = [c for path in PATHS for c in _configs(path_table(kind, path), path)]
+    key = _AUTOTUNE_KEY + (["WS_MODE"] if path_table(kind, "ws") else [])
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(kind)}, **options)(fn)
 
 
