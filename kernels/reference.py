@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 
 # modality_rules entries
 RULE_BLOCKED, RULE_FULL, RULE_CAUSAL = 0, 1, 2
@@ -47,11 +47,11 @@ def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: 
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(n_rounds):
-        hi_b, lo_b = _umul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _umul32(_PHILOX_ROUND_A, c0)
+        hi_b, lo_b = _umul32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _umul32(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & MASK32
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
     return c0, c1, c2, c3
 
 

@@ -69,14 +69,17 @@ def test_available_backends_reports_every_op_and_backend():
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from videobert._kernels.triton.rng import dropout_keep, dropout_keep_bytes  # noqa: E402
+from videobert._kernels.triton.rng import dropout_keep, dropout_keep_bytes, philox, zero_dropped_16bit  # noqa: E402
 
 
 @triton.jit
-def _philox_kernel(out_ptr, seed, offset, N: tl.constexpr):
+def _philox_kernel(out_ptr, seed, offset, N: tl.constexpr, OURS: tl.constexpr):
     j = tl.arange(0, N)
-    r0, r1, r2, r3 = tl.philox(seed, j.to(tl.uint32), (j * 7919).to(tl.uint32), (j + 3).to(tl.uint32),
-                               (j * 0 + offset).to(tl.uint32))
+    counters = (j.to(tl.uint32), (j * 7919).to(tl.uint32), (j + 3).to(tl.uint32), (j * 0 + offset).to(tl.uint32))
+    if OURS:
+        r0, r1, r2, r3 = philox(seed, *counters, 10)
+    else:
+        r0, r1, r2, r3 = tl.philox(seed, *counters)
     tl.store(out_ptr + j, r0.to(tl.int32, bitcast=True))
     tl.store(out_ptr + N + j, r1.to(tl.int32, bitcast=True))
     tl.store(out_ptr + 2 * N + j, r2.to(tl.int32, bitcast=True))
@@ -101,15 +104,25 @@ def _keep_bytes_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.co
         tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
 
 
+@triton.jit
+def _zero_dropped_kernel(values_ptr, out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr,
+                         C: tl.constexpr):
+    rows = tl.arange(0, R)[:, None] + 1000
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    values = zero_dropped_16bit(tl.load(values_ptr + offs), seed, offset, col_start, rows, c2, threshold, C)
+    tl.store(out_ptr + offs, values)
+
+
 def test_philox_and_dropout_masks_match_triton_bit_for_bit():
     device = triton_device()
     # attention rates: thresholds 77, 1 and 255
     for (seed, offset), p in zip(((0, 0), (0x123456789ABCD, 77), (2**62 - 1, 2**31 - 1)), (0.3, 1 / 256, 0.9999)):
-        out = torch.empty(4, 256, dtype=torch.int32, device=device)
-        _philox_kernel[(1,)](out, seed, offset, 256)
         j = torch.arange(256)
         expected = torch.stack(reference.philox(seed, j, j * 7919, j + 3, torch.tensor(offset)))
-        assert torch.equal(out.cpu().long() & reference.MASK32, expected)
+        for ours in (True, False):  # rng.philox (a wide multiply per product) and tl.philox
+            out = torch.empty(4, 256, dtype=torch.int32, device=device)
+            _philox_kernel[(1,)](out, seed, offset, 256, ours)
+            assert torch.equal(out.cpu().long() & reference.MASK32, expected), ours
 
         keep = torch.empty(8, 32, dtype=torch.int8, device=device)
         threshold = reference.dropout_threshold(0.3)
@@ -124,9 +137,22 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
             _keep_bytes_kernel[(1,)](keep, seed, offset, col_start, 5, reference.dropout_byte_threshold(p), 8,
                                      width, transposed)
             cols = torch.arange(col_start, col_start + width)[None, :]
-            assert torch.equal(keep.cpu().bool().T if transposed else keep.cpu().bool(),
-                               reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), p)), \
+            expected = reference.dropout_keep_bytes(seed, offset, cols, rows, torch.tensor(5), p)
+            assert torch.equal(keep.cpu().bool().T if transposed else keep.cpu().bool(), expected), \
                 (width, col_start, transposed, p)
+            if transposed:
+                continue
+            # the same mask applied to 16-bit values a register pair at a time; values of every sign, -0.0 and
+            # non-finite ones included, come back bit for bit where kept, +0.0 where dropped
+            for dtype in (torch.float16, torch.bfloat16):
+                bits = torch.randint(-2**15, 2**15, (8, width), dtype=torch.int16)
+                bits[0, :4] = torch.tensor([0x7C00, -0x400, -0x8000, 0x7FFF])  # fp16 inf, -inf, -0.0, nan
+                values = bits.view(dtype).to(device)
+                out = torch.empty_like(values)
+                _zero_dropped_kernel[(1,)](values, out, seed, offset, col_start, 5,
+                                           reference.dropout_byte_threshold(p), 8, width)
+                assert torch.equal(out.cpu().view(torch.int16), torch.where(expected, bits, 0)), \
+                    (width, col_start, dtype, p)
 
 
 def test_attention_dropout_rate_is_rounded_to_a_256th():

@@ -299,11 +299,14 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
 
 
 def test_attention_dropout_costs_a_select_per_use(monkeypatch):
-    """Dropout's mask reaches each use of P in one select per score: no multiply by the mask as a float (its
-    1 / (1 - rate) is applied once per output, or fused with the subtraction of delta), one select per score in
-    the query-side kernels and two in the key-side ones (P for dV, dP), no 16-bit repacking (PRMT) after the
-    forward's select, and no booleans stored through shared memory (a SEL to a byte each) by the key-side
-    kernels, which move the random bytes of their transposed mask instead. Interior loops, sm_90, D=64."""
+    """Dropout's mask reaches each use of P in one instruction per score or fewer: no multiply by the mask as a
+    float (its 1 / (1 - rate) is applied once per output, or fused with the subtraction of delta); the forward
+    zeroes dropped 16-bit probabilities a register pair at a time (one PRMT and one AND per pair, no select), the
+    dQ kernel selects once per score and the key-side ones twice (P for dV, dP), and no booleans are stored through
+    shared memory (a SEL to a byte each) by the key-side kernels, which move the random bytes of their transposed
+    mask instead. The forward with dropout stays near 1.35x the instructions of the forward without (Triton 3.9:
+    409 against 302 in the pointer kernel, 409 against 305 on the TMA path; 3.6, the GPU image's: 396 against 284,
+    411 against 305; 460 against 302 before the pairs). Interior loops, sm_90, D=64."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kinds = [kind for kind in KERNELS if kind != "fwd_ws"]  # its tile is the forward's masked tile
     cases = [(kind, False, dropout) for kind in kinds for dropout in (False, True)]
@@ -311,11 +314,16 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
         loops = dict(zip(cases, pool.map(attention_loops, *zip(*cases))))
     for kind in kinds:
         plain, drop = loops[kind, False, False][0], loops[kind, False, True][0]
-        key_side = kind.startswith(("bwd", "dkdv"))
         assert drop["FMUL"] == plain["FMUL"], kind
-        assert 0 < drop["FSEL"] <= (2 if key_side else 1) * drop["MUFU"], kind
-        assert drop["SEL"] <= plain["SEL"], kind
-        assert key_side or drop["PRMT"] == 0, kind
+        key_side = kind.startswith(("bwd", "dkdv"))
+        assert not key_side or drop["SEL"] <= plain["SEL"], kind
+        if kind.startswith("fwd"):
+            block_m, block_n, warps, _ = first_sm90_config(kind)
+            assert drop["FSEL"] == plain["FSEL"], kind
+            assert drop["PRMT"] - plain["PRMT"] == block_m * block_n // (32 * warps) // 2, kind
+            assert sum(drop.values()) < 1.42 * sum(plain.values()), kind
+        else:
+            assert 0 < drop["FSEL"] <= (2 if key_side else 1) * drop["MUFU"], kind
 
 
 # int arguments a launch may pass as 1: batch 1, one head, rows of one token (length bucket 1), a dropout rate

@@ -1,10 +1,10 @@
 """Host-side helpers shared by the Triton launchers: grid arithmetic, dropout arguments, the precision of fp32 dots,
 log2(e) (the kernels take exponentials as exp2, one MUFU instruction), the scratch allocator of on-device
-tensor descriptors, and the descriptor reductions Triton's interpreter lacks."""
+tensor descriptors, and what Triton's interpreter lacks: the kernels' inline PTX and descriptor reductions."""
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -86,15 +86,43 @@ def ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _interpret_descriptor_reductions() -> None:
-    """Teach Triton's interpreter the descriptor reductions it lacks (`desc.atomic_add`: Triton 3.6 to 3.9 raise
-    AttributeError), with the TMA unit's semantics: an atomic add into the block's elements inside the tensor, the
-    rest dropped. The attention backward's TMA path adds its dQ tiles so; a Triton that has them keeps its own."""
+# Inline PTX the kernels use, keyed by its text: the numpy function that runs it under Triton's interpreter.
+_INTERPRETED_ASM: dict = {}
+
+
+def interpret_inline_asm(asm: str, emulate: Callable[..., tuple]) -> None:
+    """Let Triton's interpreter run `tl.inline_asm_elementwise(asm, ...)` (it runs none) as
+    `emulate(pack, *operands)`: the operands' numpy arrays (full blocks) in, a tuple of the outputs' arrays out."""
+    _INTERPRETED_ASM[asm] = emulate
+
+
+class _AsmResults(list):
+    """The interpreter's stand-in for an inline-asm op: its results, read as `get_result(i)`."""
+
+    def get_result(self, index: int):
+        return self[index]
+
+
+def _teach_interpreter() -> None:
+    """Give Triton's interpreter what the kernels use and it lacks (3.6 to 3.9): the inline PTX registered with
+    `interpret_inline_asm`, and the descriptor reductions (`desc.atomic_add`) with the TMA unit's semantics, an
+    atomic add into the block's elements inside the tensor, the rest dropped (the attention backward's TMA path
+    adds its dQ tiles so; a Triton that has them keeps its own)."""
     try:
         from triton._C.libtriton import ir
-        from triton.runtime.interpreter import InterpreterBuilder
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
     except ImportError:
         return
+    unknown_asm = InterpreterBuilder.create_inline_asm
+
+    def create_inline_asm(self, inlineAsm, constraints, values, type, isPure, pack):
+        emulate = _INTERPRETED_ASM.get(inlineAsm)
+        if emulate is None:
+            return unknown_asm(self, inlineAsm, constraints, values, type, isPure, pack)
+        outputs = emulate(pack, *(value.data for value in values))
+        return _AsmResults(TensorHandle(out, ty.scalar) for out, ty in zip(outputs, type))
+
+    InterpreterBuilder.create_inline_asm = create_inline_asm
     if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
         return
 
@@ -108,4 +136,4 @@ def _interpret_descriptor_reductions() -> None:
     InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
 
 
-_interpret_descriptor_reductions()
+_teach_interpreter()

@@ -1,15 +1,31 @@
-"""Dropout masks in Triton, bit-identical to the reference: `dropout_keep` (one Philox call per 4 elements, 31-bit
-thresholds: add + LayerNorm) and `dropout_keep_bytes` (16 per call, 8-bit thresholds, columns in the order an MMA
-accumulator holds them: attention), and `keep_or_zero`, which applies a mask to values about to be cast to 16 bits."""
+"""Dropout masks in Triton, bit-identical to the reference: `philox` (as `tl.philox`, each 32x32-bit product one
+wide multiply: attention's), `dropout_keep` (one Philox call per 4 elements, 31-bit thresholds: add + LayerNorm),
+`dropout_keep_bytes` (16 per call, 8-bit thresholds, columns in the order an MMA accumulator holds them:
+attention), `zero_dropped_16bit` (the same mask applied to 16-bit values two at a time) and `keep_or_zero`, which
+applies a boolean mask to values about to be cast to 16 bits."""
+import numpy as np
 import triton
 import triton.language as tl
 
-from videobert._kernels.reference import ATTENTION_PHILOX_ROUNDS
+from videobert._kernels.reference import (ATTENTION_PHILOX_ROUNDS, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
+                                          PHILOX_ROUND_B)
+from videobert._kernels.triton.launch import interpret_inline_asm
 
 _ROUNDS = tl.constexpr(ATTENTION_PHILOX_ROUNDS)
+_KEY_A, _KEY_B = tl.constexpr(PHILOX_KEY_A), tl.constexpr(PHILOX_KEY_B)
+_ROUND_A, _ROUND_B = tl.constexpr(PHILOX_ROUND_A), tl.constexpr(PHILOX_ROUND_B)
 # Keys per row whose bytes `dropout_keep_bytes` draws together (the 64 its layout is written for): four threads
 # of an MMA accumulator row, sixteen bytes (one Philox call) each. Tiles taking whole groups start at multiples.
 DROPOUT_GROUP = tl.constexpr(64)
+
+# The high and low words of a 32x32-bit product in one instruction (IMAD.WIDE.U32): `tl.philox` takes them as
+# umulhi and mul, two instructions (IMAD.HI, IMAD) that ptxas does not merge.
+_MUL_WIDE_ASM = tl.constexpr("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }")
+# A pair of 16-bit values ($1, one register) with each half kept or zeroed by the top bit of the byte of $2 that
+# the pair's selector $4 names for it (PRMT's sign-replicating bytes: 8 | byte, twice per half): PRMT and AND.
+_ZERO_DROPPED_ASM = tl.constexpr("{ .reg .b32 m; prmt.b32 m, $2, 0, $4; and.b32 $0, $1, m; }")
+# Selectors of the pairs (columns 8k + 2t, 8k + 2t + 1) of a Philox word: bytes 0 and 1 (k even), 2 and 3 (k odd).
+_LOW_BYTES, _HIGH_BYTES = tl.constexpr(0x9988), tl.constexpr(0xBBAA)
 
 
 @triton.jit
@@ -27,6 +43,31 @@ def load_seed(Rng, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _mul_wide(a, b):
+    """(high, low) 32-bit words of a * b, uint32 tensors of one shape."""
+    return tl.inline_asm_elementwise(_MUL_WIDE_ASM, "=r,=r,r,r", [a, b], dtype=(tl.uint32, tl.uint32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def philox(seed, c0, c1, c2, c3, N_ROUNDS: tl.constexpr):
+    """The four words of Philox-4x32 for an integer `seed` and uint32 counters of one shape, as `tl.philox` and
+    `reference.philox` (N_ROUNDS rounds)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    round_a = tl.full(c0.shape, _ROUND_A, tl.uint32)
+    round_b = tl.full(c0.shape, _ROUND_B, tl.uint32)
+    for _ in tl.static_range(N_ROUNDS):
+        hi_b, lo_b = _mul_wide(c2, round_b)
+        hi_a, lo_a = _mul_wide(c0, round_a)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = tl.add(k0, _KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _KEY_B, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def dropout_keep(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr):
     """(R, BLOCK_COLS) keep-mask for columns col_start + [0, BLOCK_COLS) (col_start a multiple of 4) of the
     rows given as an (R, 1) tensor: counters (column // 4, row, c2, offset), word column % 4."""
@@ -34,10 +75,58 @@ def dropout_keep(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.co
     c0 = (quads[None, :] + rows * 0).to(tl.uint32)
     c1 = (rows + quads[None, :] * 0).to(tl.uint32)
     zero = c0 * 0
+    # tl.philox: this is add + LayerNorm's, bound by memory, and a wide product's register pair made its backward
+    # spill (8 bytes at 8192 columns on sm_80)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + c2, zero + offset)
     # join(join(r0, r2), join(r1, r3)) has shape (R, Q, 2, 2) with words in order 0, 1, 2, 3 per quad.
     bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_COLS))
     return (bits >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr, KEEP_BITS: tl.constexpr):
+    """The Philox words of `reference.dropout_keep_bytes` for columns col_start + [0, BLOCK_COLS) of the rows given
+    as an (R, 1) tensor: word 2x + y of call 4g + t at [:, 4g + t, x, y], shape (R, 4 GROUPS, 2, 2) for tiles of
+    GROUPS 64-column groups; a narrower tile's part of its group: (R, 4, 2) (32 columns, its x) or (R, 4) (16,
+    its x and y). With KEEP_BITS, each byte's top bit says whether it keeps its column (>= threshold), its other
+    bits undefined: four bytes compared at once in three instructions. The top bit of (byte | 0x80) -
+    (threshold & 0x7F) is whether the byte's low 7 bits reach the threshold's (no byte borrows from the next),
+    which decides where the top bits agree; where they differ the byte's own does: the majority of (byte, that
+    bit, ~threshold)."""
+    calls = (col_start // 64) * 4 + tl.arange(0, 4 * ((BLOCK_COLS + 63) // 64))
+    c0 = (calls[None, :] + rows * 0).to(tl.uint32)
+    c1 = (rows + calls[None, :] * 0).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = philox(seed, c0, c1, zero + c2, zero + offset, _ROUNDS)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # join stacks along a new last axis
+    if BLOCK_COLS < 64:  # a narrower tile takes its part of the group: x (and for 16 columns y) by its start
+        part = (col_start % 64) // BLOCK_COLS
+        low, high = tl.split(tl.permute(words, (0, 1, 3, 2)))
+        words = tl.where(part // (32 // BLOCK_COLS) == 0, low, high)
+        if BLOCK_COLS == 16:
+            low, high = tl.split(words)
+            words = tl.where(part % 2 == 0, low, high)
+    if KEEP_BITS:
+        spread = tl.cast(threshold, tl.uint32) * 0x01010101  # not .to: a launch passes a threshold of 1 as a constant
+        low = (words | 0x80808080) - (spread & 0x7F7F7F7F)
+        words = (words & low) | ((words | low) & ~spread)
+    return words
+
+
+@triton.jit
+def _to_columns(b0, b1, b2, b3, BLOCK_COLS: tl.constexpr):
+    """(R, BLOCK_COLS) from one value per byte of `_philox_words` (b0 to b3: bytes 0 to 3 of each word, its shape):
+    column 64 g + 8 k + 2 t + e of the tile is byte 2 kk + e of word 2x + y of call 4 g + t, with k = 4x + 2y + kk
+    (within a narrower tile's part, k = 2y + kk for 32 columns, kk for 16)."""
+    x = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [..., e, kk] is byte 2 kk + e
+    R: tl.constexpr = x.shape[0]
+    if BLOCK_COLS >= 64:  # (R, g, x, y, kk, t, e)
+        x = tl.permute(tl.reshape(x, (R, BLOCK_COLS // 64, 4, 2, 2, 2, 2)), (0, 1, 3, 4, 6, 2, 5))
+    elif BLOCK_COLS == 32:  # (R, y, kk, t, e)
+        x = tl.permute(x, (0, 2, 4, 1, 3))
+    else:  # (R, kk, t, e)
+        x = tl.permute(x, (0, 3, 1, 2))
+    return tl.reshape(x, (R, BLOCK_COLS))
 
 
 @triton.jit
@@ -49,38 +138,32 @@ def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS:
     Each Philox call (`reference.ATTENTION_PHILOX_ROUNDS` rounds) gives the 16 columns 8k + 2t + e (k < 8, e < 2)
     of a 64-column group for one row and t: the columns one thread holds of a row in an MMA accumulator (sm_80's
     mma and sm_90's wgmma alike), so the mask is built in the scores' own registers, with no shuffle through
-    shared memory. A transposed mask does go through shared memory: its random bytes are moved and compared
-    after, which costs fewer instructions than moving booleans (a select to a byte before, a test after)."""
-    GROUPS: tl.constexpr = (BLOCK_COLS + 63) // 64
-    calls = (col_start // 64) * 4 + tl.arange(0, 4 * GROUPS)
-    c0 = (calls[None, :] + rows * 0).to(tl.uint32)
-    c1 = (rows + calls[None, :] * 0).to(tl.uint32)
-    zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + c2, zero + offset, n_rounds=_ROUNDS)
-    # (R, 4G, x, y): word 2x + y (join stacks along a new last axis)
-    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    # (R, 4G, x, y, e, kk) is byte 2 kk + e of word 2x + y
-    if TRANSPOSED:
-        keep = tl.join(tl.join(words.to(tl.uint8), (words >> 8).to(tl.uint8)),
-                       tl.join((words >> 16).to(tl.uint8), (words >> 24).to(tl.uint8)))
-    else:  # each byte compared in place, no shift
-        t = tl.cast(threshold, tl.uint32)  # not .to: a launch passes a threshold of 1 as a constant
-        keep = tl.join(tl.join((words & 0xFF) >= t, (words & 0xFF00) >= (t << 8)),
-                       tl.join((words & 0xFF0000) >= (t << 16), words >= (t << 24)))
-    # to columns: group, k = 4x + 2y + kk, t, e
-    keep = tl.permute(tl.reshape(keep, (rows.shape[0], GROUPS, 4, 2, 2, 2, 2)), (0, 1, 3, 4, 6, 2, 5))
-    if BLOCK_COLS < 64:  # a narrower tile takes its part of the group: x (and for 16 columns y) by its start
-        part = (col_start % 64) // BLOCK_COLS
-        keep = tl.permute(tl.reshape(keep, (rows.shape[0], 2, 2, 16)), (0, 2, 3, 1))  # (R, y, kk t e, x)
-        low, high = tl.split(keep)
-        keep = tl.where(part // (32 // BLOCK_COLS) == 0, low, high)
-        if BLOCK_COLS == 16:
-            low, high = tl.split(tl.permute(keep, (0, 2, 1)))
-            keep = tl.where(part % 2 == 0, low, high)
-    keep = tl.reshape(keep, (rows.shape[0], BLOCK_COLS))
-    if TRANSPOSED:
+    shared memory. A transposed mask does go through shared memory: its bytes are moved and tested after, which
+    costs fewer instructions than moving booleans (a select to a byte before, a test after)."""
+    words = _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS, not TRANSPOSED)
+    if TRANSPOSED:  # the bytes themselves: moving compared bits would cost as much, and then a compare
+        keep = _to_columns(words.to(tl.uint8), (words >> 8).to(tl.uint8), (words >> 16).to(tl.uint8),
+                           (words >> 24).to(tl.uint8), BLOCK_COLS)
         keep = tl.trans(keep) >= tl.cast(threshold, tl.uint8)
+    else:
+        keep = _to_columns((words & 0x80) != 0, (words & 0x8000) != 0, (words & 0x800000) != 0,
+                           (words & 0x80000000) != 0, BLOCK_COLS)
     return keep
+
+
+@triton.jit
+def zero_dropped_16bit(values, seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr):
+    """(R, BLOCK_COLS) 16-bit `values` with the elements `dropout_keep_bytes` drops (same arguments) set to +0.0.
+    Two instructions per pair of columns 2i, 2i + 1 (held in one register by an MMA accumulator's layout), where
+    a boolean mask costs two per value (a compare and a select), and a select on 16-bit values two more (LLVM
+    unpacks the pair and packs it again)."""
+    bits = _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS, True)
+    low = tl.full(bits.shape, _LOW_BYTES, tl.uint32)
+    high = tl.full(bits.shape, _HIGH_BYTES, tl.uint32)
+    selectors = _to_columns(low, low, high, high, BLOCK_COLS)
+    bits = _to_columns(bits, bits, bits, bits, BLOCK_COLS)
+    return tl.inline_asm_elementwise(_ZERO_DROPPED_ASM, "=r,r,r,r,r,r", [values, bits, selectors],
+                                     dtype=values.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -90,3 +173,39 @@ def keep_or_zero(keep, values, scale):
     on the fp32 values; against a constant zero LLVM narrows it past a following cast to 16 bits, onto halves
     packed in pairs (a PRMT per value), and a multiply by the mask as a float costs a second instruction."""
     return tl.where(keep, values, scale * 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- the interpreter
+
+def _prmt(a: np.ndarray, b, selector: np.ndarray) -> np.ndarray:
+    """PTX prmt.b32 (default mode) of uint32 arrays: result byte i is byte (s & 7) of the eight bytes b:a, or that
+    byte's top bit copied through it where s & 8, for s the selector's nibble i."""
+    source = (np.asarray(b, np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros(np.broadcast(source, selector).shape, np.uint64)
+    for i in range(4):
+        nibble = (selector.astype(np.uint64) >> np.uint64(4 * i)) & np.uint64(0xF)
+        byte = (source >> (np.uint64(8) * (nibble & np.uint64(7)))) & np.uint64(0xFF)
+        signed = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        out |= np.where(nibble & np.uint64(8), signed, byte) << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+def _emulate_mul_wide(pack: int, a: np.ndarray, b: np.ndarray) -> tuple:
+    product = a.astype(np.uint64) * b.astype(np.uint64)
+    return (product >> np.uint64(32)).astype(np.uint32), product.astype(np.uint32)
+
+
+def _emulate_zero_dropped(pack: int, values: np.ndarray, bits: np.ndarray, selectors: np.ndarray) -> tuple:
+    """Pairs are consecutive elements along the last axis (on a GPU: of a thread's registers in the layout's
+    order, the columns 2i, 2i + 1 of an MMA accumulator row); the first element's bits and selector serve both."""
+    assert pack == 2
+    halves = values.view(np.uint16).astype(np.uint32)
+    pairs = (halves[..., 0::2] | (halves[..., 1::2] << np.uint32(16))) & _prmt(bits[..., 0::2], 0,
+                                                                                selectors[..., 0::2])
+    out = np.empty_like(values.view(np.uint16))
+    out[..., 0::2], out[..., 1::2] = pairs & np.uint32(0xFFFF), pairs >> np.uint32(16)
+    return (out.view(values.dtype),)
+
+
+interpret_inline_asm(_MUL_WIDE_ASM.value, _emulate_mul_wide)
+interpret_inline_asm(_ZERO_DROPPED_ASM.value, _emulate_zero_dropped)

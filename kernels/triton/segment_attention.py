@@ -37,7 +37,8 @@ import triton.language as tl
 from videobert._kernels.reference import RULE_CAUSAL, RULE_FULL
 from videobert._kernels.triton.launch import (LOG2E, arch_major, cdiv, dot_precision, dropout_args,
                                               ensure_allocator, next_power_of_2)
-from videobert._kernels.triton.rng import DROPOUT_GROUP, dropout_keep_bytes, keep_or_zero, load_seed
+from videobert._kernels.triton.rng import (DROPOUT_GROUP, dropout_keep_bytes, keep_or_zero, load_seed,
+                                           zero_dropped_16bit)
 
 MAX_HEAD_DIM = 128
 MAX_MODALITIES = 4  # M * M rules of 2 bits each fit one 32-bit word
@@ -339,9 +340,12 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, pos_m, offs_d, seg_q, mod
     p = tl.exp2(s * scale_log2 - m_new_safe[:, None])  # one FMA per score
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if HAS_DROPOUT:
+    # with dropout, 1 / (1 - rate) is applied to the output once (`_fwd_item`)
+    if HAS_DROPOUT and v.dtype.primitive_bitwidth == 16:
+        p = zero_dropped_16bit(p.to(v.dtype), seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
+    elif HAS_DROPOUT:
         keep = dropout_keep_bytes(seed, offset, start_n, pos_m[:, None], pid_bh, threshold, BLOCK_N)
-        p = keep_or_zero(keep, p, drop_scale)  # 1 / (1 - rate) is applied to the output once (`_fwd_item`)
+        p = keep_or_zero(keep, p, drop_scale)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -709,16 +713,17 @@ def _dq_block(q_base, do_base, k_src, v_src, Lse, Delta, dq_base, Seg, Mod, Win,
 # multiprocessor, whose independent softmax and wgmma phases can overlap. On sm_9x every entry uses wgmma (HGMMA
 # in its SASS; tests/test_compile_triton.py checks): configs whose GEMMs have a 32-row side compile to mma.sync
 # there and serve sm_8x only. Programs take one work item each (`_work_item`; a loop over several kept 25 to 45
-# more registers per thread live). Last derived for dropout's one select per use of P and the key-side kernels'
-# transposed random bytes, with rules without dropout now checked for entries served with dropout too (the
-# 128x128 forward at D=128 on sm_90 spilled there, and was served): 5 (entry, arch) head dims fewer with dropout
-# than before, 2 of them fewer at all (that forward, and the 32x32 dK/dV tile at D=128 on sm_8x).
-FWD_TABLE = [((128, 64, 8, 3), (64, 128), (32, 64, 128)), ((64, 64, 4, 3), (32, 64, 128), (32, 64, 128)),
+# more registers per thread live). Last derived for dropout's wide Philox multiplies, four-byte compares and the
+# forward's zeroing of 16-bit pairs (`rng`): 4 (entry, arch) head dims more with dropout (the 128x128 forward at
+# D=64 on both archs and D=128 on sm_9x, 64x128 at D=64 on sm_9x), 2 fewer, each at the 255-register limit (the
+# 64x64 4-warp forward at D=128 on sm_8x, spilling 40 bytes with rules; the 32x128 dK/dV tile at D=128 on sm_9x),
+# both still served without dropout.
+FWD_TABLE = [((128, 64, 8, 3), (64, 128), (32, 64, 128)), ((64, 64, 4, 3), (32, 64), (32, 64, 128), ((128,), ())),
              ((64, 32, 8, 3), (64, 128), (32, 64, 128), ((32,), ())), ((64, 32, 4, 4), (32, 64, 128), (32, 64, 128)),
              ((64, 64, 8, 3), (32, 64, 128), (32, 64, 128)), ((32, 64, 4, 3), (64, 128), (), ((32,), ())),
-             ((128, 128, 8, 3), (32,), (32,), ((64,), (64,))), ((128, 128, 8, 2), (32, 64), (32, 64), ((), (128,))),
-             ((64, 128, 4, 3), (32,), (32,), ((), (64,)))]
-DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64, 128)), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
+             ((128, 128, 8, 3), (32, 64), (32, 64)), ((128, 128, 8, 2), (32, 64), (32, 64, 128)),
+             ((64, 128, 4, 3), (32,), (32, 64))]
+DKDV_TABLE = [((32, 128, 8, 3), (32, 64), (32, 64), ((), (128,))), ((16, 64, 8, 3), (32, 64, 128), (32, 64, 128)),
               ((32, 64, 8, 3), (32, 128), (32, 64, 128), ((64,), ())), ((32, 32, 4, 4), (32, 64, 128), ()),
               ((16, 64, 4, 4), (32, 64), (32, 64, 128), ((128,), ())),
               ((64, 64, 8, 3), (128,), (32, 64), ((32, 64), ())), ((32, 32, 8, 3), (32, 64), ())]
