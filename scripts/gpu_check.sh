@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one-command GPU check: install into the machine's existing PyTorch (no downloads), run the
 # test suite on the GPU, then every benchmark. Usage: scripts/gpu_check.sh [tests|bench|all|quick] (default all).
-# quick fits a lent machine's 10-minute command: the kernel tests (120 s at most, on parallel workers where
+# quick fits a lent machine's 10-minute command: the kernel tests (the dropout masks' inline PTX against the
+# reference first; 120 s at most, on parallel workers where
 # pytest-xdist is importable), then each benchmark with --quick (attention 120 s: packed and one-sample rows,
 # each without dropout and with 0.1; mlm_loss 70, layer_norm 45; the end-to-end one 180 s, on VideoBERT-large,
 # the targets' model: fused ops, Hugging Face at its best (packed, compiled), then our steps replayed from CUDA
@@ -23,8 +24,9 @@ fi
 test_s=${GPU_CHECK_STEP_S:-}
 bench_s=${GPU_CHECK_STEP_S:-}
 if [ "$what" = quick ]; then
-  GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_cross_entropy.py tests/test_layer_norm.py \
-tests/test_attention_triton.py tests/test_attention.py tests/test_model.py}
+  GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_backend.py::test_philox_and_dropout_masks_match_triton_bit_for_bit \
+tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention_triton.py tests/test_attention.py \
+tests/test_model.py}
   GPU_CHECK_BENCHES=${GPU_CHECK_BENCHES:-bench/attention.py bench/mlm_loss.py bench/layer_norm.py bench/train.py}
   GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---quick}
   test_s=${GPU_CHECK_STEP_S:-120}

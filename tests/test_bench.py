@@ -162,6 +162,7 @@ def test_gpu_check_quick_runs_the_prepared_plan(tmp_path):
     lines = run.stdout.splitlines()
     tests = next(line for line in lines if line.startswith("python -m pytest"))
     assert "tests/test_cross_entropy.py" in tests and "tests/test_model.py" in tests
+    assert "tests/test_backend.py::test_philox_and_dropout_masks_match_triton_bit_for_bit" in tests  # inline PTX
     assert tests.endswith("(early failures)")  # a capped run still reports what failed
     assert " -n " in tests  # parallel workers (the stub imports any module, xdist too)
     benches = [line for line in lines if line.startswith("python bench/")]
