@@ -12,6 +12,7 @@ triton = pytest.importorskip("triton")
 
 from videobert._kernels.triton import add_layer_norm as ln  # noqa: E402
 from videobert._kernels.triton import cross_entropy as ce  # noqa: E402
+from videobert._kernels.triton import rng  # noqa: E402
 from videobert._kernels.triton import segment_attention as sa  # noqa: E402
 from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, KINDS, NO_DROPOUT_VARIANTS,  # noqa: E402
                                                      SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
@@ -324,6 +325,30 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
             assert sum(drop.values()) < 1.42 * sum(plain.values()), kind
         else:
             assert 0 < drop["FSEL"] <= (2 if key_side else 1) * drop["MUFU"], kind
+
+
+def _dropout_pair_layouts(kind: str, arch: int) -> list:
+    """The layouts (their definitions in the TTGIR) of the 16-bit pairs the forward zeroes with dropout, in an
+    attention kind's first config for `arch` at D=64 (bf16)."""
+    block_m, block_n, warps, stages = next(e for e in KERNELS[kind][1] if sa.serves(e, 64, arch // 10, True))[0]
+    compiled = compile_kernel(KERNELS[kind][0], attention_signature(kind, "bf16"),
+                              attention_constexprs(kind, block_m, block_n, 64, False, True), arch, warps, stages)
+    ttgir = compiled.asm["ttgir"]
+    aliases = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
+    asm = rng._ZERO_DROPPED_ASM.value.replace("$", r"\$").replace(".", r"\.").replace("{", r"\{").replace("}", r"\}")
+    uses = re.findall(asm + r'".*-> tensor<[0-9x]+xbf16, (#\w+)>', ttgir)
+    return [aliases[use] for use in uses]
+
+
+def test_dropout_pairs_are_accumulator_register_pairs(monkeypatch):
+    """`rng.zero_dropped_16bit` takes two consecutive elements of a thread as columns 2t, 2t + 1 of one row, as
+    its numpy semantics under the interpreter do: true of an MMA accumulator layout (sm_80's mma and sm_90's
+    wgmma), which the forward's probabilities keep there. Checked in the TTGIR of each forward kind's first config."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # in the compiling processes: real JIT functions
+    cases = (("fwd", 80), ("fwd", 90), ("fwd_tma", 90), ("fwd_ws", 90))
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for case, layouts in zip(cases, pool.map(_dropout_pair_layouts, *zip(*cases))):
+            assert layouts and all(layout.startswith("#ttg.nvidia_mma<") for layout in layouts), (case, layouts)
 
 
 # int arguments a launch may pass as 1: batch 1, one head, rows of one token (length bucket 1), a dropout rate
