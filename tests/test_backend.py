@@ -105,12 +105,15 @@ def _keep_bytes_kernel(out_ptr, seed, offset, col_start, c2, threshold, R: tl.co
 
 
 @triton.jit
-def _zero_dropped_kernel(values_ptr, out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr,
+def _zero_dropped_kernel(x_ptr, eye_ptr, out_ptr, seed, offset, col_start, c2, threshold, R: tl.constexpr,
                          C: tl.constexpr):
+    """`zero_dropped_16bit` on an MMA accumulator's layout, as the forward applies it: x (fp32 holding values of
+    the output's dtype) times the identity, exact in TF32, cast to the output's dtype."""
     rows = tl.arange(0, R)[:, None] + 1000
     offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    values = zero_dropped_16bit(tl.load(values_ptr + offs), seed, offset, col_start, rows, c2, threshold, C)
-    tl.store(out_ptr + offs, values)
+    eye = tl.load(eye_ptr + tl.arange(0, C)[:, None] * C + tl.arange(0, C)[None, :])
+    values = tl.dot(tl.load(x_ptr + offs), eye, input_precision="tf32").to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, zero_dropped_16bit(values, seed, offset, col_start, rows, c2, threshold, C))
 
 
 def test_philox_and_dropout_masks_match_triton_bit_for_bit():
@@ -142,16 +145,18 @@ def test_philox_and_dropout_masks_match_triton_bit_for_bit():
                 (width, col_start, transposed, p)
             if transposed:
                 continue
-            # the same mask applied to 16-bit values a register pair at a time; values of every sign, -0.0 and
-            # non-finite ones included, come back bit for bit where kept, +0.0 where dropped
+            # the same mask applied to 16-bit values a register pair at a time: every finite normal value (the
+            # identity product keeps their bits: no -0.0 summed with zeros, no subnormals flushed) comes back bit for
+            # bit where kept, +0.0 where dropped
+            rows16 = torch.arange(1000, 1016)[:, None]
+            expected = reference.dropout_keep_bytes(seed, offset, cols, rows16, torch.tensor(5), p)
             for dtype in (torch.float16, torch.bfloat16):
-                bits = torch.randint(-2**15, 2**15, (8, width), dtype=torch.int16)
-                bits[0, :4] = torch.tensor([0x7C00, -0x400, -0x8000, 0x7FFF])  # fp16 inf, -inf, -0.0, nan
-                values = bits.view(dtype).to(device)
-                out = torch.empty_like(values)
-                _zero_dropped_kernel[(1,)](values, out, seed, offset, col_start, 5,
-                                           reference.dropout_byte_threshold(p), 8, width)
-                assert torch.equal(out.cpu().view(torch.int16), torch.where(expected, bits, 0)), \
+                values = torch.randint(-2**15, 2**15, (16, width), dtype=torch.int16).view(dtype)
+                values = torch.where(values.isfinite() & (values.abs() >= torch.finfo(dtype).tiny), values, 1.0)
+                out = torch.empty_like(values, device=device)
+                _zero_dropped_kernel[(1,)](values.float().to(device), torch.eye(width, device=device), out, seed,
+                                           offset, col_start, 5, reference.dropout_byte_threshold(p), 16, width)
+                assert torch.equal(out.cpu().view(torch.int16), torch.where(expected, values.view(torch.int16), 0)), \
                     (width, col_start, dtype, p)
 
 

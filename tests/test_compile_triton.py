@@ -299,7 +299,7 @@ def test_attention_interior_tiles_compile_unmasked(monkeypatch):
         assert sum(interior.values()) < share * sum(masked.values()) and only["FSEL"] > 0, kind
 
 
-def test_attention_dropout_costs_a_select_per_use(monkeypatch):
+def test_attention_dropout_costs_one_instruction_per_use(monkeypatch):
     """Dropout's mask reaches each use of P in one instruction per score or fewer: no multiply by the mask as a
     float (its 1 / (1 - rate) is applied once per output, or fused with the subtraction of delta); the forward
     zeroes dropped 16-bit probabilities a register pair at a time (one PRMT and one AND per pair, no select), the
@@ -327,27 +327,29 @@ def test_attention_dropout_costs_a_select_per_use(monkeypatch):
             assert 0 < drop["FSEL"] <= (2 if key_side else 1) * drop["MUFU"], kind
 
 
-def _dropout_pair_layouts(kind: str, arch: int) -> list:
-    """The layouts (their definitions in the TTGIR) of the 16-bit pairs the forward zeroes with dropout, in an
-    attention kind's first config for `arch` at D=64 (bf16)."""
-    block_m, block_n, warps, stages = next(e for e in KERNELS[kind][1] if sa.serves(e, 64, arch // 10, True))[0]
-    compiled = compile_kernel(KERNELS[kind][0], attention_signature(kind, "bf16"),
-                              attention_constexprs(kind, block_m, block_n, 64, False, True), arch, warps, stages)
+def _dropout_pair_layouts(case: tuple) -> list:
+    """The layouts (their definitions in the TTGIR) of the 16-bit pairs a shipped forward config zeroes with dropout,
+    compiled as the spill check compiles it (fp16; Triton's cache serves it again)."""
+    kind, index, head_dim, arch, rules = case
+    block_m, block_n, warps, stages = KERNELS[kind][1][index][0]
+    compiled = compile_kernel(KERNELS[kind][0], attention_signature(kind, "fp16"),
+                              attention_constexprs(kind, block_m, block_n, head_dim, rules, True), arch, warps, stages)
     ttgir = compiled.asm["ttgir"]
     aliases = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
-    asm = rng._ZERO_DROPPED_ASM.value.replace("$", r"\$").replace(".", r"\.").replace("{", r"\{").replace("}", r"\}")
-    uses = re.findall(asm + r'".*-> tensor<[0-9x]+xbf16, (#\w+)>', ttgir)
+    uses = re.findall(re.escape(rng._ZERO_DROPPED_ASM.value) + r'".*-> tensor<[0-9x]+xf16, (#\w+)>', ttgir)
     return [aliases[use] for use in uses]
 
 
 def test_dropout_pairs_are_accumulator_register_pairs(monkeypatch):
-    """`rng.zero_dropped_16bit` takes two consecutive elements of a thread as columns 2t, 2t + 1 of one row, as
-    its numpy semantics under the interpreter do: true of an MMA accumulator layout (sm_80's mma and sm_90's
-    wgmma), which the forward's probabilities keep there. Checked in the TTGIR of each forward kind's first config."""
+    """`rng.zero_dropped_16bit` takes two consecutive elements of a thread as columns 2i, 2i + 1 of one row (one
+    register): true of an MMA accumulator's layout (sm_80's mma and sm_90's wgmma), where the forward's
+    probabilities are, and what its numpy semantics under the interpreter assume; in another layout the mask would
+    be misapplied. Checked in the TTGIR of every shipped forward config served with dropout, rules or not."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # in the compiling processes: real JIT functions
-    cases = (("fwd", 80), ("fwd", 90), ("fwd_tma", 90), ("fwd_ws", 90))
+    cases = [(kind, index, head_dim, arch, rules) for kind, index, head_dim, arch, rules, dropout in _cases()
+             if kind.startswith("fwd") and dropout]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for case, layouts in zip(cases, pool.map(_dropout_pair_layouts, *zip(*cases))):
+        for case, layouts in zip(cases, pool.map(_dropout_pair_layouts, cases)):
             assert layouts and all(layout.startswith("#ttg.nvidia_mma<") for layout in layouts), (case, layouts)
 
 

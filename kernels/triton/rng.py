@@ -23,6 +23,8 @@ DROPOUT_GROUP = tl.constexpr(64)
 _MUL_WIDE_ASM = tl.constexpr("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }")
 # A pair of 16-bit values ($1, one register) with each half kept or zeroed by the top bit of the byte of $2 that
 # the pair's selector $4 names for it (PRMT's sign-replicating bytes: 8 | byte, twice per half): PRMT and AND.
+# With pack=2 each 32-bit operand comes as one register per element: $3 and $5 are the second element's bits and
+# selector, equal to the first's within a pair, so unused.
 _ZERO_DROPPED_ASM = tl.constexpr("{ .reg .b32 m; prmt.b32 m, $2, 0, $4; and.b32 $0, $1, m; }")
 # Selectors of the pairs (columns 8k + 2t, 8k + 2t + 1) of a Philox word: bytes 0 and 1 (k even), 2 and 3 (k odd).
 _LOW_BYTES, _HIGH_BYTES = tl.constexpr(0x9988), tl.constexpr(0xBBAA)
@@ -53,7 +55,7 @@ def _mul_wide(a, b):
 def philox(seed, c0, c1, c2, c3, N_ROUNDS: tl.constexpr):
     """The four words of Philox-4x32 for an integer `seed` and uint32 counters of one shape, as `tl.philox` and
     `reference.philox` (N_ROUNDS rounds)."""
-    seed = seed.to(tl.uint64)
+    seed = tl.to_tensor(seed).to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     round_a = tl.full(c0.shape, _ROUND_A, tl.uint32)
@@ -114,17 +116,16 @@ def _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.c
 
 
 @triton.jit
-def _to_columns(b0, b1, b2, b3, BLOCK_COLS: tl.constexpr):
-    """(R, BLOCK_COLS) from one value per byte of `_philox_words` (b0 to b3: bytes 0 to 3 of each word, its shape):
-    column 64 g + 8 k + 2 t + e of the tile is byte 2 kk + e of word 2x + y of call 4 g + t, with k = 4x + 2y + kk
-    (within a narrower tile's part, k = 2y + kk for 32 columns, kk for 16)."""
-    x = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [..., e, kk] is byte 2 kk + e
+def _to_columns(x, BLOCK_COLS: tl.constexpr):
+    """(R, BLOCK_COLS) from a tensor of `_philox_words`'s shape with two more axes, one value per byte (byte 2 kk +
+    e at [..., e, kk]): column 64 g + 8 k + 2 t + e of the tile is byte 2 kk + e of word 2x + y of call 4 g + t,
+    with k = 4x + 2y + kk (within a narrower tile's part, k = 2y + kk for 32 columns, kk for 16)."""
     R: tl.constexpr = x.shape[0]
-    if BLOCK_COLS >= 64:  # (R, g, x, y, kk, t, e)
+    if BLOCK_COLS >= 64:  # (R, g, t, x, y, e, kk) to (R, g, x, y, kk, t, e)
         x = tl.permute(tl.reshape(x, (R, BLOCK_COLS // 64, 4, 2, 2, 2, 2)), (0, 1, 3, 4, 6, 2, 5))
-    elif BLOCK_COLS == 32:  # (R, y, kk, t, e)
+    elif BLOCK_COLS == 32:  # (R, t, y, e, kk) to (R, y, kk, t, e)
         x = tl.permute(x, (0, 2, 4, 1, 3))
-    else:  # (R, kk, t, e)
+    else:  # (R, t, e, kk) to (R, kk, t, e)
         x = tl.permute(x, (0, 3, 1, 2))
     return tl.reshape(x, (R, BLOCK_COLS))
 
@@ -142,26 +143,29 @@ def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS:
     costs fewer instructions than moving booleans (a select to a byte before, a test after)."""
     words = _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS, not TRANSPOSED)
     if TRANSPOSED:  # the bytes themselves: moving compared bits would cost as much, and then a compare
-        keep = _to_columns(words.to(tl.uint8), (words >> 8).to(tl.uint8), (words >> 16).to(tl.uint8),
-                           (words >> 24).to(tl.uint8), BLOCK_COLS)
-        keep = tl.trans(keep) >= tl.cast(threshold, tl.uint8)
+        keep = tl.join(tl.join(words.to(tl.uint8), (words >> 8).to(tl.uint8)),
+                       tl.join((words >> 16).to(tl.uint8), (words >> 24).to(tl.uint8)))
+        keep = tl.trans(_to_columns(keep, BLOCK_COLS)) >= tl.cast(threshold, tl.uint8)
     else:
-        keep = _to_columns((words & 0x80) != 0, (words & 0x8000) != 0, (words & 0x800000) != 0,
-                           (words & 0x80000000) != 0, BLOCK_COLS)
+        keep = tl.join(tl.join((words & 0x80) != 0, (words & 0x8000) != 0),
+                       tl.join((words & 0x800000) != 0, (words & 0x80000000) != 0))
+        keep = _to_columns(keep, BLOCK_COLS)
     return keep
 
 
 @triton.jit
 def zero_dropped_16bit(values, seed, offset, col_start, rows, c2, threshold, BLOCK_COLS: tl.constexpr):
-    """(R, BLOCK_COLS) 16-bit `values` with the elements `dropout_keep_bytes` drops (same arguments) set to +0.0.
-    Two instructions per pair of columns 2i, 2i + 1 (held in one register by an MMA accumulator's layout), where
-    a boolean mask costs two per value (a compare and a select), and a select on 16-bit values two more (LLVM
-    unpacks the pair and packs it again)."""
+    """(R, BLOCK_COLS) 16-bit `values` with the elements `dropout_keep_bytes` drops (same arguments) set to +0.0;
+    `values` must be in an MMA accumulator's layout (as the forward's probabilities are), whose consecutive elements
+    in a thread are columns 2i, 2i + 1 of a row, the pair the inline PTX takes as one register: in another layout
+    Triton may pair other elements, and the mask would be misapplied (tests/test_compile_triton.py checks every
+    shipped forward config). Two instructions per pair (PRMT, AND), where booleans cost two per value (a test of
+    the compared bit, a select) and a select on 16-bit values two more (LLVM unpacks the pair and packs it again)."""
     bits = _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS, True)
     low = tl.full(bits.shape, _LOW_BYTES, tl.uint32)
     high = tl.full(bits.shape, _HIGH_BYTES, tl.uint32)
-    selectors = _to_columns(low, low, high, high, BLOCK_COLS)
-    bits = _to_columns(bits, bits, bits, bits, BLOCK_COLS)
+    selectors = _to_columns(tl.join(tl.join(low, low), tl.join(high, high)), BLOCK_COLS)
+    bits = _to_columns(tl.join(tl.join(bits, bits), tl.join(bits, bits)), BLOCK_COLS)
     return tl.inline_asm_elementwise(_ZERO_DROPPED_ASM, "=r,r,r,r,r,r", [values, bits, selectors],
                                      dtype=values.dtype, is_pure=True, pack=2)
 
