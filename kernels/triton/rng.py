@@ -53,9 +53,10 @@ def _mul_wide(a, b):
 
 @triton.jit
 def philox(seed, c0, c1, c2, c3, N_ROUNDS: tl.constexpr):
-    """The four words of Philox-4x32 for an integer `seed` and uint32 counters of one shape, as `tl.philox` and
-    `reference.philox` (N_ROUNDS rounds)."""
-    seed = tl.to_tensor(seed).to(tl.uint64)
+    """The four words of Philox-4x32 for an integer tensor `seed` (a loaded one; Triton 3.6 has no public
+    `tl.to_tensor` for a plain int) and uint32 counters of one shape, as `tl.philox` and `reference.philox`
+    (N_ROUNDS rounds)."""
+    seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     round_a = tl.full(c0.shape, _ROUND_A, tl.uint32)
