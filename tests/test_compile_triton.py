@@ -17,8 +17,8 @@ from videobert._kernels.triton import segment_attention as sa  # noqa: E402
 from videobert._kernels.triton.compile_check import (ARCHS, HEAD_DIMS, KINDS, NO_DROPOUT_VARIANTS,  # noqa: E402
                                                      SHARED_MEMORY_LIMIT, VARIANTS, as_launched, attention_constexprs,
                                                      attention_kernel, attention_report, attention_signature,
-                                                     attention_tensor_ops, compile_kernel, compile_report,
-                                                     kind_variants, loop_opcodes)
+                                                     attention_tensor_ops, compile_attention, compile_kernel,
+                                                     compile_report, kind_variants, loop_opcodes)
 from videobert._kernels.triton.compile_check import main as compile_check_main  # noqa: E402
 
 KERNELS = {kind: attention_kernel(kind) for kind in KINDS}
@@ -331,10 +331,7 @@ def _dropout_pair_layouts(case: tuple) -> list:
     """The layouts (their definitions in the TTGIR) of the 16-bit pairs a shipped forward config zeroes with dropout,
     compiled as the spill check compiles it (fp16; Triton's cache serves it again)."""
     kind, index, head_dim, arch, rules = case
-    block_m, block_n, warps, stages = KERNELS[kind][1][index][0]
-    compiled = compile_kernel(KERNELS[kind][0], attention_signature(kind, "fp16"),
-                              attention_constexprs(kind, block_m, block_n, head_dim, rules, True), arch, warps, stages)
-    ttgir = compiled.asm["ttgir"]
+    ttgir = compile_attention(kind, KERNELS[kind][1][index][0], head_dim, arch, rules, True).asm["ttgir"]
     aliases = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
     uses = re.findall(re.escape(rng._ZERO_DROPPED_ASM.value) + r'".*-> tensor<[0-9x]+xf16, (#\w+)>', ttgir)
     return [aliases[use] for use in uses]
@@ -413,10 +410,7 @@ def test_shipped_sm90_configs_use_wgmma(monkeypatch):
 
 def _dots_per_loop(kind: str) -> float:
     """tl.dot operations per inner-loop body of an attention kernel (no rules: an interior and a masked loop)."""
-    kernel, table = KERNELS[kind]
-    block_m, block_n, warps, stages = next(e for e in table if sa.serves(e, 64, 9))[0]
-    compiled = compile_kernel(kernel, attention_signature(kind, "bf16"),
-                              attention_constexprs(kind, block_m, block_n, 64, False, False), 90, warps, stages)
+    compiled = compile_attention(kind, first_sm90_config(kind), 64, 90, False, False, "bf16")
     return compiled.asm["ttir"].count("tt.dot ") / 2
 
 

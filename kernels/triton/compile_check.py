@@ -104,7 +104,11 @@ def compile_report(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     """Compile `fn` (a @triton.jit function) for sm_`arch` and read the resource usage of its cubin (cuobjdump):
     the registers and stack of the very cubin a launch loads, built with Triton's own ptxas flags (a separate
     plain ptxas run allocates registers differently); Triton's cache serves repeated compiles."""
-    compiled = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
+    return _report(compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages), arch)
+
+
+def _report(compiled, arch: int) -> CompileReport:
+    """The resource usage of a compiled kernel's cubin (`compile_report`)."""
     usage = re.search(r"REG:(\d+) STACK:(\d+)", _cubin_tool(compiled, arch, "cuobjdump", "-res-usage"))
     return CompileReport(int(usage.group(1)), int(usage.group(2)), int(compiled.metadata.shared))
 
@@ -201,23 +205,25 @@ def kind_archs(kind: str) -> tuple:
     return (90,) if kind != base_kind(kind) else ARCHS
 
 
+def compile_attention(kind: str, config: tuple, head_dim: int, arch: int, rules: bool, dropout: bool,
+                      dtype: str = "fp16"):
+    """An attention kernel compiled with config (BLOCK_M, BLOCK_N, warps, stages) as launched (`compile_kernel`)."""
+    block_m, block_n, warps, stages = config
+    return compile_kernel(attention_kernel(kind)[0], attention_signature(kind, dtype),
+                          attention_constexprs(kind, block_m, block_n, head_dim, rules, dropout), arch, warps, stages)
+
+
 def attention_report(kind: str, config: tuple, head_dim: int, arch: int, rules: bool, dropout: bool,
                      dtype: str = "fp16") -> CompileReport:
     """Compile an attention kernel with config (BLOCK_M, BLOCK_N, warps, stages) as launched."""
-    block_m, block_n, warps, stages = config
-    return compile_report(attention_kernel(kind)[0], attention_signature(kind, dtype),
-                          attention_constexprs(kind, block_m, block_n, head_dim, rules, dropout), arch, warps,
-                          stages)
+    return _report(compile_attention(kind, config, head_dim, arch, rules, dropout, dtype), arch)
 
 
 def attention_tensor_ops(kind: str, config: tuple, head_dim: int, arch: int) -> Counter:
     """Counts of the matrix instructions (HGMMA: wgmma; HMMA: mma.sync), bulk tensor loads (UTMALDG), bulk tensor
     reductions (UTMAREDG) and register reallocations between warpgroups (USETMAXREG: warp specialisation) in the
     SASS of an attention kernel compiled with `config` as launched (bf16, no rules, no dropout)."""
-    block_m, block_n, warps, stages = config
-    compiled = compile_kernel(attention_kernel(kind)[0], attention_signature(kind, "bf16"),
-                              attention_constexprs(kind, block_m, block_n, head_dim, False, False), arch, warps, stages)
-    sass = _cubin_tool(compiled, arch, "nvdisasm", "-c")
+    sass = _cubin_tool(compile_attention(kind, config, head_dim, arch, False, False, "bf16"), arch, "nvdisasm", "-c")
     return Counter(re.findall(r"\b(HGMMA|HMMA|UTMALDG|UTMAREDG|USETMAXREG)\b", sass))
 
 

@@ -143,7 +143,8 @@ def dropout_keep_bytes(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS:
     shared memory. A transposed mask does go through shared memory: its bytes are moved and tested after, which
     costs fewer instructions than moving booleans (a select to a byte before, a test after)."""
     words = _philox_words(seed, offset, col_start, rows, c2, threshold, BLOCK_COLS, not TRANSPOSED)
-    if TRANSPOSED:  # the bytes themselves: moving compared bits would cost as much, and then a compare
+    if TRANSPOSED:  # the raw bytes, compared after the move: the compared bits need a test after it anyway, and
+        # comparing before cost the atomic backward 37 more instructions per tile
         keep = tl.join(tl.join(words.to(tl.uint8), (words >> 8).to(tl.uint8)),
                        tl.join((words >> 16).to(tl.uint8), (words >> 24).to(tl.uint8)))
         keep = tl.trans(_to_columns(keep, BLOCK_COLS)) >= tl.cast(threshold, tl.uint8)
